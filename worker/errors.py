@@ -1,0 +1,128 @@
+"""One exception tree for bulk-tagger.
+
+    BulkTaggerError                 what aborts a command (exit_code says how it ends)
+    ├── JobError          (2)       bad command line, job spec or selector file: names file, line, field
+    ├── SafetyLimit       (3)       the plan has more changes than the job allows
+    ├── Interrupted      (75)       SIGTERM/SIGINT, or the API unreachable past the retry budget
+    ├── CircuitOpen    (1|75)       the run stopped because its targets kept failing alike
+    └── ApiError                    an answer (or no answer) of the Gcore API
+        ├── AuthFailed    (4)       401, or 403 on the run's reads: the run stops at once
+        ├── RateLimited             429, carries retry_after (seconds)
+        ├── Locked                  409, or an image whose task_id names a running task
+        ├── Transient               408, 5xx, connection reset, timeouts: retried
+        ├── NotFound                404: not retried
+        └── Rejected                400/403/422 on a write: not retried, the API's message kept
+
+Per-target failures are not exceptions once the pool has handled them: they become outcomes.
+No message built here ever contains the API key (the client never puts it anywhere but the
+request header).
+"""
+
+from __future__ import annotations
+
+
+class BulkTaggerError(Exception):
+    """Base of every error bulk-tagger raises on purpose."""
+
+    exit_code = 1
+
+
+class JobError(BulkTaggerError):
+    """A bad job file, selector file or command line; nothing was sent.
+
+    ``file``, ``line`` and ``field`` say where; ``hint`` says what would fix it.
+    """
+
+    exit_code = 2
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        field: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.message = message
+        self.file = file
+        self.line = line
+        self.field = field
+        self.hint = hint
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = ""
+        if self.file:
+            where = self.file
+            if self.line is not None:
+                where += f":{self.line}"
+            where += ": "
+        field = f"{self.field}: " if self.field else ""
+        hint = f" (hint: {self.hint})" if self.hint else ""
+        return f"{where}{field}{self.message}{hint}"
+
+
+class SafetyLimit(BulkTaggerError):
+    """The plan changes more images than ``max_changes`` / ``max_changes_percent`` allow."""
+
+    exit_code = 3
+
+
+class Interrupted(BulkTaggerError):
+    """The run was stopped by a signal, or the API stayed unreachable; resume goes on."""
+
+    exit_code = 75
+
+
+class CircuitOpen(BulkTaggerError):
+    """Targets kept failing for the same reason; the run stopped instead of grinding on."""
+
+    def __init__(self, message: str, *, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class ApiError(BulkTaggerError):
+    """An answer of the API that the caller must act on.
+
+    ``status`` is the HTTP status (None where no answer came), ``message`` the API's own words
+    (or a short description of a non-JSON body).
+    """
+
+    retryable = False
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class AuthFailed(ApiError):
+    exit_code = 4
+
+
+class RateLimited(ApiError):
+    retryable = True
+
+    def __init__(self, message: str, *, status: int | None = 429, retry_after: float | None = None):
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+class Locked(ApiError):
+    def __init__(self, message: str, *, status: int | None = 409, task_id: str | None = None):
+        super().__init__(message, status=status)
+        self.task_id = task_id
+
+
+class Transient(ApiError):
+    retryable = True
+
+
+class NotFound(ApiError):
+    pass
+
+
+class Rejected(ApiError):
+    pass

@@ -1,0 +1,208 @@
+"""The data that flows between the stages: images, changes, targets and outcomes.
+
+Plain slotted dataclasses (the hot path builds one of each per image; pydantic is kept for the
+job file, where its error messages matter). Units: seconds unless a name says ``_ms``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+#: The image fields a job may set, besides tags (PATCH body of the reference page).
+SETTABLE_FIELDS: tuple[str, ...] = (
+    "name",
+    "os_type",
+    "ssh_key",
+    "hw_firmware_type",
+    "hw_machine_type",
+    "is_baremetal",
+)
+
+#: Values the worker may send (the reference page). Responses may carry others (the SDK's
+#: ``i440``, future values): those are kept as plain strings, never refused.
+ENUMS: dict[str, tuple[str, ...]] = {
+    "os_type": ("linux", "windows"),
+    "ssh_key": ("allow", "deny", "required"),
+    "hw_firmware_type": ("bios", "uefi"),
+    "hw_machine_type": ("pc", "q35"),
+}
+
+TAG_MAX_LEN = 255
+_TAG_FORBIDDEN = frozenset(" \t\n\r\v\f=")
+
+
+def tag_problem(text: object) -> str | None:
+    """Why ``text`` is not a valid tag key or value as the API checks it, or None if it is."""
+    if not isinstance(text, str):
+        return f"must be a string, not {type(text).__name__}"
+    if not text:
+        return "must not be empty"
+    if len(text) > TAG_MAX_LEN:
+        return f"is {len(text)} characters long; at most {TAG_MAX_LEN} are allowed"
+    if any(ch in _TAG_FORBIDDEN or ch.isspace() for ch in text):
+        return "must not contain whitespace or '='"
+    return None
+
+
+@dataclass(slots=True)
+class Image:
+    """An image as the API returned it, read leniently.
+
+    ``tags`` holds every tag (read-only ones too), ``read_only`` the keys the user may not
+    touch, ``raw`` the whole JSON object (templates read ``{image.<field>}`` from it).
+    """
+
+    id: str
+    project_id: int
+    region_id: int
+    name: str
+    tags: dict[str, str]
+    read_only: frozenset[str]
+    task_id: str | None
+    raw: dict[str, Any]
+
+    @classmethod
+    def from_api(
+        cls, data: Mapping[str, Any], *, project_id: int | None = None, region_id: int | None = None
+    ) -> Image:
+        """Build from an API object: ``tags`` or ``tags_v2``, unknown fields ignored."""
+        tag_list = data.get("tags")
+        if tag_list is None:
+            tag_list = data.get("tags_v2") or []
+        tags: dict[str, str] = {}
+        read_only: set[str] = set()
+        if isinstance(tag_list, Mapping):  # tolerate a plain {key: value} object
+            tags = {str(k): str(v) for k, v in tag_list.items()}
+        else:
+            for tag in tag_list:
+                key = str(tag.get("key"))
+                tags[key] = str(tag.get("value", ""))
+                if tag.get("read_only"):
+                    read_only.add(key)
+        pid = data.get("project_id", project_id)
+        rid = data.get("region_id", region_id)
+        return cls(
+            id=str(data["id"]),
+            project_id=int(pid if pid is not None else project_id or 0),
+            region_id=int(rid if rid is not None else region_id or 0),
+            name=str(data.get("name") or ""),
+            tags=tags,
+            read_only=frozenset(read_only),
+            task_id=data.get("task_id") or None,
+            raw=dict(data),
+        )
+
+    def state(self) -> dict[str, Any]:
+        """The writable state: every tag and the settable fields the API returned."""
+        out: dict[str, Any] = {"tags": dict(self.tags)}
+        raw = self.raw
+        for name in SETTABLE_FIELDS:
+            if name in raw:
+                out[name] = raw[name]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What to do to an image. ``replace_tags`` excludes the three other tag changes.
+
+    ``set_fields`` holds the settable fields (see SETTABLE_FIELDS); string values and tag
+    values may hold templates (``{image.name}``, ``{tags.owner}``, ``{run.date}``, ``{run.id}``).
+    """
+
+    set_tags: Mapping[str, str] = field(default_factory=dict)
+    remove_tags: tuple[str, ...] = ()
+    rename_tags: Mapping[str, str] = field(default_factory=dict)
+    replace_tags: Mapping[str, str] | None = None
+    set_fields: Mapping[str, str | bool] = field(default_factory=dict)
+
+    def is_empty(self) -> bool:
+        return not (
+            self.set_tags
+            or self.remove_tags
+            or self.rename_tags
+            or self.replace_tags is not None
+            or self.set_fields
+        )
+
+    def merged(self, row: Changes) -> Changes:
+        """These changes with a row's added; where both name the same key, the row wins."""
+        if row.is_empty():
+            return self
+        if self.is_empty():
+            return row
+        row_keys = set(row.set_tags) | set(row.remove_tags)
+        if self.replace_tags is not None:
+            replace = {k: v for k, v in self.replace_tags.items() if k not in row.remove_tags}
+            replace.update(row.set_tags)
+            return Changes(
+                replace_tags=replace,
+                set_fields={**self.set_fields, **row.set_fields},
+            )
+        set_tags = {k: v for k, v in self.set_tags.items() if k not in row_keys}
+        set_tags.update(row.set_tags)
+        remove = tuple(k for k in self.remove_tags if k not in row_keys)
+        remove += tuple(k for k in row.remove_tags if k not in remove)
+        rename = {k: v for k, v in self.rename_tags.items() if k not in row_keys}
+        rename.update(row.rename_tags)
+        return Changes(
+            set_tags=set_tags,
+            remove_tags=remove,
+            rename_tags=rename,
+            set_fields={**self.set_fields, **row.set_fields},
+        )
+
+
+@dataclass(slots=True)
+class Target:
+    """One image to change: where it is, what to do, and (once read) its current state.
+
+    ``image`` is None until the state is known, and stays None for an image that does not
+    exist (the pool ends such a target ``failed`` / ``not_found``). ``source`` says which
+    selector named it (``query 1``, ``owners.csv:12``).
+    """
+
+    project_id: int
+    region_id: int
+    image_id: str
+    changes: Changes
+    image: Image | None = None
+    source: str = ""
+
+    @property
+    def key(self) -> tuple[int, int, str]:
+        return (self.project_id, self.region_id, self.image_id)
+
+
+@dataclass(frozen=True, slots=True)
+class RunContext:
+    """What templates may name besides the image: ``{run.id}`` and ``{run.date}`` (UTC)."""
+
+    run_id: str
+    run_date: str
+
+
+#: Final statuses of a target; ``planned`` is a plan-only record (``bulk-tagger plan``).
+STATUSES: tuple[str, ...] = ("updated", "unchanged", "skipped", "failed", "planned")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one target ended: one record per target per run (the results.jsonl line)."""
+
+    project_id: int
+    region_id: int
+    image_id: str
+    name: str
+    status: str
+    reason: str | None = None
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+    patch: dict[str, Any] | None = None
+    attempts: int = 0
+    http_status: int | None = None
+    lock_wait_s: float = 0.0
+    duration_ms: int = 0
+    error: str | None = None
