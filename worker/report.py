@@ -1,0 +1,663 @@
+"""The report stage: exports of the journal, the summary, progress and Pushgateway metrics.
+
+The journal is the truth; this module turns its rows into what a person reads
+(``format_summary``, ``format_plan``, a progress bar) and what machines scrape
+(``results.jsonl``, ``results.csv``, ``summary.json``, Prometheus gauges). It keeps no
+module-level state and nothing here grows with the number of targets: rows are streamed,
+latencies go into a fixed histogram. Units: seconds unless a name says ``_ms``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import csv
+import json
+import math
+import os
+import re
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, TextIO
+
+from prometheus_client import CollectorRegistry, Gauge, pushadd_to_gateway
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+from rich.progress import Progress as RichProgress
+
+from worker.log import get_logger
+from worker.models import STATUSES
+
+#: Keys of a results.jsonl line, in order; also the columns of results.csv (CONTRACT.md).
+RESULT_FIELDS: tuple[str, ...] = (
+    "run_id",
+    "project_id",
+    "region_id",
+    "image_id",
+    "name",
+    "status",
+    "reason",
+    "before",
+    "after",
+    "patch",
+    "attempts",
+    "http_status",
+    "lock_wait_s",
+    "duration_ms",
+    "error",
+)
+
+#: Result fields that hold objects: JSON objects in results.jsonl, compact JSON text in the CSV.
+_OBJECT_FIELDS = frozenset({"before", "after", "patch"})
+
+#: The request counters of summary.json (CONTRACT.md); the first four are request kinds.
+REQUEST_KINDS: tuple[str, ...] = ("list", "get", "patch", "task")
+REQUEST_FIELDS: tuple[str, ...] = ("total", *REQUEST_KINDS, "retries", "rate_limited", "lock_waits")
+_NOT_KINDS = frozenset({"total", "retries", "rate_limited", "lock_waits"})
+
+#: What each exit code means (CONTRACT.md's table), for people reading a summary.
+EXIT_MEANINGS: dict[int, str] = {
+    0: "every target ended updated, unchanged or skipped",
+    1: "the run finished and some targets failed (each failure has its record in results.jsonl)",
+    2: "bad command line, job spec or selector file; nothing was sent",
+    3: "safety limit: the plan has more changes than the job allows; nothing was changed",
+    4: "the API refused the credentials; the run stopped at once",
+    75: "interrupted or the API unreachable past the retry budget; `--resume` goes on",
+}
+
+_BUFFER = 1 << 20
+_log = get_logger("bulk_tagger.report")
+
+
+# --------------------------------------------------------------------------- exports
+
+
+def _row_values(row: Mapping[str, Any]) -> list[Any]:
+    """The row's values in RESULT_FIELDS order; a missing key is None.
+
+    ``before``/``after``/``patch`` given as JSON text (as SQLite may hold them) are decoded,
+    so both exports carry objects whatever the journal stores.
+    """
+    values = []
+    for name in RESULT_FIELDS:
+        value = row.get(name)
+        if name in _OBJECT_FIELDS and isinstance(value, str | bytes):
+            with contextlib.suppress(ValueError):
+                value = json.loads(value)
+        values.append(value)
+    return values
+
+
+def _csv_cell(name: str, value: Any) -> Any:
+    if value is None:
+        return ""
+    if name in _OBJECT_FIELDS:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    return value
+
+
+class _AtomicFile:
+    """A temp file in ``directory`` (mode 0600) that replaces ``target`` only on commit."""
+
+    def __init__(self, directory: Path, target: str, *, newline: str | None = None) -> None:
+        self.path = directory / target
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target}.", suffix=".tmp")
+        self.tmp = Path(tmp)
+        self.file: IO[str] = open(  # noqa: SIM115 (closed in commit/discard)
+            fd, "w", encoding="utf-8", newline=newline, buffering=_BUFFER
+        )
+
+    def commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.chmod(self.tmp, 0o600)
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_exports(
+    run_dir: Path, results: Iterable[Mapping[str, Any]], summary: Mapping[str, Any]
+) -> None:
+    """Write ``results.jsonl``, ``results.csv`` and ``summary.json`` into ``run_dir``.
+
+    ``results`` is consumed once, row by row (memory stays flat for any number of rows). Each
+    row becomes one JSON object a line, keys in RESULT_FIELDS order (other keys are left out,
+    missing ones are null), and one CSV row with the same columns (``before``/``after``/
+    ``patch`` as compact JSON text, None as an empty cell). Each file is written to a temp
+    file in ``run_dir`` and renamed into place, results first and ``summary.json`` last, so a
+    reader never sees half a file and a present summary means the exports are complete. Files
+    are mode 0600. On an error no temp file is left and earlier exports stay as they were.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    files: list[_AtomicFile] = []
+    try:
+        jsonl = _AtomicFile(run_dir, "results.jsonl")
+        files.append(jsonl)
+        csv_file = _AtomicFile(run_dir, "results.csv", newline="")
+        files.append(csv_file)
+        writer = csv.writer(csv_file.file)
+        writer.writerow(RESULT_FIELDS)
+        write_line = jsonl.file.write
+        dumps = json.JSONEncoder(ensure_ascii=False, default=str).encode
+        for row in results:
+            values = _row_values(row)
+            write_line(dumps(dict(zip(RESULT_FIELDS, values, strict=True))))
+            write_line("\n")
+            writer.writerow([_csv_cell(n, v) for n, v in zip(RESULT_FIELDS, values, strict=True)])
+        summary_file = _AtomicFile(run_dir, "summary.json")
+        files.append(summary_file)
+        json.dump(dict(summary), summary_file.file, indent=2, ensure_ascii=False, default=str)
+        summary_file.file.write("\n")
+        for f in files:
+            f.commit()
+        files.clear()
+        _fsync_dir(run_dir)
+    finally:
+        for f in files:
+            f.discard()
+
+
+# --------------------------------------------------------------------------- latency
+
+_BASE = 1.02  # bucket width 2%: the bucket's geometric middle is within 1% of any value in it
+_LOG_BASE = math.log(_BASE)
+_MIN_MS = 0.001  # 1 microsecond; smaller values share bucket 0
+_BUCKETS = math.ceil(math.log(1e8 / _MIN_MS) / _LOG_BASE) + 1  # up to ~28 hours
+
+
+class LatencyStats:
+    """Latency percentiles in fixed memory: a log-bucketed histogram, about 1% precision.
+
+    Percentiles are nearest-rank (the smallest value with at least q of the samples at or
+    below it), reported as the middle of its bucket, clamped to the exact min and max seen.
+    """
+
+    __slots__ = ("_buckets", "count", "max_ms", "min_ms", "sum_ms")
+
+    def __init__(self) -> None:
+        self._buckets = [0] * _BUCKETS
+        self.count = 0
+        self.sum_ms = 0.0
+        self.min_ms = math.inf
+        self.max_ms = 0.0
+
+    def add(self, ms: float) -> None:
+        """Record one latency in milliseconds (negative counts as 0; NaN is ignored)."""
+        if math.isnan(ms):
+            return
+        ms = max(float(ms), 0.0)
+        index = 0
+        if ms > _MIN_MS:
+            index = min(int(math.log(ms / _MIN_MS) / _LOG_BASE), _BUCKETS - 1)
+        self._buckets[index] += 1
+        self.count += 1
+        self.sum_ms += ms
+        self.min_ms = min(ms, self.min_ms)
+        self.max_ms = max(ms, self.max_ms)
+
+    def merge(self, other: LatencyStats) -> None:
+        """Add ``other``'s samples to these (e.g. one per worker, merged at the end)."""
+        if not other.count:
+            return
+        self._buckets = [a + b for a, b in zip(self._buckets, other._buckets, strict=True)]
+        self.count += other.count
+        self.sum_ms += other.sum_ms
+        self.min_ms = min(self.min_ms, other.min_ms)
+        self.max_ms = max(self.max_ms, other.max_ms)
+
+    def quantile(self, q: float) -> float:
+        """The ``q`` quantile (0 < q <= 1) in milliseconds; 0.0 when there are no samples."""
+        if not self.count:
+            return 0.0
+        rank = max(1, math.ceil(q * self.count))
+        seen = 0
+        for index, n in enumerate(self._buckets):
+            seen += n
+            if seen >= rank:
+                middle = _MIN_MS * _BASE ** (index + 0.5) if index else 0.0
+                return min(max(middle, self.min_ms), self.max_ms)
+        return self.max_ms  # unreachable: the buckets hold every sample
+
+    def percentiles(self) -> dict[str, float]:
+        """``{"p50", "p95", "p99"}`` in milliseconds (3 decimals); 0.0 each when empty."""
+        return {
+            name: round(self.quantile(q), 3)
+            for name, q in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99))
+        }
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _iso_utc(moment: datetime) -> str:
+    if moment.tzinfo is None:  # naive times are taken as UTC, as the worker writes them
+        moment = moment.replace(tzinfo=UTC)
+    text = moment.astimezone(UTC).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+def build_summary(
+    *,
+    run_id: str,
+    job: str,
+    started_at: datetime,
+    finished_at: datetime,
+    exit_code: int,
+    counts: Mapping[str, int],
+    requests: Mapping[str, int],
+    latency: LatencyStats,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """summary.json's content (CONTRACT.md), ``extra``'s keys added last (they win).
+
+    ``counts`` has every status of models.STATUSES (0 where none), plus any other status it
+    was given. ``requests`` has every field of REQUEST_FIELDS (0 where missing) plus any other
+    kind given; ``total``, when not given, is the sum of the request kinds (every key but
+    retries, rate_limited and lock_waits). ``rate_per_second`` counts the useful requests:
+    those the API did not refuse with a 429, per second of the run.
+    """
+    duration = max((finished_at - started_at).total_seconds(), 0.0)
+    all_counts = {status: int(counts.get(status, 0)) for status in STATUSES}
+    all_counts.update({k: int(v) for k, v in counts.items() if k not in all_counts})
+    reqs = {name: int(requests.get(name, 0)) for name in REQUEST_FIELDS}
+    reqs.update({k: int(v) for k, v in requests.items() if k not in reqs})
+    if "total" not in requests:
+        reqs["total"] = sum(v for k, v in reqs.items() if k not in _NOT_KINDS)
+    useful = max(reqs["total"] - reqs["rate_limited"], 0)
+    summary: dict[str, Any] = {
+        "run_id": run_id,
+        "job": job,
+        "started_at": _iso_utc(started_at),
+        "finished_at": _iso_utc(finished_at),
+        "duration_s": round(duration, 3),
+        "exit_code": exit_code,
+        "counts": all_counts,
+        "requests": reqs,
+        "rate_per_second": round(useful / duration, 2) if duration > 0 else 0.0,
+        "latency_ms": latency.percentiles(),
+    }
+    if extra:
+        summary.update(extra)
+    return summary
+
+
+def _duration_text(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
+
+
+def _table(pairs: Iterable[tuple[str, Any]], indent: str = "  ") -> list[str]:
+    rows = [(str(k), f"{v:,}" if isinstance(v, int) else str(v)) for k, v in pairs]
+    if not rows:
+        return []
+    key_w = max(len(k) for k, _ in rows)
+    val_w = max(len(v) for _, v in rows)
+    return [f"{indent}{k:<{key_w}}  {v:>{val_w}}" for k, v in rows]
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """A summary as multi-line text for a terminal (no trailing newline)."""
+    counts: Mapping[str, int] = summary.get("counts") or {}
+    reqs: Mapping[str, int] = summary.get("requests") or {}
+    lat: Mapping[str, float] = summary.get("latency_ms") or {}
+    lines = [
+        f"Run {summary.get('run_id', '?')} of job {summary.get('job', '?')}",
+        f"  {summary.get('started_at', '?')} -> {summary.get('finished_at', '?')}"
+        f"  ({_duration_text(float(summary.get('duration_s') or 0.0))})",
+        f"Targets: {sum(counts.values()):,}",
+        *_table((status, n) for status, n in counts.items() if n or status in STATUSES[:4]),
+    ]
+    kinds = [(k, v) for k, v in reqs.items() if k not in _NOT_KINDS]
+    kinds_text = ", ".join(f"{k} {v:,}" for k, v in kinds)
+    lines += [
+        f"Requests: {int(reqs.get('total', 0)):,} total ({kinds_text})",
+        *_table(
+            [
+                ("retries", int(reqs.get("retries", 0))),
+                ("rate limited (429)", int(reqs.get("rate_limited", 0))),
+                ("lock waits", int(reqs.get("lock_waits", 0))),
+                ("achieved rate", f"{float(summary.get('rate_per_second') or 0.0):,.1f} req/s"),
+            ]
+        ),
+        "Latency: "
+        + ", ".join(f"{p} {float(lat.get(p, 0.0)):,.1f} ms" for p in ("p50", "p95", "p99")),
+    ]
+    code = summary.get("exit_code")
+    meaning = EXIT_MEANINGS.get(code, "unknown exit code") if isinstance(code, int) else "unknown"
+    lines.append(f"Exit code {code}: {meaning}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- plan output
+
+_MARKERS = frozenset({"null", "(none)", "(removed)"})
+_PLAIN = re.compile(r"[^\s\x00-\x1f\x7f-\x9f\"]+(?: [^\s\x00-\x1f\x7f-\x9f\"]+)*")
+
+
+def _show(value: Any) -> str:
+    """A value for a terminal: plain text where that is unambiguous, else JSON (escaped)."""
+    if isinstance(value, str) and _PLAIN.fullmatch(value) and value not in _MARKERS:
+        return value
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _change_lines(before: Mapping[str, Any], patch: Mapping[str, Any]) -> Iterator[str]:
+    for field, new in patch.items():
+        if field == "tags" and isinstance(new, Mapping):
+            old_tags = before.get("tags") or {}
+            for key, value in new.items():
+                old = _show(old_tags[key]) if key in old_tags else "(none)"
+                shown = "(removed)" if value is None else _show(value)
+                yield f"  tags.{_show(key)}: {old} -> {shown}"
+        else:
+            old = _show(before[field]) if field in before else "(none)"
+            shown = "(removed)" if new is None else _show(new)
+            yield f"  {_show(field)}: {old} -> {shown}"
+
+
+def format_change(
+    name: str, image_id: str, before: Mapping[str, Any], patch: Mapping[str, Any]
+) -> str:
+    """One planned change, readable: a heading, then one ``field: old -> new`` line each.
+
+    ``before`` is the image's state (``{"tags": {...}, "ssh_key": ...}``), ``patch`` the
+    merge-patch body (a tag set to None is removed). Lines follow the patch's order; strings
+    that could mislead on a terminal (control characters, quotes, edge spaces) are shown as
+    JSON.
+    """
+    lines = [f"{_show(name)} ({_show(image_id)})", *_change_lines(before, patch)]
+    if len(lines) == 1:
+        lines.append("  (no change)")
+    return "\n".join(lines)
+
+
+def format_plan(
+    counts: Mapping[str, int],
+    reasons: Mapping[str, int],
+    samples: Sequence[tuple[str, str, dict[str, Any], dict[str, Any]]],
+    more: int,
+) -> str:
+    """``bulk-tagger plan``'s output (no trailing newline).
+
+    ``counts`` per status (``planned`` or ``updated``: would be updated). ``reasons`` counts
+    targets by ``"<status>:<reason>"`` (e.g. ``"skipped:read-only tag"``), shown under that
+    status; a key without a known status prefix is shown under "other reasons". ``samples``
+    are ``(name, image_id, before, patch)`` shown with format_change; ``more`` is how many
+    changes were not shown.
+    """
+    grouped: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
+    for key, n in reasons.items():
+        status, sep, reason = key.partition(":")
+        if sep and status in STATUSES:
+            grouped[status].append((reason, n))
+        else:
+            grouped["other"].append((key, n))
+    would_update = int(counts.get("planned", 0)) + int(counts.get("updated", 0))
+    total = sum(int(n) for n in counts.values())
+    lines = [
+        f"Plan: {total:,} targets",
+        *_table(
+            [
+                ("would update", would_update),
+                ("unchanged", int(counts.get("unchanged", 0))),
+                ("skipped", int(counts.get("skipped", 0))),
+                ("failed", int(counts.get("failed", 0))),
+            ]
+        ),
+    ]
+    for status, title in (
+        ("unchanged", "Unchanged"),
+        ("skipped", "Skipped"),
+        ("failed", "Failed"),
+        ("planned", "Would update"),
+        ("updated", "Would update"),
+        ("other", "Other reasons"),
+    ):
+        if grouped.get(status):
+            pairs = sorted(grouped[status], key=lambda p: (-p[1], p[0]))
+            lines += [f"{title}, by reason:", *_table(pairs, indent="    ")]
+    if samples:
+        lines.append("Changes:")
+        lines += [format_change(*sample) for sample in samples]
+    if more > 0:
+        lines.append(f"... and {more:,} more changes")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """Live progress of a run: a rich bar on a terminal, else a ``run.progress`` log line.
+
+    ``advance`` is called once per finished target and only bumps counters; ``run`` (a task
+    the caller starts and cancels) does the rendering: the bar a few times a second, or one
+    structured line (done, total, rate, failed, eta_s) every ``interval_s``. The rate is
+    measured over the last minute or so (targets per second). ``close`` renders the final
+    state once and stops the bar.
+    """
+
+    _TTY_REFRESH_S = 0.25
+    _WINDOW_S = 60.0
+
+    def __init__(self, *, stream: TextIO, tty: bool | None = None, interval_s: float = 5.0) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be > 0, not {interval_s!r}")
+        self._tty = stream.isatty() if tty is None else tty
+        self._interval = self._TTY_REFRESH_S if self._tty else interval_s
+        self._done = 0
+        self._failed = 0
+        self._total: int | None = None
+        self._closed = False
+        self._started = time.monotonic()
+        window = max(2, math.ceil(self._WINDOW_S / self._interval) + 1)
+        self._samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=window)
+        self._samples.append((self._started, 0))
+        self._bar: Any = None
+        self._task_id: Any = None
+        if self._tty:
+            self._bar, self._task_id = self._make_bar(stream)
+
+    @staticmethod
+    def _make_bar(stream: TextIO) -> tuple[Any, Any]:
+        bar = RichProgress(
+            TextColumn("[bold]targets"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TextColumn("ETA {task.fields[eta]}"),
+            TextColumn("{task.fields[failed]}"),
+            console=Console(file=stream, force_terminal=True),
+            auto_refresh=False,
+        )
+        task_id = bar.add_task("targets", total=None, rate="", eta="?", failed="")
+        return bar, task_id
+
+    @property
+    def done(self) -> int:
+        return self._done
+
+    @property
+    def failed(self) -> int:
+        return self._failed
+
+    def set_total(self, total: int | None) -> None:
+        """How many targets the run has; None while the selectors are still streaming."""
+        self._total = total
+
+    def advance(self, status: str) -> None:
+        """Count one finished target (O(1): nothing is rendered here)."""
+        self._done += 1
+        if status == "failed":
+            self._failed += 1
+
+    def _measure(self) -> tuple[float, float | None]:
+        """(rate per second, ETA in seconds or None), updating the rate window."""
+        now = time.monotonic()
+        self._samples.append((now, self._done))
+        t0, d0 = self._samples[0]
+        rate = (self._done - d0) / (now - t0) if now > t0 else 0.0
+        eta = None
+        if self._total is not None and rate > 0:
+            eta = max(self._total - self._done, 0) / rate
+        return rate, eta
+
+    def _render(self) -> None:
+        rate, eta = self._measure()
+        if self._bar is not None:
+            self._bar.update(
+                self._task_id,
+                completed=self._done,
+                total=self._total,
+                rate=f"{rate:,.1f}/s",
+                eta="?" if eta is None else _duration_text(eta),
+                failed=f"[red]{self._failed:,} failed" if self._failed else "",
+            )
+            self._bar.refresh()
+        else:
+            _log.info(
+                "run.progress",
+                done=self._done,
+                total=self._total,
+                rate=round(rate, 2),
+                failed=self._failed,
+                eta_s=None if eta is None else round(eta, 1),
+            )
+
+    async def run(self) -> None:
+        """Render until cancelled (the bar a few times a second, a log line every interval)."""
+        if self._bar is not None:
+            self._bar.start()
+        while not self._closed:
+            await asyncio.sleep(self._interval)
+            self._render()
+
+    def close(self) -> None:
+        """Render the final state once and stop the bar; later calls do nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        self._render()
+        if self._bar is not None:
+            self._bar.stop()
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _safe_url(url: str) -> str:
+    """The URL without any user:password part, for log lines."""
+    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        parts = parts._replace(netloc=netloc)
+    return urllib.parse.urlunsplit(parts)
+
+
+def _timestamp(text: Any) -> float:
+    if isinstance(text, str):
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(text).timestamp()
+    return time.time()
+
+
+def push_metrics(
+    url: str,
+    job: str,
+    summary: Mapping[str, Any],
+    *,
+    success: bool,
+    timeout_s: float = 10,
+    grouping_key: Mapping[str, str] | None = None,
+) -> None:
+    """Push the run's gauges to a Prometheus Pushgateway at ``url``; never raises.
+
+    Synchronous (run it with ``asyncio.to_thread``). The group is ``/metrics/job/<job>`` (so
+    the ``job`` label is the job's name), plus ``grouping_key`` (e.g. ``{"shard": "2"}``
+    for the shards of an Indexed Job, which would otherwise replace each other's metrics).
+    Uses POST (pushadd): gauges of this run replace the same-named ones of the group, others
+    stay, so a failed run (``success=False``, no last-success gauge) keeps the last success.
+    A failure is logged as ``report.push_failed`` and swallowed.
+    """
+    try:
+        registry = CollectorRegistry()
+
+        def gauge(name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+            return Gauge(name, doc, labelnames=tuple(labels), registry=registry)
+
+        finished = _timestamp(summary.get("finished_at"))
+        if success:
+            gauge(
+                "bulk_tagger_last_success_timestamp_seconds",
+                "When the job last finished with every target handled (Unix time)",
+            ).set(finished)
+        gauge(
+            "bulk_tagger_last_completion_timestamp_seconds",
+            "When the job last finished, successfully or not (Unix time)",
+        ).set(finished)
+        gauge("bulk_tagger_duration_seconds", "Duration of the last run").set(
+            float(summary.get("duration_s") or 0.0)
+        )
+        gauge("bulk_tagger_exit_code", "Exit code of the last run").set(
+            int(summary.get("exit_code") or 0)
+        )
+        targets = gauge("bulk_tagger_targets", "Targets of the last run by status", ["status"])
+        for status, n in (summary.get("counts") or {}).items():
+            targets.labels(status=status).set(n)
+        reqs: Mapping[str, int] = summary.get("requests") or {}
+        by_kind = gauge("bulk_tagger_requests_total", "Requests of the last run by kind", ["kind"])
+        for kind, n in reqs.items():
+            if kind not in _NOT_KINDS:
+                by_kind.labels(kind=kind).set(n)
+        gauge("bulk_tagger_rate_limited", "429 answers in the last run").set(
+            reqs.get("rate_limited", 0)
+        )
+        gauge("bulk_tagger_retries", "Retried attempts in the last run").set(reqs.get("retries", 0))
+        gauge("bulk_tagger_lock_waits", "Targets that waited for a task lock").set(
+            reqs.get("lock_waits", 0)
+        )
+        gauge("bulk_tagger_rate_per_second", "Achieved useful requests per second").set(
+            float(summary.get("rate_per_second") or 0.0)
+        )
+        latency = gauge(
+            "bulk_tagger_request_latency_seconds",
+            "Request latency quantiles of the last run",
+            ["quantile"],
+        )
+        for name, q in (("p50", "0.5"), ("p95", "0.95"), ("p99", "0.99")):
+            ms = (summary.get("latency_ms") or {}).get(name, 0.0)
+            latency.labels(quantile=q).set(float(ms) / 1000)
+        pushadd_to_gateway(
+            url,
+            job=job,
+            registry=registry,
+            grouping_key=dict(grouping_key) if grouping_key else None,
+            timeout=timeout_s,
+        )
+    except Exception as exc:  # metrics must never fail a run
+        _log.warning("report.push_failed", url=_safe_url(url), job=job, error=repr(exc))
+    else:
+        _log.info("report.pushed", url=_safe_url(url), job=job, success=success)
