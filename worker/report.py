@@ -70,7 +70,7 @@ EXIT_MEANINGS: dict[int, str] = {
     75: "interrupted or the API unreachable past the retry budget; `--resume` goes on",
 }
 
-_BUFFER = 1 << 20
+_BUFFER = 1 << 18
 _log = get_logger("bulk_tagger.report")
 
 
@@ -229,6 +229,8 @@ class LatencyStats:
         if not self.count:
             return 0.0
         rank = max(1, math.ceil(q * self.count))
+        if rank >= self.count:  # the largest sample is known exactly
+            return self.max_ms
         seen = 0
         for index, n in enumerate(self._buckets):
             seen += n

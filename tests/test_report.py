@@ -1,0 +1,575 @@
+"""The report stage against real files, a real log stream and a real local HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import math
+import random
+import re
+import socket
+import stat
+import threading
+import tracemalloc
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from prometheus_client.parser import text_string_to_metric_families
+
+from worker import log
+from worker.report import (
+    RESULT_FIELDS,
+    LatencyStats,
+    Progress,
+    build_summary,
+    format_change,
+    format_plan,
+    format_summary,
+    push_metrics,
+    write_exports,
+)
+
+T0 = datetime(2024, 5, 1, 2, 0, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """worker.log configured to write JSON lines into a StringIO; structlog restored after."""
+    saved = structlog.get_config()
+    stream = io.StringIO()
+    log.configure("json", stream=stream)
+    yield stream
+    structlog.configure(**saved)
+
+
+def events(stream: io.StringIO, name: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+    return [e for e in lines if e["event"] == name]
+
+
+# --------------------------------------------------------------------------- exports
+
+
+def make_row(i: int) -> dict[str, Any]:
+    status = ("updated", "unchanged", "skipped", "failed")[i % 4]
+    row: dict[str, Any] = {
+        "error": 'boom,\n"quoted" line two' if status == "failed" else None,  # any key order
+        "run_id": "r-1",
+        "project_id": 1337,
+        "region_id": 7 + i % 3,
+        "image_id": f"img-{i:06d}",
+        "name": f"ubuntu-{i}, ünïcode",
+        "status": status,
+        "reason": None if status == "updated" else f"reason {i % 5}",
+        "before": {"tags": {"team": "ops", "n": str(i)}, "ssh_key": "deny"},
+        "after": {"tags": {"owner": "ops", "n": str(i)}, "ssh_key": "allow"},
+        "patch": {"tags": {"team": None, "owner": "ops"}, "ssh_key": "allow"},
+        "attempts": 1 + i % 3,
+        "http_status": 200 if status == "updated" else None,
+        "lock_wait_s": 0.5 * (i % 2),
+        "duration_ms": 40 + i % 17,
+        "source": "not a result field",
+    }
+    if i % 10 == 3:  # the journal may hold JSON text; the exports carry objects either way
+        row["before"] = json.dumps(row["before"])
+    if i % 10 == 5:
+        del row["after"]  # a missing key is null
+    return row
+
+
+def expected_row(i: int) -> dict[str, Any]:
+    row = make_row(i)
+    if isinstance(row["before"], str):
+        row["before"] = json.loads(row["before"])
+    return {name: row.get(name) for name in RESULT_FIELDS}
+
+
+def sample_summary(**overrides: Any) -> dict[str, Any]:
+    latency = LatencyStats()
+    for ms in (10, 20, 30, 40, 1000):
+        latency.add(ms)
+    kwargs: dict[str, Any] = {
+        "run_id": "r-1",
+        "job": "nightly-owner-tags",
+        "started_at": T0,
+        "finished_at": T0 + timedelta(seconds=100),
+        "exit_code": 1,
+        "counts": {"updated": 900, "unchanged": 50, "failed": 3},
+        "requests": {
+            "list": 10,
+            "get": 5,
+            "patch": 1000,
+            "task": 5,
+            "retries": 40,
+            "rate_limited": 20,
+            "lock_waits": 4,
+        },
+        "latency": latency,
+    }
+    kwargs.update(overrides)
+    return build_summary(**kwargs)
+
+
+def test_write_exports_streams_every_row_once_in_order(tmp_path: Path) -> None:
+    n = 3000
+    summary = sample_summary()
+    write_exports(tmp_path, (make_row(i) for i in range(n)), summary)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "results.csv",
+        "results.jsonl",
+        "summary.json",
+    ]  # no temp file left behind
+    for name in ("results.csv", "results.jsonl", "summary.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+
+    lines = (tmp_path / "results.jsonl").read_text(encoding="utf-8").split("\n")
+    assert lines[-1] == ""  # the file ends with a newline, and nothing after it
+    lines = lines[:-1]
+    assert len(lines) == n
+    for i, line in enumerate(lines):
+        obj = json.loads(line)
+        assert list(obj) == list(RESULT_FIELDS)
+        assert obj == expected_row(i)
+
+    with (tmp_path / "results.csv").open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == list(RESULT_FIELDS)
+    assert len(rows) == n + 1
+    for i, cells in enumerate(rows[1:]):
+        want = expected_row(i)
+        got = dict(zip(RESULT_FIELDS, cells, strict=True))
+        for name in ("before", "after", "patch"):
+            assert (json.loads(got[name]) if got[name] else None) == want[name]
+            assert ", " not in got[name] and ": " not in got[name]  # compact JSON text
+        for name in ("project_id", "region_id", "attempts", "duration_ms", "http_status"):
+            assert got[name] == ("" if want[name] is None else str(want[name]))
+        assert float(got["lock_wait_s"]) == want["lock_wait_s"]
+        for name in ("run_id", "image_id", "name", "status", "reason", "error"):
+            assert got[name] == (want[name] or "")
+
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == summary
+    for key in (
+        "run_id",
+        "job",
+        "started_at",
+        "finished_at",
+        "duration_s",
+        "exit_code",
+        "counts",
+        "requests",
+        "rate_per_second",
+        "latency_ms",
+    ):
+        assert key in on_disk
+    assert "\n  " in (tmp_path / "summary.json").read_text()  # indented
+
+
+def test_write_exports_with_no_rows(tmp_path: Path) -> None:
+    write_exports(tmp_path / "new", [], sample_summary())
+    assert (tmp_path / "new" / "results.jsonl").read_text() == ""
+    assert (tmp_path / "new" / "results.csv").read_text().strip() == ",".join(RESULT_FIELDS)
+
+
+def test_write_exports_failure_keeps_old_files_and_leaves_no_temp(tmp_path: Path) -> None:
+    write_exports(tmp_path, [make_row(0)], sample_summary(run_id="old"))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def broken() -> Iterator[dict[str, Any]]:
+        yield make_row(1)
+        raise RuntimeError("journal read failed")
+
+    with pytest.raises(RuntimeError, match="journal read failed"):
+        write_exports(tmp_path, broken(), sample_summary(run_id="new"))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_write_exports_memory_stays_flat(tmp_path: Path) -> None:
+    row = make_row(3)  # one row object: what grows with n is only what the writer keeps
+
+    def peak(n: int) -> int:
+        tracemalloc.start()
+        try:
+            write_exports(tmp_path, (row for _ in range(n)), sample_summary())
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak(500), peak(3000)
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3000
+    # holding 2,500 more rows' values (a dict and a list each, ~1 KB) would add megabytes
+    assert large - small < 200_000, (small, large)
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def exact(sorted_values: list[float], q: float) -> float:
+    return sorted_values[max(1, math.ceil(q * len(sorted_values))) - 1]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("dist", ["lognormal", "uniform", "bimodal"])
+def test_latency_percentiles_within_2_percent(seed: int, dist: str) -> None:
+    rng = random.Random(seed)
+    draw = {
+        "lognormal": lambda: rng.lognormvariate(3.5, 1.0),
+        "uniform": lambda: rng.uniform(0.05, 5000),
+        "bimodal": lambda: rng.gauss(40, 5) if rng.random() < 0.9 else rng.gauss(900, 100),
+    }[dist]
+    values = [max(draw(), 0.01) for _ in range(20_000)]
+    stats = LatencyStats()
+    for v in values:
+        stats.add(v)
+    values.sort()
+    got = stats.percentiles()
+    assert set(got) == {"p50", "p95", "p99"}
+    for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
+        want = exact(values, q)
+        assert abs(got[name] - want) <= 0.02 * want, (name, got[name], want)
+
+
+def test_latency_merge_equals_one_histogram() -> None:
+    rng = random.Random(7)
+    values = [rng.lognormvariate(2, 1.5) for _ in range(5000)]
+    whole, left, right = LatencyStats(), LatencyStats(), LatencyStats()
+    for i, v in enumerate(values):
+        whole.add(v)
+        (left if i % 2 else right).add(v)
+    left.merge(right)
+    left.merge(LatencyStats())  # merging an empty one changes nothing
+    assert left.percentiles() == whole.percentiles()
+    assert left.count == 5000
+    assert left.max_ms == max(values)
+
+
+def test_latency_edges() -> None:
+    empty = LatencyStats()
+    assert empty.percentiles() == {"p50": 0.0, "p95": 0.0, "p99": 0.0}
+    same = LatencyStats()
+    for _ in range(100):
+        same.add(41.0)
+    assert same.percentiles() == {"p50": 41.0, "p95": 41.0, "p99": 41.0}  # clamped to min/max
+    odd = LatencyStats()
+    for v in (0.0, -3.0, float("nan"), 1e12):
+        odd.add(v)
+    assert odd.count == 3  # NaN ignored; negative counts as 0; huge clamps into the last bucket
+    assert odd.percentiles()["p50"] == 0.0
+    assert odd.percentiles()["p99"] == 1e12
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def test_build_summary_fills_every_field() -> None:
+    s = sample_summary(extra={"shard": "1/4", "exit_code": 1})
+    assert s["run_id"] == "r-1" and s["job"] == "nightly-owner-tags"
+    assert s["started_at"] == "2024-05-01T02:00:00.000Z"
+    assert datetime.fromisoformat(s["finished_at"]) == T0 + timedelta(seconds=100)
+    assert s["duration_s"] == 100.0
+    assert s["exit_code"] == 1
+    assert s["counts"] == {"updated": 900, "unchanged": 50, "skipped": 0, "failed": 3, "planned": 0}
+    assert s["requests"] == {
+        "total": 1020,
+        "list": 10,
+        "get": 5,
+        "patch": 1000,
+        "task": 5,
+        "retries": 40,
+        "rate_limited": 20,
+        "lock_waits": 4,
+    }
+    assert s["rate_per_second"] == 10.0  # (1020 - 20 refused with 429) / 100 s
+    assert s["latency_ms"]["p50"] == pytest.approx(30, rel=0.01)
+    assert s["latency_ms"]["p99"] == 1000.0
+    assert s["shard"] == "1/4"
+    json.dumps(s)  # plain JSON data
+
+
+def test_build_summary_defaults_and_naive_times() -> None:
+    s = build_summary(
+        run_id="r",
+        job="j",
+        started_at=datetime(2024, 1, 1),
+        finished_at=datetime(2024, 1, 1),
+        exit_code=0,
+        counts={},
+        requests={"total": 3},
+        latency=LatencyStats(),
+    )
+    assert s["counts"] == dict.fromkeys(("updated", "unchanged", "skipped", "failed", "planned"), 0)
+    assert s["requests"]["total"] == 3 and s["requests"]["rate_limited"] == 0
+    assert s["started_at"] == "2024-01-01T00:00:00.000Z"
+    assert s["duration_s"] == 0.0 and s["rate_per_second"] == 0.0
+    assert s["latency_ms"] == {"p50": 0.0, "p95": 0.0, "p99": 0.0}
+
+
+def test_format_summary_says_what_happened() -> None:
+    text = format_summary(sample_summary())
+    assert "nightly-owner-tags" in text and "r-1" in text
+    lines = text.splitlines()
+    assert any(line.split() == ["updated", "900"] for line in lines)
+    assert any(line.split() == ["failed", "3"] for line in lines)
+    assert any(line.split() == ["skipped", "0"] for line in lines)
+    assert "Targets: 953" in text
+    assert "1,020 total" in text and "patch 1,000" in text
+    assert any(line.split() == ["retries", "40"] for line in lines)
+    assert any("429" in line and line.split()[-1] == "20" for line in lines)
+    assert any(line.split() == ["lock", "waits", "4"] for line in lines)
+    assert "10.0 req/s" in text
+    p50 = re.search(r"p50 ([\d.]+) ms", text)
+    assert p50 is not None and float(p50.group(1)) == pytest.approx(30, rel=0.01)
+    assert "p99 1,000.0 ms" in text
+    assert "(1m 40s)" in text
+    assert "Exit code 1: the run finished and some targets failed" in text
+    ok = format_summary(sample_summary(exit_code=0))
+    assert "Exit code 0: every target ended updated, unchanged or skipped" in ok
+    assert "Exit code 75:" in format_summary(sample_summary(exit_code=75))
+
+
+# --------------------------------------------------------------------------- plan output
+
+
+def test_format_change_reads_like_a_diff() -> None:
+    before = {"tags": {"team": "ops", "env": "prod"}, "ssh_key": "deny"}
+    patch = {"tags": {"team": None, "owner": "ops"}, "ssh_key": "allow", "is_baremetal": True}
+    assert format_change("ubuntu-22", "img-1", before, patch) == (
+        "ubuntu-22 (img-1)\n"
+        "  tags.team: ops -> (removed)\n"
+        "  tags.owner: (none) -> ops\n"
+        "  ssh_key: deny -> allow\n"
+        "  is_baremetal: (none) -> true"
+    )
+
+
+def test_format_change_escapes_what_a_terminal_would_hide() -> None:
+    text = format_change("evil\x1b[2Jname", "id\n2", {"name": "a b"}, {"name": " padded"})
+    assert "\x1b" not in text and text.count("\n") == 1
+    assert text.startswith('"evil\\u001b[2Jname" ("id\\n2")')
+    assert text.endswith('name: a b -> " padded"')
+    assert format_change("x", "1", {}, {}) == "x (1)\n  (no change)"
+
+
+def test_format_plan_counts_reasons_samples_and_more() -> None:
+    counts = {"planned": 1200, "unchanged": 300, "skipped": 25, "failed": 2}
+    reasons = {
+        "unchanged:already so": 300,
+        "skipped:read-only tag": 20,
+        "skipped:rename target exists": 5,
+        "failed:template gap: tags.owner": 2,
+        "odd": 1,
+    }
+    samples = [
+        ("img-a", "1", {"tags": {"team": "ops"}}, {"tags": {"team": None, "owner": "ops"}}),
+        ("img-b", "2", {"tags": {}}, {"tags": {"owner": "dev"}}),
+    ]
+    text = format_plan(counts, reasons, samples, 1198)
+    lines = text.splitlines()
+    assert lines[0] == "Plan: 1,527 targets"
+    assert any(line.split() == ["would", "update", "1,200"] for line in lines)
+    assert any(line.split() == ["unchanged", "300"] for line in lines)
+    skipped = lines.index("Skipped, by reason:")
+    assert lines[skipped + 1].split() == ["read-only", "tag", "20"]  # most frequent first
+    assert lines[skipped + 2].split() == ["rename", "target", "exists", "5"]
+    assert "Failed, by reason:" in lines
+    assert any(line.split() == ["template", "gap:", "tags.owner", "2"] for line in lines)
+    assert any(line.split() == ["odd", "1"] for line in lines)
+    assert format_change(*samples[0]) in text and format_change(*samples[1]) in text
+    assert text.index("img-a (1)") < text.index("img-b (2)")
+    assert lines[-1] == "... and 1,198 more changes"
+    assert "more changes" not in format_plan(counts, {}, samples, 0)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+async def wait_for(check: Any, limit_s: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit_s
+    while not check():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_progress_logs_structured_lines_off_a_tty(log_stream: io.StringIO) -> None:
+    out = io.StringIO()
+    progress = Progress(stream=out, tty=None, interval_s=0.02)  # a StringIO is not a tty
+    task = asyncio.create_task(progress.run())
+    try:
+        await wait_for(lambda: events(log_stream, "run.progress"))
+        first = events(log_stream, "run.progress")[0]
+        assert first["done"] == 0 and first["total"] is None and first["eta_s"] is None
+        progress.set_total(10)
+        for status in ("updated", "failed", "updated", "skipped"):
+            progress.advance(status)
+        await wait_for(lambda: events(log_stream, "run.progress")[-1]["done"] == 4)
+        line = events(log_stream, "run.progress")[-1]
+        assert line["total"] == 10 and line["failed"] == 1
+        assert line["rate"] > 0 and line["eta_s"] is not None and line["eta_s"] >= 0
+        assert line["level"] == "info"
+        for _ in range(6):
+            progress.advance("updated")
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    progress.close()
+    progress.close()  # once only
+    final = events(log_stream, "run.progress")[-1]
+    assert (final["done"], final["total"], final["failed"]) == (10, 10, 1)
+    assert final["eta_s"] in (0.0, None)
+    assert [e["done"] for e in events(log_stream, "run.progress")].count(10) >= 1
+    assert out.getvalue() == ""  # off a tty, nothing but log lines
+
+
+async def test_progress_draws_a_bar_on_a_tty(log_stream: io.StringIO) -> None:
+    out = io.StringIO()
+    progress = Progress(stream=out, tty=True)
+    progress.set_total(None)
+    task = asyncio.create_task(progress.run())
+    try:
+        for _ in range(7):
+            progress.advance("updated")
+        progress.advance("failed")
+        progress.set_total(8)
+        await wait_for(lambda: "8/8" in out.getvalue())
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    progress.close()
+    text = out.getvalue()
+    assert "8/8" in text and "1 failed" in text and "/s" in text
+    assert events(log_stream, "run.progress") == []  # on a tty, the bar instead of log lines
+
+
+def test_progress_rejects_a_bad_interval() -> None:
+    with pytest.raises(ValueError, match="interval_s"):
+        Progress(stream=io.StringIO(), interval_s=0)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class Gateway:
+    """A local HTTP server that records requests, as a Pushgateway would receive them."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.requests: list[tuple[str, str, str, str]] = []
+        gateway = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _record(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length).decode()
+                gateway.requests.append(
+                    (self.command, self.path, self.headers.get("Content-Type", ""), body)
+                )
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_POST = do_PUT = do_DELETE = _record
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+
+    def __enter__(self) -> Gateway:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+def families(body: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    return {
+        f.name: [(s.labels, s.value) for s in f.samples]
+        for f in text_string_to_metric_families(body)
+    }
+
+
+def test_push_metrics_success(log_stream: io.StringIO) -> None:
+    summary = sample_summary(exit_code=0)
+    with Gateway() as gw:
+        push_metrics(gw.url, "nightly-owner-tags", summary, success=True)
+    assert len(gw.requests) == 1
+    method, path, content_type, body = gw.requests[0]
+    assert (method, path) == ("POST", "/metrics/job/nightly-owner-tags")
+    assert content_type.startswith("text/plain")
+    got = families(body)
+    finished = datetime.fromisoformat(summary["finished_at"]).timestamp()
+    assert got["bulk_tagger_last_success_timestamp_seconds"] == [({}, finished)]
+    assert got["bulk_tagger_last_completion_timestamp_seconds"] == [({}, finished)]
+    assert got["bulk_tagger_duration_seconds"] == [({}, 100.0)]
+    assert got["bulk_tagger_exit_code"] == [({}, 0.0)]
+    assert dict((lb["status"], v) for lb, v in got["bulk_tagger_targets"]) == {
+        "updated": 900,
+        "unchanged": 50,
+        "skipped": 0,
+        "failed": 3,
+        "planned": 0,
+    }
+    assert dict((lb["kind"], v) for lb, v in got["bulk_tagger_requests_total"]) == {
+        "list": 10,
+        "get": 5,
+        "patch": 1000,
+        "task": 5,
+    }
+    assert got["bulk_tagger_rate_limited"] == [({}, 20.0)]
+    assert got["bulk_tagger_retries"] == [({}, 40.0)]
+    assert all("job" not in lb and "instance" not in lb for f in got.values() for lb, _ in f)
+    assert events(log_stream, "report.pushed")[0]["success"] is True
+
+
+def test_push_metrics_failed_run_leaves_last_success_alone(log_stream: io.StringIO) -> None:
+    with Gateway() as gw:
+        push_metrics(
+            gw.url,
+            "nightly-owner-tags",
+            sample_summary(),
+            success=False,
+            grouping_key={"shard": "2"},
+        )
+    method, path, _, body = gw.requests[0]
+    assert (method, path) == ("POST", "/metrics/job/nightly-owner-tags/shard/2")
+    got = families(body)
+    assert "bulk_tagger_last_success_timestamp_seconds" not in got
+    assert "bulk_tagger_last_completion_timestamp_seconds" in got
+    assert got["bulk_tagger_exit_code"] == [({}, 1.0)]
+
+
+def test_push_metrics_dead_url_logs_and_returns(log_stream: io.StringIO) -> None:
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    push_metrics(
+        f"http://user:hunter22@127.0.0.1:{port}", "j", sample_summary(), success=True, timeout_s=2
+    )
+    warnings = events(log_stream, "report.push_failed")
+    assert len(warnings) == 1
+    assert warnings[0]["level"] == "warning" and warnings[0]["job"] == "j"
+    assert warnings[0]["url"] == f"http://127.0.0.1:{port}"
+    assert "hunter22" not in log_stream.getvalue()
+
+
+def test_push_metrics_gateway_error_logs_and_returns(log_stream: io.StringIO) -> None:
+    with Gateway(status=500) as gw:
+        push_metrics(gw.url, "j", sample_summary(), success=True)
+    assert len(gw.requests) == 1
+    assert len(events(log_stream, "report.push_failed")) == 1
+    assert events(log_stream, "report.pushed") == []
