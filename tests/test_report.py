@@ -451,6 +451,21 @@ async def test_progress_draws_a_bar_on_a_tty(log_stream: io.StringIO) -> None:
     assert events(log_stream, "run.progress") == []  # on a tty, the bar instead of log lines
 
 
+def test_progress_close_without_run_draws_the_final_state(log_stream: io.StringIO) -> None:
+    out = io.StringIO()
+    bar = Progress(stream=out, tty=True)
+    bar.set_total(3)
+    for _ in range(3):
+        bar.advance("updated")
+    bar.close()
+    assert "3/3" in out.getvalue()
+    lines = Progress(stream=io.StringIO(), tty=False)
+    lines.advance("failed")
+    lines.close()
+    final = events(log_stream, "run.progress")
+    assert [(e["done"], e["failed"], e["total"]) for e in final] == [(1, 1, None)]
+
+
 def test_progress_rejects_a_bad_interval() -> None:
     with pytest.raises(ValueError, match="interval_s"):
         Progress(stream=io.StringIO(), interval_s=0)

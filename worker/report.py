@@ -550,7 +550,7 @@ class Progress:
 
     async def run(self) -> None:
         """Render until cancelled (the bar a few times a second, a log line every interval)."""
-        if self._bar is not None:
+        if self._bar is not None and not self._closed:
             self._bar.start()
         while not self._closed:
             await asyncio.sleep(self._interval)
@@ -561,6 +561,8 @@ class Progress:
         if self._closed:
             return
         self._closed = True
+        if self._bar is not None:
+            self._bar.start()  # a no-op if run() started it; else the final bar is drawn once
         self._render()
         if self._bar is not None:
             self._bar.stop()
