@@ -1,0 +1,462 @@
+"""The durable record of a run: ``<state-dir>/<run-id>/journal.sqlite``.
+
+One writer owns the file (SQLite in WAL mode); everything else reads through its own
+connection. Writes are buffered and committed in batches of at most ``batch`` rows or
+``flush_s`` seconds, in a worker thread so the event loop never waits on the disk. A killed
+process loses at most the last uncommitted batch; those targets are simply done again
+(merge-patch is idempotent).
+
+Tables: ``run`` (one row: the job, its hash, options, times, exit code, summary),
+``targets`` (every planned target: where, what the plan said, the state before, the patch,
+the changes for re-planning) and ``outcomes`` (how each target ended). A target without an
+outcome is pending; ``iter_results`` reports it as ``planned``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from worker.errors import JobError
+from worker.models import Changes, Outcome
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS run (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    run_id TEXT NOT NULL, kind TEXT NOT NULL, job_name TEXT NOT NULL, job_path TEXT,
+    job_hash TEXT, options TEXT, parent_run_id TEXT, shard TEXT,
+    started_at TEXT NOT NULL, plan_done INTEGER NOT NULL DEFAULT 0,
+    finished_at TEXT, exit_code INTEGER, summary TEXT
+);
+CREATE TABLE IF NOT EXISTS targets (
+    seq INTEGER PRIMARY KEY,
+    project_id INTEGER NOT NULL, region_id INTEGER NOT NULL, image_id TEXT NOT NULL,
+    name TEXT, source TEXT, changes TEXT, before TEXT, patch TEXT, lock_task TEXT,
+    plan_status TEXT NOT NULL, plan_reason TEXT, plan_detail TEXT,
+    UNIQUE (project_id, region_id, image_id)
+);
+CREATE TABLE IF NOT EXISTS outcomes (
+    seq INTEGER PRIMARY KEY REFERENCES targets (seq),
+    status TEXT NOT NULL, reason TEXT, after TEXT, patch TEXT, attempts INTEGER,
+    http_status INTEGER, lock_wait_s REAL, duration_ms INTEGER, error TEXT,
+    finished_at TEXT NOT NULL
+);
+"""
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else _dumps(value)
+
+
+def _load(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def changes_to_json(changes: Changes) -> str:
+    data: dict[str, Any] = {}
+    if changes.set_tags:
+        data["set_tags"] = dict(changes.set_tags)
+    if changes.remove_tags:
+        data["remove_tags"] = list(changes.remove_tags)
+    if changes.rename_tags:
+        data["rename_tags"] = dict(changes.rename_tags)
+    if changes.replace_tags is not None:
+        data["replace_tags"] = dict(changes.replace_tags)
+    if changes.set_fields:
+        data["set_fields"] = dict(changes.set_fields)
+    return _dumps(data)
+
+
+def changes_from_json(text: str | None) -> Changes:
+    data = _load(text) or {}
+    return Changes(
+        set_tags=data.get("set_tags", {}),
+        remove_tags=tuple(data.get("remove_tags", ())),
+        rename_tags=data.get("rename_tags", {}),
+        replace_tags=data.get("replace_tags"),
+        set_fields=data.get("set_fields", {}),
+    )
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A planned target not yet ended: what the apply phase sends."""
+
+    seq: int
+    project_id: int
+    region_id: int
+    image_id: str
+    name: str
+    changes: Changes
+    before: dict[str, Any] | None
+    patch: dict[str, Any] | None
+    lock_task: str | None
+    expect: dict[str, Any] | None = None  # undo: the state the image must still show
+
+
+def make_private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+class Journal:
+    """A run's journal. ``open`` creates or reopens it; ``start_writer`` begins batching."""
+
+    def __init__(self, run_dir: Path, *, batch: int = 500, flush_s: float = 1.0) -> None:
+        self.run_dir = run_dir
+        self.path = run_dir / "journal.sqlite"
+        self.batch = batch
+        self.flush_s = flush_s
+        make_private_dir(run_dir)
+        self._conn = _connect(self.path)
+        os.chmod(self.path, 0o600)
+        self._conn.executescript(SCHEMA)
+        self._targets: list[tuple[Any, ...]] = []
+        self._outcomes: list[tuple[Any, ...]] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._stopping = False
+
+    # -- the run row ------------------------------------------------------------------------
+    def create_run(
+        self,
+        *,
+        run_id: str,
+        kind: str,
+        job_name: str,
+        job_path: str | None,
+        job_hash: str | None,
+        options: Mapping[str, Any],
+        parent_run_id: str | None = None,
+        shard: str | None = None,
+    ) -> None:
+        self._conn.execute(
+            "INSERT INTO run (id, run_id, kind, job_name, job_path, job_hash, options,"
+            " parent_run_id, shard, started_at) VALUES (1,?,?,?,?,?,?,?,?,?)",
+            (run_id, kind, job_name, job_path, job_hash, _json(dict(options)),
+             parent_run_id, shard, now_iso()),
+        )
+
+    def run_info(self) -> dict[str, Any]:
+        row = self._conn.execute(
+            "SELECT run_id, kind, job_name, job_path, job_hash, options, parent_run_id, shard,"
+            " started_at, plan_done, finished_at, exit_code, summary FROM run"
+        ).fetchone()
+        if row is None:
+            return {}
+        keys = ("run_id", "kind", "job_name", "job_path", "job_hash", "options",
+                "parent_run_id", "shard", "started_at", "plan_done", "finished_at",
+                "exit_code", "summary")
+        info = dict(zip(keys, row, strict=True))
+        info["options"] = _load(info["options"])
+        info["summary"] = _load(info["summary"])
+        return info
+
+    def mark_plan_done(self) -> None:
+        self._conn.execute("UPDATE run SET plan_done = 1")
+
+    def reopen_run(self) -> None:
+        self._conn.execute("UPDATE run SET finished_at = NULL, exit_code = NULL")
+
+    def finish_run(self, exit_code: int, summary: Mapping[str, Any]) -> None:
+        self._conn.execute(
+            "UPDATE run SET finished_at = ?, exit_code = ?, summary = ?",
+            (now_iso(), exit_code, _json(dict(summary))),
+        )
+
+    # -- buffered writes ---------------------------------------------------------------------
+    def add_target(
+        self,
+        *,
+        project_id: int,
+        region_id: int,
+        image_id: str,
+        name: str,
+        source: str,
+        changes: Changes | str,
+        before: Mapping[str, Any] | None,
+        patch: Mapping[str, Any] | None,
+        lock_task: str | None,
+        plan_status: str,
+        plan_reason: str | None,
+        plan_detail: str | None,
+    ) -> None:
+        self._targets.append(
+            (project_id, region_id, image_id, name, source,
+             changes if isinstance(changes, str) else changes_to_json(changes),
+             _json(before), _json(patch), lock_task, plan_status, plan_reason, plan_detail)
+        )
+        if len(self._targets) >= self.batch:
+            self._wake.set()
+
+    def add_outcome(self, seq: int, outcome: Outcome) -> None:
+        self._outcomes.append(
+            (seq, outcome.status, outcome.reason, _json(outcome.after), _json(outcome.patch),
+             outcome.attempts, outcome.http_status, outcome.lock_wait_s, outcome.duration_ms,
+             outcome.error, now_iso())
+        )
+        if len(self._outcomes) >= self.batch:
+            self._wake.set()
+
+    def _write(self, targets: list[tuple[Any, ...]], outcomes: list[tuple[Any, ...]]) -> None:
+        conn = self._conn
+        conn.execute("BEGIN")
+        try:
+            if targets:
+                # a target staged twice (resume of an unfinished plan) keeps its first row;
+                # plan-time outcomes find their target's seq by its key
+                conn.executemany(
+                    "INSERT OR IGNORE INTO targets (project_id, region_id, image_id, name,"
+                    " source, changes, before, patch, lock_task, plan_status, plan_reason,"
+                    " plan_detail) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    targets,
+                )
+                finals = [t for t in targets if t[9] not in ("planned", "pending")]
+                if finals:
+                    conn.executemany(
+                        "INSERT OR IGNORE INTO outcomes (seq, status, reason, after, patch,"
+                        " attempts, http_status, lock_wait_s, duration_ms, error, finished_at)"
+                        " SELECT seq, plan_status, plan_reason, before, NULL, 0, NULL, 0, 0,"
+                        " plan_detail, ? FROM targets WHERE project_id=? AND region_id=?"
+                        " AND image_id=?",
+                        [(now_iso(), t[0], t[1], t[2]) for t in finals],
+                    )
+            if outcomes:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO outcomes (seq, status, reason, after, patch,"
+                    " attempts, http_status, lock_wait_s, duration_ms, error, finished_at)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    outcomes,
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    async def flush(self) -> None:
+        """Commit what is buffered (in a thread: the loop never waits on the disk)."""
+        async with self._lock:
+            targets, self._targets = self._targets, []
+            outcomes, self._outcomes = self._outcomes, []
+            if targets or outcomes:
+                await asyncio.to_thread(self._write, targets, outcomes)
+
+    def flush_sync(self) -> None:
+        targets, self._targets = self._targets, []
+        outcomes, self._outcomes = self._outcomes, []
+        if targets or outcomes:
+            self._write(targets, outcomes)
+
+    async def _writer_loop(self) -> None:
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.flush_s)
+            self._wake.clear()
+            await self.flush()
+
+    def start_writer(self) -> None:
+        if self._writer is None:
+            self._stopping = False
+            self._writer = asyncio.get_running_loop().create_task(self._writer_loop())
+
+    async def stop_writer(self) -> None:
+        """Stop the batching task (letting a commit under way finish) and commit the rest."""
+        if self._writer is not None:
+            self._stopping = True
+            self._wake.set()
+            await asyncio.shield(self._writer)
+            self._writer = None
+        await asyncio.shield(self.flush())
+
+    def close(self) -> None:
+        self.flush_sync()
+        self._conn.close()
+
+    # -- reads --------------------------------------------------------------------------------
+    def _reader(self) -> sqlite3.Connection:
+        return _connect(self.path)
+
+    def counts(self) -> dict[str, int]:
+        """Targets by final status; pending ones as ``planned``."""
+        rows = self._conn.execute(
+            "SELECT COALESCE(o.status, 'planned'), COUNT(*) FROM targets t"
+            " LEFT JOIN outcomes o ON o.seq = t.seq GROUP BY 1"
+        ).fetchall()
+        return {status: n for status, n in rows}
+
+    def plan_counts(self) -> tuple[int, int]:
+        """(targets planned to change, targets in all)."""
+        row = self._conn.execute(
+            "SELECT SUM(plan_status = 'planned'), COUNT(*) FROM targets"
+        ).fetchone()
+        return int(row[0] or 0), int(row[1] or 0)
+
+    def iter_pending(self, chunk: int = 1000) -> Iterator[Pending]:
+        """Planned targets with no outcome yet, in plan order, read in chunks."""
+        conn = self._reader()
+        try:
+            last = 0
+            while True:
+                rows = conn.execute(
+                    "SELECT t.seq, t.project_id, t.region_id, t.image_id, t.name, t.changes,"
+                    " t.before, t.patch, t.lock_task FROM targets t"
+                    " LEFT JOIN outcomes o ON o.seq = t.seq"
+                    " WHERE t.seq > ? AND o.seq IS NULL AND t.plan_status IN ('planned', 'pending')"
+                    " ORDER BY t.seq LIMIT ?",
+                    (last, chunk),
+                ).fetchall()
+                if not rows:
+                    return
+                for seq, p, r, image_id, name, changes, before, patch, lock_task in rows:
+                    yield Pending(
+                        seq, p, r, image_id, name or "", changes_from_json(changes),
+                        _load(before), _load(patch), lock_task,
+                    )
+                last = rows[-1][0]
+        finally:
+            conn.close()
+
+    def iter_results(self, run_id: str, chunk: int = 2000) -> Iterator[dict[str, Any]]:
+        """One result per target, in plan order (CONTRACT.md's results line)."""
+        conn = self._reader()
+        try:
+            last = 0
+            while True:
+                rows = conn.execute(
+                    "SELECT t.seq, t.project_id, t.region_id, t.image_id, t.name, t.plan_status,"
+                    " t.plan_reason, t.plan_detail, t.before, t.patch, o.status, o.reason,"
+                    " o.after, o.patch, o.attempts, o.http_status, o.lock_wait_s,"
+                    " o.duration_ms, o.error FROM targets t LEFT JOIN outcomes o ON o.seq = t.seq"
+                    " WHERE t.seq > ? ORDER BY t.seq LIMIT ?",
+                    (last, chunk),
+                ).fetchall()
+                if not rows:
+                    return
+                for (_seq, p, r, image_id, name, plan_status, plan_reason, plan_detail, before,
+                     patch, status, reason, after, opatch, attempts, http_status, lock_wait,
+                     duration, error) in rows:
+                    yield {
+                        "run_id": run_id,
+                        "project_id": p,
+                        "region_id": r,
+                        "image_id": image_id,
+                        "name": name,
+                        "status": status or "planned",
+                        "reason": reason if status else (plan_reason or None),
+                        "before": _load(before),
+                        "after": _load(after),
+                        "patch": _load(opatch) if opatch is not None else _load(patch),
+                        "attempts": attempts or 0,
+                        "http_status": http_status,
+                        "lock_wait_s": lock_wait or 0.0,
+                        "duration_ms": duration or 0,
+                        "error": error if status else (plan_detail if plan_status != "planned"
+                                                       else None),
+                    }
+                last = rows[-1][0]
+        finally:
+            conn.close()
+
+    def iter_updated(self, chunk: int = 2000) -> Iterator[tuple[int, int, str, str, dict[str, Any],
+                                                               dict[str, Any]]]:
+        """For undo: (project, region, image, name, before, patch) of each updated target."""
+        conn = self._reader()
+        try:
+            last = 0
+            while True:
+                rows = conn.execute(
+                    "SELECT t.seq, t.project_id, t.region_id, t.image_id, t.name, t.before,"
+                    " COALESCE(o.patch, t.patch) FROM targets t JOIN outcomes o ON o.seq = t.seq"
+                    " WHERE t.seq > ? AND o.status = 'updated' ORDER BY t.seq LIMIT ?",
+                    (last, chunk),
+                ).fetchall()
+                if not rows:
+                    return
+                for _seq, p, r, image_id, name, before, patch in rows:
+                    yield p, r, image_id, name or "", _load(before) or {}, _load(patch) or {}
+                last = rows[-1][0]
+        finally:
+            conn.close()
+
+
+# -- finding runs ------------------------------------------------------------------------------
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "journal.sqlite"
+    if not path.exists():
+        return {}
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        row = conn.execute(
+            "SELECT run_id, kind, job_name, job_hash, started_at, finished_at, exit_code, shard"
+            " FROM run"
+        ).fetchone()
+    except sqlite3.DatabaseError:
+        return {}
+    finally:
+        conn.close()
+    if row is None:
+        return {}
+    keys = ("run_id", "kind", "job_name", "job_hash", "started_at", "finished_at", "exit_code",
+            "shard")
+    return dict(zip(keys, row, strict=True))
+
+
+def find_resumable(
+    state_dir: Path, *, job_name: str, job_hash: str, kind: str, shard: str | None,
+    within: timedelta,
+) -> str | None:
+    """The latest unfinished run of this job (and shard) started within ``within``.
+
+    Unfinished: no exit code yet (killed) or 75 (interrupted). Raises JobError when that run
+    was made from a different job file: resuming it would mix two jobs in one record.
+    """
+    if not state_dir.is_dir():
+        return None
+    cutoff = datetime.now(UTC) - within
+    best: tuple[str, dict[str, Any]] | None = None
+    for child in state_dir.iterdir():
+        info = read_run_info(child)
+        if not info or info["kind"] != kind or info["job_name"] != job_name:
+            continue
+        if info["shard"] != shard:
+            continue
+        if info["exit_code"] not in (None, 75):
+            continue
+        started = datetime.fromisoformat(info["started_at"].replace("Z", "+00:00"))
+        if started < cutoff:
+            continue
+        if best is None or info["started_at"] > best[1]["started_at"]:
+            best = (child.name, info)
+    if best is None:
+        return None
+    if best[1]["job_hash"] != job_hash:
+        raise JobError(
+            f"the unfinished run {best[0]} was made from another version of this job file",
+            field="--resume",
+            hint="finish it with the old file, or start afresh without --resume "
+            "(or wait until it is older than --resume-within)",
+        )
+    return best[0]

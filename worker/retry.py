@@ -1,0 +1,109 @@
+"""Retry: the one place that says what is retried, how long, and how Retry-After is honoured.
+
+    retried:      Transient (408, 5xx, connection lost, timeouts), RateLimited (429)
+    not retried:  NotFound, Rejected, Locked (the pool parks it), AuthFailed (the run stops),
+                  asyncio.CancelledError (never: a signal must stop the run)
+
+The first attempt is made directly; only a failed one builds a tenacity ``AsyncRetrying``
+(per call: a shared one mixes state across tasks), because tenacity on the happy path costs
+two thirds of the client stack's overhead (PITFALLS.md). Waits are exponential with full
+jitter, ``base_s`` doubling up to ``max_wait_s``; a 429's Retry-After is a floor under the
+wait. ``stop_before_delay`` bounds the whole by ``budget_s`` without overrunning it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_any,
+    stop_before_delay,
+)
+
+from worker.errors import ApiError, RateLimited
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Bounds of one call's retries. Seconds."""
+
+    budget_s: float = 600.0
+    base_s: float = 0.5
+    max_wait_s: float = 30.0
+    max_attempts: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.budget_s <= 0 or self.base_s <= 0 or self.max_wait_s <= 0:
+            raise ValueError("retry budget, base and max wait must be > 0 seconds")
+
+    def wait(self, exc: BaseException | None, retry_number: int) -> float:
+        """Full jitter over an exponential cap; Retry-After (if any) is the floor."""
+        cap = min(self.max_wait_s, self.base_s * (2 ** max(0, retry_number - 1)))
+        delay = random.uniform(0, cap)
+        if isinstance(exc, RateLimited) and exc.retry_after is not None:
+            delay = max(delay, min(exc.retry_after, self.budget_s))
+        return delay
+
+
+def is_retryable(exc: BaseException) -> bool:
+    return isinstance(exc, ApiError) and exc.retryable
+
+
+async def call(
+    fn: Callable[[], Awaitable[T]],
+    policy: RetryPolicy,
+    *,
+    on_retry: Callable[[BaseException, float], None] | None = None,
+) -> tuple[T, int]:
+    """``fn()`` with retries; returns (result, attempts). The last error is let through."""
+    started = time.monotonic()
+    try:
+        return await fn(), 1
+    except ApiError as exc:
+        if not exc.retryable:
+            raise
+        first: BaseException = exc
+    delay = policy.wait(first, 1)
+    if delay >= policy.budget_s:
+        raise first
+    if on_retry is not None:
+        on_retry(first, delay)
+    await asyncio.sleep(delay)
+    remaining = policy.budget_s - (time.monotonic() - started)
+    if remaining <= 0:
+        raise first
+
+    def _wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        return policy.wait(exc, state.attempt_number + 1)
+
+    def _before_sleep(state: RetryCallState) -> None:
+        if on_retry is not None and state.outcome is not None:
+            exc = state.outcome.exception()
+            if exc is not None:
+                on_retry(exc, state.upcoming_sleep)
+
+    attempts = 1
+    retrying = AsyncRetrying(
+        stop=stop_any(stop_before_delay(remaining), stop_after_attempt(policy.max_attempts)),
+        wait=_wait,
+        retry=retry_if_exception(is_retryable),
+        before_sleep=_before_sleep,
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            attempts += 1
+            result = await fn()
+    return result, attempts

@@ -1,0 +1,503 @@
+"""A run from end to end: the stages of DESIGN.md wired together for ``run``, ``plan`` and
+``undo`` (the CLI only parses and calls these).
+
+``run`` is plan, then apply: the whole plan is streamed into the journal first (so a bad row
+deep in a file, or a plan over the safety limit, stops the run before any PATCH), then the
+apply phase streams the planned targets back out of the journal into the pool.
+
+Signals: the first SIGTERM/SIGINT stops taking targets and lets in-flight ones finish for at
+most ``grace_s``; a second one stops at once. Either way the journal is committed, the
+exports written, and the exit code is 75 (``--resume`` goes on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TextIO
+
+from worker import api, report, retry, spec
+from worker.errors import (
+    ApiError,
+    AuthFailed,
+    BulkTaggerError,
+    Interrupted,
+    JobError,
+    SafetyLimit,
+)
+from worker.journal import Journal, find_resumable, make_private_dir, read_run_info
+from worker.limiter import AdaptiveLimiter, RateController
+from worker.log import get_logger
+from worker.models import Changes, Outcome, RunContext, Target
+from worker.plan import inverse_patch, plan_changes, shows
+from worker.pool import Pool, PoolSettings
+from worker.selectors import Expander, Shard
+
+log = get_logger("bulk_tagger.run")
+
+DEFAULT_GRACE_S = 20.0
+
+
+@dataclass(slots=True)
+class RunSettings:
+    """What the command line decided. Seconds unless named otherwise."""
+
+    state_dir: Path
+    api: api.Settings
+    simulate: bool = False
+    simulate_images: int = 60
+    concurrency: int | None = None
+    rate: float | None = None
+    run_id: str | None = None
+    resume: bool = False
+    resume_within: timedelta = timedelta(hours=24)
+    shard: Shard | None = None
+    max_changes: int | None = None
+    grace_s: float = DEFAULT_GRACE_S
+    pushgateway: str | None = None
+    plan_samples: int = 20
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+    progress: TextIO = field(default_factory=lambda: sys.stderr)
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    # knobs for tests: how fast retries and lock polls go
+    retry_base_s: float = 0.5
+    retry_max_wait_s: float = 30.0
+    lock_poll_s: float = 1.0
+
+
+def new_run_id(name: str, shard: Shard | None, kind: str = "run") -> str:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    suffix = f"-shard{shard.index}of{shard.count}" if shard else ""
+    middle = "-undo" if kind == "undo" else ""
+    return f"{name}{middle}-{stamp}-{secrets.token_hex(2)}{suffix}"
+
+
+def changes_from_patch(patch: Mapping[str, Any]) -> Changes:
+    """A merge patch expressed as changes (for undo's inverse patches)."""
+    tags = patch.get("tags") or {}
+    return Changes(
+        set_tags={k: v for k, v in tags.items() if v is not None},
+        remove_tags=tuple(k for k, v in tags.items() if v is None),
+        set_fields={k: v for k, v in patch.items() if k != "tags"},
+    )
+
+
+class Runner:
+    """One command's run. ``await Runner(...).execute()`` returns the exit code."""
+
+    def __init__(
+        self,
+        settings: RunSettings,
+        *,
+        kind: str,
+        job: spec.Job | None = None,
+        parent_run_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.kind = kind  # "run" | "plan" | "undo"
+        self.job = job
+        self.parent_run_id = parent_run_id
+        self.journal: Journal | None = None
+        self.client: api.Client | None = None
+        self.pool: Pool | None = None
+        self.latency = report.LatencyStats()
+        self.retries = 0
+        self.signals = 0
+        self.interrupted = False
+        self.resumed = False
+        self.fatal: BaseException | None = None
+        self.started_at = datetime.now(UTC)
+        self.run_id = ""
+        self.job_name = job.name if job else ""
+        self.plan_counts: Counter[str] = Counter()
+        self.plan_reasons: Counter[str] = Counter()
+        self.samples: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
+        self.ctx = RunContext(run_id="", run_date=self.started_at.strftime("%Y-%m-%d"))
+        self._body: asyncio.Task[int] | None = None
+
+    # -- options --------------------------------------------------------------------------
+    @property
+    def concurrency(self) -> int:
+        if self.settings.concurrency is not None:
+            return self.settings.concurrency
+        return self.job.options.concurrency if self.job else 16
+
+    @property
+    def rate_ceiling(self) -> float | None:
+        rate = self.settings.rate
+        if rate is None and self.job is not None:
+            rate = self.job.options.rate_per_second
+        if rate is not None and self.settings.shard is not None:
+            rate = rate / self.settings.shard.count
+        return rate
+
+    def _retry_policy(self) -> retry.RetryPolicy:
+        budget = self.job.options.retry_budget_seconds if self.job else 600.0
+        return retry.RetryPolicy(
+            budget_s=budget, base_s=self.settings.retry_base_s,
+            max_wait_s=self.settings.retry_max_wait_s,
+        )
+
+    def _on_retry(self, exc: BaseException, delay: float) -> None:
+        self.retries += 1
+
+    # -- the whole ------------------------------------------------------------------------
+    async def execute(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._body = asyncio.create_task(self._main())
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            return await self._body
+        except asyncio.CancelledError:
+            if not self.interrupted:
+                raise
+            return await self._finish(Interrupted.exit_code)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self.signals += 1
+        assert self._body is not None
+        if self.signals == 1:
+            self.interrupted = True
+            log.warning("run.stopping", signal=sig.name, grace_s=self.settings.grace_s)
+            if self.pool is not None:
+                self.pool.stop()
+                asyncio.get_running_loop().call_later(self.settings.grace_s, self._body.cancel)
+            else:
+                self._body.cancel()
+        else:
+            log.warning("run.stopping_now", signal=sig.name)
+            self._body.cancel()
+
+    async def _main(self) -> int:
+        async with self._api() as client:
+            self.client = client
+            self._open_journal()
+            assert self.journal is not None
+            self.journal.start_writer()
+            try:
+                code = await self._phases(client)
+            except AuthFailed as exc:
+                self.fatal = exc
+                log.error("run.auth_failed", status=exc.status, error=exc.message)
+                code = exc.exit_code
+            except SafetyLimit as exc:
+                self.fatal = exc
+                code = exc.exit_code
+            except ApiError as exc:  # a read that stayed unreachable past the retry budget
+                self.fatal = exc
+                log.error("run.api_unreachable", status=exc.status, error=exc.message)
+                code = Interrupted.exit_code
+            except JobError:
+                await self.journal.stop_writer()
+                raise
+        if self.interrupted:
+            code = Interrupted.exit_code
+        return await self._finish(code)
+
+    @contextlib.asynccontextmanager
+    async def _api(self) -> AsyncIterator[api.Client]:
+        settings = self.settings
+        controller = RateController(self.rate_ceiling)
+        limiter = AdaptiveLimiter(controller)
+        api_settings = settings.api
+        async with contextlib.AsyncExitStack() as stack:
+            if settings.simulate:
+                from worker.simulator import SimConfig, Simulator
+
+                sim = await stack.enter_async_context(
+                    Simulator(SimConfig(images=settings.simulate_images))
+                )
+                api_settings = api.Settings(
+                    base_url=sim.url, api_key=api_settings.api_key or "demo-key",
+                    connections=api_settings.connections,
+                )
+                log.info("run.simulating", url=sim.url, images=settings.simulate_images)
+            api_settings = _with_connections(api_settings, self.concurrency)
+            client = await stack.enter_async_context(api.Client.open(api_settings, limiter))
+            client.observe_latency = self.latency.add
+            yield client
+
+    def _open_journal(self) -> None:
+        settings = self.settings
+        make_private_dir(settings.state_dir)
+        shard = str(settings.shard) if settings.shard else None
+        job_hash = (self.job.sha256 if self.job else self.parent_run_id) or ""
+        kind = self.kind
+        run_id = settings.run_id
+        if settings.resume and kind != "plan":
+            found = run_id if run_id and (settings.state_dir / run_id).is_dir() else None
+            if found is None and run_id is None:
+                found = find_resumable(
+                    settings.state_dir, job_name=self.job_name, job_hash=job_hash,
+                    kind=kind, shard=shard, within=settings.resume_within,
+                )
+            if found is not None:
+                info = read_run_info(settings.state_dir / found)
+                if info.get("job_hash") != job_hash:
+                    raise JobError(
+                        f"run {found} was made from another version of this job file",
+                        field="--resume",
+                    )
+                run_id, self.resumed = found, True
+        if run_id is None:
+            run_id = new_run_id(self.job_name, settings.shard, kind)
+        elif not self.resumed and (settings.state_dir / run_id / "journal.sqlite").exists():
+            raise JobError(f"run {run_id} exists already", field="--run-id",
+                           hint="pass --resume to continue it, or choose another id")
+        self.run_id = run_id
+        self.ctx = RunContext(run_id=run_id, run_date=self.started_at.strftime("%Y-%m-%d"))
+        journal = Journal(settings.state_dir / run_id)
+        if self.resumed:
+            journal.reopen_run()
+            log.info("run.resumed", run_id=run_id, counts=journal.counts())
+        else:
+            options = self.job.options.model_dump(mode="json") if self.job else {}
+            options.update(concurrency=self.concurrency, rate_ceiling=self.rate_ceiling)
+            journal.create_run(
+                run_id=run_id, kind=kind, job_name=self.job_name,
+                job_path=str(self.job.path) if self.job else None, job_hash=job_hash,
+                options=options, parent_run_id=self.parent_run_id, shard=shard,
+            )
+            log.info("run.started", run_id=run_id, kind=kind, job=self.job_name)
+        self.journal = journal
+
+    async def _phases(self, client: api.Client) -> int:
+        journal = self.journal
+        assert journal is not None
+        if not (self.resumed and journal.run_info().get("plan_done")):
+            if self.kind == "undo":
+                await self._plan_undo(client)
+            else:
+                await self._plan(client)
+            await journal.flush()
+            journal.mark_plan_done()
+        self._check_limits()
+        if self.kind == "plan":
+            return 0
+        await self._apply(client)
+        counts = journal.counts()
+        return 1 if counts.get("failed") else 0
+
+    # -- plan -----------------------------------------------------------------------------
+    def _record_plan(self, target: Target) -> None:
+        journal = self.journal
+        assert journal is not None
+        image = target.image
+        status: str
+        reason: str | None
+        detail: str | None
+        before: dict[str, Any] | None
+        patch: dict[str, Any] | None
+        if image is None:
+            status, reason, detail, before, patch = (
+                "failed", "not_found", "no such image", None, None)
+            name = ""
+        else:
+            partial = bool(self.job and self.job.options.on_read_only == "partial")
+            plan = plan_changes(image, target.changes, self.ctx, partial=partial)
+            status, reason, detail, patch = plan.status, plan.reason, plan.detail, plan.patch
+            before = image.state()
+            name = image.name
+            if patch is not None and len(self.samples) < self.settings.plan_samples:
+                self.samples.append((name, image.id, before, patch))
+        self.plan_counts[status] += 1
+        if reason:
+            self.plan_reasons[f"{status}:{reason}"] += 1
+        journal.add_target(
+            project_id=target.project_id, region_id=target.region_id,
+            image_id=target.image_id, name=name, source=target.source,
+            changes=target.changes, before=before, patch=patch,
+            lock_task=image.task_id if image is not None else None,
+            plan_status=status, plan_reason=reason, plan_detail=detail,
+        )
+
+    async def _plan(self, client: api.Client) -> None:
+        assert self.job is not None
+        settings = self.settings
+        expander = Expander(
+            self.job, client,
+            stage_path=settings.state_dir / self.run_id / "stage.sqlite",
+            policy=self._retry_policy(), concurrency=self.concurrency,
+            shard=settings.shard, env=settings.env, on_retry=self._on_retry,
+        )
+        async for target in expander.targets():
+            self._record_plan(target)
+
+    async def _plan_undo(self, client: api.Client) -> None:
+        """Each updated target of the parent run, planned back where nobody changed it since."""
+        parent = Journal(self.settings.state_dir / (self.parent_run_id or ""))
+        policy = self._retry_policy()
+        sem = asyncio.Semaphore(self.concurrency)
+        batch: list[tuple[int, int, str, str, dict[str, Any], dict[str, Any]]] = []
+
+        async def one(row: tuple[int, int, str, str, dict[str, Any], dict[str, Any]]) -> None:
+            p, r, image_id, name, before, patch = row
+            async with sem:
+                try:
+                    image, _ = await retry.call(
+                        lambda: client.get_image(p, r, image_id), policy, on_retry=self._on_retry
+                    )
+                except ApiError as exc:
+                    if isinstance(exc, AuthFailed) or exc.retryable:
+                        raise
+                    image = None
+            inverse = inverse_patch(before, patch)
+            target = Target(p, r, image_id, changes_from_patch(inverse), image, "undo")
+            if image is not None and not shows(image.state(), patch):
+                self._record_conflict(target, name)
+                return
+            self._record_plan(target)
+
+        try:
+            for row in parent.iter_updated():
+                batch.append(row)
+                if len(batch) >= self.concurrency * 4:
+                    await asyncio.gather(*(one(item) for item in batch))
+                    batch.clear()
+            if batch:
+                await asyncio.gather(*(one(item) for item in batch))
+        finally:
+            parent.close()
+
+    def _record_conflict(self, target: Target, name: str) -> None:
+        assert self.journal is not None and target.image is not None
+        self.plan_counts["skipped"] += 1
+        self.plan_reasons["skipped:conflict"] += 1
+        self.journal.add_target(
+            project_id=target.project_id, region_id=target.region_id,
+            image_id=target.image_id, name=target.image.name or name, source=target.source,
+            changes=target.changes, before=target.image.state(), patch=None, lock_task=None,
+            plan_status="skipped", plan_reason="conflict",
+            plan_detail="the image no longer shows what the run set: changed since",
+        )
+
+    def _check_limits(self) -> None:
+        assert self.journal is not None
+        planned, total = self.journal.plan_counts()
+        limit = self.settings.max_changes
+        percent = None
+        if self.job is not None:
+            if limit is None:
+                limit = self.job.options.max_changes
+            percent = self.job.options.max_changes_percent
+        if limit is not None and planned > limit:
+            raise SafetyLimit(
+                f"the plan changes {planned} images, over max_changes {limit}: nothing was sent"
+            )
+        if percent is not None and total and planned * 100 / total > percent:
+            raise SafetyLimit(
+                f"the plan changes {planned} of {total} matched images "
+                f"({planned * 100 / total:.1f}%), over max_changes_percent {percent:g}: "
+                "nothing was sent"
+            )
+
+    # -- apply ----------------------------------------------------------------------------
+    async def _apply(self, client: api.Client) -> None:
+        journal = self.journal
+        assert journal is not None
+        progress = report.Progress(stream=self.settings.progress)
+        planned, _ = journal.plan_counts()
+        pending = planned - sum(
+            n for status, n in journal.counts().items() if status != "planned"
+        ) if self.resumed else planned
+        progress.set_total(max(0, pending))
+        add_outcome = journal.add_outcome
+        advance = progress.advance
+
+        def sink(seq: int, outcome: Outcome) -> None:
+            add_outcome(seq, outcome)
+            advance(outcome.status)
+
+        partial = bool(self.job and self.job.options.on_read_only == "partial")
+        lock_timeout = self.job.options.lock_timeout_seconds if self.job else 900.0
+        pool = self.pool = Pool(
+            client,
+            PoolSettings(
+                concurrency=self.concurrency, retry=self._retry_policy(),
+                lock_timeout_s=lock_timeout, lock_poll_s=self.settings.lock_poll_s,
+                partial=partial,
+            ),
+            self.ctx,
+            sink,
+        )
+        ticker = asyncio.create_task(progress.run())
+        try:
+            await pool.run(journal.iter_pending(), reread=self.resumed)
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            progress.close()
+            self.retries += pool.stats.retries
+
+    # -- the end --------------------------------------------------------------------------
+    async def _finish(self, code: int) -> int:
+        journal = self.journal
+        if journal is None:
+            return code
+        await journal.stop_writer()
+        counts = journal.counts()
+        if code == 0 and counts.get("failed"):
+            code = 1
+        finished = datetime.now(UTC)
+        requests: dict[str, int] = {}
+        if self.client is not None:
+            requests.update(self.client.counts.by_kind)
+            requests["rate_limited"] = self.client.counts.rate_limited
+        requests["retries"] = self.retries
+        requests["lock_waits"] = self.pool.stats.lock_waits if self.pool else 0
+        extra: dict[str, Any] = {"kind": self.kind}
+        if self.settings.shard:
+            extra["shard"] = str(self.settings.shard)
+        if self.parent_run_id:
+            extra["parent_run_id"] = self.parent_run_id
+        if self.fatal is not None:
+            extra["error"] = str(self.fatal)
+        if self.client is not None:
+            extra["rate_limit_final"] = round(self.client.limiter_rate(), 2)
+        summary = report.build_summary(
+            run_id=self.run_id, job=self.job_name, started_at=self.started_at,
+            finished_at=finished, exit_code=code, counts=counts, requests=requests,
+            latency=self.latency, extra=extra,
+        )
+        journal.finish_run(code, summary)
+        run_dir = journal.run_dir
+        await asyncio.to_thread(
+            report.write_exports, run_dir, journal.iter_results(self.run_id), summary
+        )
+        journal.close()
+        out = self.settings.out
+        if self.kind == "plan":
+            out.write(report.format_plan(
+                self.plan_counts, self.plan_reasons, self.samples,
+                max(0, self.plan_counts.get("planned", 0) - len(self.samples)),
+            ) + "\n")
+        if isinstance(self.fatal, BulkTaggerError) and not isinstance(self.fatal, ApiError):
+            out.write(f"stopped: {self.fatal}\n")
+        out.write(report.format_summary(summary) + "\n")
+        out.write(f"report: {run_dir}\n")
+        out.flush()
+        log.info("run.finished", run_id=self.run_id, exit_code=code, counts=counts)
+        if self.settings.pushgateway and self.kind != "plan":
+            await asyncio.to_thread(
+                report.push_metrics, self.settings.pushgateway, self.job_name, summary,
+                success=code == 0,
+            )
+        return code
+
+
+def _with_connections(settings: api.Settings, concurrency: int) -> api.Settings:
+    return replace(settings, connections=max(settings.connections, concurrency + 4))

@@ -1,0 +1,394 @@
+"""Selectors: the job's targets as an async stream of ``Target``s with their current state.
+
+- Query selectors are expanded page by page through the images list; each page carries the
+  images' state, so a query costs one GET per page. ``projects: all`` and ``regions: all``
+  expand through their list endpoints. Server-side filters go in the query string, the
+  client-side ones (name_glob, name_regex, has_tags, missing_tags) apply after.
+- Selector files are read as streams into a small staging SQLite file beside the run (never
+  into memory). A row's state is then fetched in bulk: per project and region, where listing
+  the region costs fewer requests than one GET per row, the region is listed once and joined
+  against the staged rows; otherwise (or for rows the listing did not show) one GET a row.
+  A row naming an image that does not exist comes out with ``image=None``.
+- Each image comes out once per run, whatever the number of selectors naming it: the
+  staging file remembers what was emitted, and a file row for an image a query also matched
+  adds its changes to the job's (the row wins on the same key).
+- ``Shard(i, n)`` keeps only images whose stable hash of the id falls to shard i.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sqlite3
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from worker import retry, spec
+from worker.api import Client
+from worker.errors import JobError, NotFound
+from worker.journal import changes_from_json, changes_to_json
+from worker.log import get_logger
+from worker.models import Changes, Image, Target
+
+log = get_logger("bulk_tagger.selectors")
+T = TypeVar("T")
+
+#: Rows per staging transaction and per read-back chunk.
+_CHUNK = 2000
+#: Below this many rows in a region, one GET a row always beats listing.
+_MIN_ROWS_FOR_LIST = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """Shard ``index`` of ``count`` (0-based): a stable split of images by id."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise JobError(
+                f"shard {self.index}/{self.count} is out of range",
+                field="--shard",
+                hint="I/N with 0 <= I < N, e.g. 0/4",
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise JobError(
+                f"not a shard: {text!r}", field="--shard", hint="I/N, e.g. 0/4"
+            ) from None
+        return cls(index, count)
+
+    def owns(self, image_id: str) -> bool:
+        return zlib.crc32(image_id.encode()) % self.count == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+class _Stage:
+    """The staging file: file rows waiting for their state, and the keys already emitted."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.unlink(missing_ok=True)
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=OFF")
+        self.conn.execute("PRAGMA synchronous=OFF")
+        self.conn.executescript(
+            "CREATE TABLE rows (p INTEGER, r INTEGER, id TEXT, changes TEXT, source TEXT,"
+            " done INTEGER DEFAULT 0, PRIMARY KEY (p, r, id)) WITHOUT ROWID;"
+            "CREATE TABLE seen (p INTEGER, r INTEGER, id TEXT, PRIMARY KEY (p, r, id))"
+            " WITHOUT ROWID;"
+        )
+        self.rows = 0
+
+    def close(self) -> None:
+        self.conn.close()
+        self.path.unlink(missing_ok=True)
+
+    def add_rows(self, rows: Iterable[spec.Row], shard: Shard | None) -> None:
+        conn = self.conn
+        batch: list[spec.Row] = []
+
+        def flush() -> None:
+            conn.execute("BEGIN")
+            for row in batch:
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO rows (p, r, id, changes, source) VALUES (?,?,?,?,?)",
+                    (row.project_id, row.region_id, row.image_id,
+                     changes_to_json(row.changes), f"{row.file}:{row.line}"),
+                )
+                if cur.rowcount == 0:  # named twice: the later row's changes win
+                    (old,) = conn.execute(
+                        "SELECT changes FROM rows WHERE p=? AND r=? AND id=?",
+                        (row.project_id, row.region_id, row.image_id),
+                    ).fetchone()
+                    merged = changes_from_json(old).merged(row.changes)
+                    conn.execute(
+                        "UPDATE rows SET changes=? WHERE p=? AND r=? AND id=?",
+                        (changes_to_json(merged), row.project_id, row.region_id, row.image_id),
+                    )
+                else:
+                    self.rows += 1
+            conn.execute("COMMIT")
+            batch.clear()
+
+        for row in rows:
+            if shard is not None and not shard.owns(row.image_id):
+                continue
+            batch.append(row)
+            if len(batch) >= _CHUNK:
+                flush()
+        if batch:
+            flush()
+
+    def claim(
+        self, project_id: int, region_id: int, ids: list[str]
+    ) -> tuple[set[str], dict[str, tuple[str, str]]]:
+        """Mark ``ids`` emitted. Returns (ids emitted before, file rows of the others)."""
+        conn = self.conn
+        marks = ",".join("?" * len(ids))
+        seen = {
+            i for (i,) in conn.execute(
+                f"SELECT id FROM seen WHERE p=? AND r=? AND id IN ({marks})",
+                (project_id, region_id, *ids),
+            )
+        }
+        fresh = [i for i in ids if i not in seen]
+        rows: dict[str, tuple[str, str]] = {}
+        if fresh:
+            conn.execute("BEGIN")
+            conn.executemany(
+                "INSERT OR IGNORE INTO seen (p, r, id) VALUES (?,?,?)",
+                [(project_id, region_id, i) for i in fresh],
+            )
+            if self.rows:
+                marks = ",".join("?" * len(fresh))
+                for i, changes, source in conn.execute(
+                    f"SELECT id, changes, source FROM rows WHERE p=? AND r=? AND done=0"
+                    f" AND id IN ({marks})",
+                    (project_id, region_id, *fresh),
+                ).fetchall():
+                    rows[i] = (changes, source)
+                if rows:
+                    conn.executemany(
+                        "UPDATE rows SET done=1 WHERE p=? AND r=? AND id=?",
+                        [(project_id, region_id, i) for i in rows],
+                    )
+            conn.execute("COMMIT")
+        return seen, rows
+
+    def groups(self) -> list[tuple[int, int, int]]:
+        return [
+            (p, r, n) for p, r, n in self.conn.execute(
+                "SELECT p, r, COUNT(*) FROM rows WHERE done=0 GROUP BY p, r ORDER BY p, r"
+            )
+        ]
+
+    def take(self, project_id: int, region_id: int, limit: int) -> list[tuple[str, str, str]]:
+        """Up to ``limit`` waiting rows of a region, marked done."""
+        rows = self.conn.execute(
+            "SELECT id, changes, source FROM rows WHERE p=? AND r=? AND done=0 LIMIT ?",
+            (project_id, region_id, limit),
+        ).fetchall()
+        if rows:
+            self.conn.executemany(
+                "UPDATE rows SET done=1 WHERE p=? AND r=? AND id=?",
+                [(project_id, region_id, i) for i, _, _ in rows],
+            )
+        return rows
+
+
+class Expander:
+    """Expands a job's selectors. ``requests`` are counted by the client."""
+
+    def __init__(
+        self,
+        job: spec.Job,
+        client: Client,
+        *,
+        stage_path: Path,
+        policy: retry.RetryPolicy,
+        concurrency: int = 16,
+        shard: Shard | None = None,
+        env: Mapping[str, str] | None = None,
+        on_retry: Callable[[BaseException, float], None] | None = None,
+    ) -> None:
+        self.job = job
+        self.client = client
+        self.stage_path = stage_path
+        self.policy = policy
+        self.concurrency = max(1, concurrency)
+        self.shard = shard
+        self.env = env
+        self.on_retry = on_retry
+        self.job_changes = job.changes_model()
+        self.page_size = job.options.page_size
+
+    async def _read(self, fn: Callable[[], Awaitable[T]]) -> T:
+        result, _ = await retry.call(fn, self.policy, on_retry=self.on_retry)
+        return result
+
+    async def _ids(self, value: list[int] | str, kind: str) -> list[int]:
+        if not isinstance(value, str):
+            return list(value)
+        fetch = self.client.list_projects if kind == "projects" else self.client.list_regions
+        items = await self._read(fetch)
+        return [int(item["id"]) for item in items if "id" in item]
+
+    async def targets(self) -> AsyncIterator[Target]:
+        stage = _Stage(self.stage_path)
+        try:
+            for selector in self.job.targets:
+                if isinstance(selector, spec.FileSelector):
+                    stage.add_rows(spec.iter_rows(self.job, selector, env=self.env), self.shard)
+            for number, selector in enumerate(self.job.targets, start=1):
+                if isinstance(selector, spec.QuerySelector):
+                    async for target in self._query(stage, selector.query, number):
+                        yield target
+            async for target in self._file_rows(stage):
+                yield target
+        finally:
+            stage.close()
+
+    # -- queries ------------------------------------------------------------------------------
+    async def _query(self, stage: _Stage, query: Any, number: int) -> AsyncIterator[Target]:
+        projects = await self._ids(query.projects, "projects")
+        regions = await self._ids(query.regions, "regions")
+        params = query.server_params()
+        source = f"query {number}"
+        for project_id in projects:
+            for region_id in regions:
+                async for page in self._pages(project_id, region_id, params):
+                    matched = [
+                        image for image in page
+                        if query.matches(image)
+                        and (self.shard is None or self.shard.owns(image.id))
+                    ]
+                    for target in self._emit(stage, project_id, region_id, matched, source):
+                        yield target
+
+    async def _pages(
+        self, project_id: int, region_id: int, params: list[tuple[str, str]], offset: int = 0
+    ) -> AsyncIterator[list[Image]]:
+        """Pages of a region's list from ``offset``, by limit/offset until ``count``."""
+        size = self.page_size
+        client = self.client
+        while True:
+            try:
+                page, count = await self._read(
+                    lambda o=offset: client.list_images(  # type: ignore[misc]
+                        project_id, region_id, params=params, limit=size, offset=o
+                    )
+                )
+            except NotFound as exc:
+                log.warning("selectors.region_not_found", project_id=project_id,
+                            region_id=region_id, error=exc.message)
+                return
+            if page:
+                yield page
+            offset += len(page)
+            if not page or (count is not None and offset >= count) or (
+                count is None and len(page) < size
+            ):
+                return
+
+    def _emit(
+        self,
+        stage: _Stage,
+        project_id: int,
+        region_id: int,
+        images: list[Image],
+        source: str | None,
+    ) -> list[Target]:
+        """Targets for the images not emitted before, with their file rows' changes added."""
+        if not images:
+            return []
+        seen, rows = stage.claim(project_id, region_id, [image.id for image in images])
+        out = []
+        job_changes = self.job_changes
+        for image in images:
+            if image.id in seen:
+                continue
+            changes = job_changes
+            where = source or ""
+            row = rows.get(image.id)
+            if row is not None:
+                changes = job_changes.merged(changes_from_json(row[0]))
+                where = row[1] if source is None else f"{source} + {row[1]}"
+            out.append(Target(project_id, region_id, image.id, changes, image, where))
+        return out
+
+    # -- file rows ----------------------------------------------------------------------------
+    async def _file_rows(self, stage: _Stage) -> AsyncIterator[Target]:
+        for project_id, region_id, waiting in stage.groups():
+            if waiting >= _MIN_ROWS_FOR_LIST:
+                async for target in self._join(stage, project_id, region_id, waiting):
+                    yield target
+            async for target in self._get_each(stage, project_id, region_id):
+                yield target
+
+    async def _join(
+        self, stage: _Stage, project_id: int, region_id: int, waiting: int
+    ) -> AsyncIterator[Target]:
+        """List the region and join it with the staged rows, when that is the cheaper way."""
+        size = self.page_size
+        client = self.client
+        try:
+            first, count = await self._read(
+                lambda: client.list_images(project_id, region_id, limit=size, offset=0)
+            )
+        except NotFound:
+            return  # the rows fall through to one GET each, which says not_found per row
+        for target in self._join_page(stage, project_id, region_id, first):
+            yield target
+        pages = math.ceil(count / size) if count is not None else None
+        if (pages is not None and pages - 1 > waiting) or (count is None and len(first) < size):
+            return  # listing the rest costs more than a GET a row (the first page is used)
+        if count is not None and len(first) >= count:
+            return
+        async for page in self._pages(project_id, region_id, [], offset=len(first)):
+            for target in self._join_page(stage, project_id, region_id, page):
+                yield target
+
+    def _join_page(
+        self, stage: _Stage, project_id: int, region_id: int, page: list[Image]
+    ) -> list[Target]:
+        if not page:
+            return []
+        marks = ",".join("?" * len(page))
+        staged = {
+            i for (i,) in stage.conn.execute(
+                f"SELECT id FROM rows WHERE p=? AND r=? AND done=0 AND id IN ({marks})",
+                (project_id, region_id, *(image.id for image in page)),
+            )
+        }
+        wanted = [image for image in page if image.id in staged]
+        return self._emit(stage, project_id, region_id, wanted, None)
+
+    async def _get_each(
+        self, stage: _Stage, project_id: int, region_id: int
+    ) -> AsyncIterator[Target]:
+        """One GET a waiting row (a missing image comes out with ``image=None``)."""
+        sem = asyncio.Semaphore(self.concurrency)
+        while True:
+            rows = stage.take(project_id, region_id, self.concurrency * 4)
+            if not rows:
+                return
+            found = await asyncio.gather(
+                *(self._get_row(sem, stage, project_id, region_id, row) for row in rows)
+            )
+            for target in found:
+                if target is not None:
+                    yield target
+
+    async def _get_row(
+        self,
+        sem: asyncio.Semaphore,
+        stage: _Stage,
+        project_id: int,
+        region_id: int,
+        row: tuple[str, str, str],
+    ) -> Target | None:
+        image_id, changes_json, source = row
+        seen, _ = stage.claim(project_id, region_id, [image_id])
+        if image_id in seen:
+            return None
+        changes: Changes = self.job_changes.merged(changes_from_json(changes_json))
+        client = self.client
+        image: Image | None
+        async with sem:
+            try:
+                image = await self._read(lambda: client.get_image(project_id, region_id, image_id))
+            except NotFound:
+                image = None
+        return Target(project_id, region_id, image_id, changes, image, source)
