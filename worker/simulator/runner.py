@@ -17,6 +17,9 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
+import structlog
+
+from worker.log import configure
 from worker.simulator.config import SimConfig
 from worker.simulator.server import Simulator
 
@@ -104,7 +107,13 @@ class SimulatorThread:
 
 
 def serve(config: SimConfig, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Serve until SIGTERM or SIGINT; prints ``simulator listening on URL`` once listening."""
+    """Serve until SIGTERM or SIGINT; prints ``simulator listening on URL`` once listening.
+
+    That line is the only thing written to stdout: logs go to stderr (structlog is set up
+    here with ``worker.log.configure`` unless the caller already did).
+    """
+    if not structlog.is_configured():
+        configure()
     asyncio.run(_serve(config, host, port))
 
 
