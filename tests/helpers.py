@@ -1,0 +1,45 @@
+"""Small helpers shared by tests that run the real CLI against a simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CLI = [sys.executable, "-m", "worker"]
+
+
+def write_job(folder: Path, job: dict[str, Any], name: str = "job.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+def run_cli(
+    *args: str | Path, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("GCORE_")}
+    full_env.setdefault("GCORE_API_KEY", "test-key-1234")
+    full_env.update(env or {})
+    return subprocess.run(
+        [*CLI, *map(str, args)], capture_output=True, text=True, env=full_env,
+        timeout=timeout, check=False,
+    )
+
+
+def run_dirs(state_dir: Path) -> list[Path]:
+    return sorted(p for p in state_dir.iterdir() if (p / "journal.sqlite").exists())
+
+
+def results(run_dir: Path) -> list[dict[str, Any]]:
+    with (run_dir / "results.jsonl").open() as fh:
+        return [json.loads(line) for line in fh]
+
+
+def summary(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "summary.json").read_text())
