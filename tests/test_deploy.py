@@ -366,11 +366,6 @@ def test_sample_job_is_valid(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker/journal.py make_private_dir chmods the existing state dir, which a "
-    "non-owner may not (EPERM, exit 70); remove this marker once it leaves existing dirs be",
-)
 def test_worker_runs_on_a_volume_root_it_does_not_own(tmp_path: Path) -> None:
     """On Kubernetes the state volume's root belongs to root, group fsGroup (10001), g+rwxs:
     the worker may write there but not chmod it. Mirrored here by running as root without

@@ -117,8 +117,13 @@ class Pending:
 
 
 def make_private_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+    """Create ``path`` 0700. One that exists already is left as it is: a volume's root may
+    belong to another user (Kubernetes' fsGroup), who alone may chmod it."""
+    try:
+        path.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        return
+    os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask
 
 
 class Journal:
