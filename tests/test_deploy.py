@@ -566,7 +566,9 @@ def test_wheel_installs_into_fresh_venv_and_runs(tmp_path: Path) -> None:
     assert "include-system-site-packages = false" in (venv / "pyvenv.cfg").read_text()
     python = venv / "bin" / "python"
     # The outer pip installs into the new venv; its dependencies resolve from scratch there.
-    installed = run([*pip, "--python", str(python), "install", "-q", str(wheel)], env=env)
+    installed = run(
+        [*pip, "--python", str(python), "install", "-q", "--no-compile", str(wheel)], env=env
+    )
     assert installed.returncode == 0, installed.stderr
 
     result = run([str(venv / "bin" / "bulk-tagger"), "--help"], cwd=tmp_path, env=env, timeout=60)
