@@ -1,0 +1,296 @@
+"""Run-level budgets: a retry budget and a circuit breaker. Pure arithmetic, no I/O.
+
+Per-request retries (``worker.retry``) bound how long one call keeps trying. These two bound
+what the whole run does to the API when many calls fail at once:
+
+- ``RetryBudget`` (Finagle's and the SRE book's retry budget): retries may add at most
+  ``ratio`` (10%) to the requests of the last ``window_s`` (10 s), plus a small reserve of
+  ``min_per_s`` (10) retries a second, so a handful of retries is always allowed. A failing
+  API then sees about ``1 + ratio`` times the run's first attempts, not ``max_attempts``
+  times. First attempts deposit (``on_request``), retries withdraw (``on_retry``);
+  ``can_retry`` says whether one more retry fits, ``retry_delay`` how long until it may.
+- ``CircuitBreaker``: watches how targets end and trips when they keep failing alike: the last
+  ``consecutive`` (50) counted outcomes all failed for the same reason, or, over the last
+  ``window_s`` (60 s), at least ``min_failures`` (100) failed and they are at least
+  ``failure_ratio`` (90%) of the counted outcomes. Its ``Trip`` says which exit code the
+  run ends with: 75 when the reason is transient (``unreachable``, ``rate_limited``: the API is
+  down or overloaded, ``--resume`` later), 1 otherwise (every PATCH rejected the same way:
+  the job or the key is wrong, running on would only repeat it).
+
+Both take an injectable ``clock`` (monotonic seconds) so tests drive them without sleeping.
+Neither is safe across threads; the pool runs on one event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+Clock = Callable[[], float]
+
+#: Failure reasons that mean "the API is not answering": the run stops with 75 (resume later).
+TRANSIENT_REASONS: frozenset[str] = frozenset({"unreachable", "rate_limited"})
+#: Failure reasons about one image, not the run: a stale id or a lock says nothing about the
+#: next target, so they neither trip the breaker nor break a streak.
+IGNORED_REASONS: frozenset[str] = frozenset({"not_found", "lock_timeout"})
+#: Statuses that count as a target going well.
+OK_STATUSES: frozenset[str] = frozenset({"updated", "unchanged", "skipped"})
+
+EXIT_UNREACHABLE = 75
+EXIT_FAILED = 1
+
+
+def _positive(name: str, value: float, hint: str) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r} (HINT: {hint})")
+
+
+class RetryBudget:
+    """Retries allowed over a sliding window: ``ratio`` of the requests plus a reserve.
+
+    The window is ``bins`` slots of ``window_s / bins`` seconds; a slot leaves the window
+    whole, so the window is exact to one slot. Allowed retries at any moment:
+    ``ratio * requests_in_window + min_per_s * window_s - retries_in_window``.
+    """
+
+    def __init__(
+        self,
+        *,
+        ratio: float = 0.1,
+        window_s: float = 10.0,
+        min_per_s: float = 10.0,
+        bins: int = 10,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        if not ratio >= 0:  # also refuses NaN
+            raise ValueError(f"ratio must be >= 0, got {ratio!r} (HINT: 0.1 allows 10% retries)")
+        _positive("window_s", window_s, "the sliding window in seconds, e.g. 10")
+        if not min_per_s >= 0:
+            raise ValueError(
+                f"min_per_s must be >= 0, got {min_per_s!r} "
+                "(HINT: retries a second always allowed, e.g. 10)"
+            )
+        if bins < 1:
+            raise ValueError(f"bins must be >= 1, got {bins!r}")
+        self.ratio = ratio
+        self.window_s = window_s
+        self.min_per_s = min_per_s
+        self.reserve = min_per_s * window_s
+        self.clock = clock
+        self._slot_s = window_s / bins
+        self._bins = bins
+        # (slot number, requests, retries), oldest first
+        self._slots: deque[list[int]] = deque()
+        self._requests = 0
+        self._retries = 0
+        #: totals over the budget's life: first attempts, retries taken, retries refused
+        self.requests_total = 0
+        self.retries_total = 0
+        self.refused_total = 0
+
+    def _slot(self) -> list[int]:
+        now_slot = int(self.clock() // self._slot_s)
+        slots = self._slots
+        edge = now_slot - self._bins
+        while slots and slots[0][0] <= edge:
+            _, requests, retries = slots.popleft()
+            self._requests -= requests
+            self._retries -= retries
+        if not slots or slots[-1][0] != now_slot:
+            slots.append([now_slot, 0, 0])
+        return slots[-1]
+
+    @property
+    def allowance(self) -> float:
+        """How many more retries fit in the window now (may be negative after a burst)."""
+        self._slot()
+        return self.ratio * self._requests + self.reserve - self._retries
+
+    def on_request(self) -> None:
+        """A first attempt was sent (retries are not deposits: they would fund themselves)."""
+        self._slot()[1] += 1
+        self._requests += 1
+        self.requests_total += 1
+
+    def can_retry(self) -> bool:
+        """Whether one more retry fits in the budget now."""
+        return self.allowance >= 1.0
+
+    def on_retry(self) -> None:
+        """A retry was sent (whether or not ``can_retry`` said yes)."""
+        self._slot()[2] += 1
+        self._retries += 1
+        self.retries_total += 1
+
+    def try_retry(self) -> bool:
+        """Take one retry if it fits (True), else count a refusal (False)."""
+        if self.can_retry():
+            self.on_retry()
+            return True
+        self.refused_total += 1
+        return False
+
+    def retry_delay(self) -> float:
+        """Seconds until a retry may fit, as old slots leave the window (0.0 if one fits now).
+
+        An estimate: requests arriving meanwhile only bring it closer.
+        """
+        if self.can_retry():
+            return 0.0
+        now = self.clock()
+        requests, retries = self._requests, self._retries
+        for slot, slot_requests, slot_retries in self._slots:
+            requests -= slot_requests
+            retries -= slot_retries
+            if self.ratio * requests + self.reserve - retries >= 1.0:
+                return max(0.0, (slot + self._bins) * self._slot_s - now)
+        return self.window_s
+
+
+@dataclass(frozen=True, slots=True)
+class Trip:
+    """Why the breaker opened: the failure that repeated, how often, and the exit code."""
+
+    reason: str
+    http_status: int | None
+    failures: int
+    exit_code: int
+    message: str
+
+
+def _key(reason: str, http_status: int | None) -> tuple[str, int | None]:
+    # "the same reason": a transient failure is one thing whatever the 5xx; a rejection is
+    # the same only with the same status (403 and 422 are different mistakes)
+    return (reason, None) if reason in TRANSIENT_REASONS else (reason, http_status)
+
+
+def _describe(reason: str, http_status: int | None) -> str:
+    return f"{reason} (HTTP {http_status})" if http_status is not None else reason
+
+
+class CircuitBreaker:
+    """Trips when finished targets keep failing alike; then stays open (``tripped``).
+
+    Counted outcomes: successes (``OK_STATUSES``) and failures whose reason is not in
+    ``ignore``. Either rule trips it:
+
+    - streak: the last ``consecutive`` counted outcomes all failed with the same reason
+      (same reason and HTTP status, any status for a transient reason);
+    - ratio: over the last ``window_s`` seconds (``bins`` slots, exact to one slot), at
+      least ``min_failures`` counted outcomes failed and they make at least
+      ``failure_ratio`` of the counted outcomes.
+
+    The exit code is 75 when the repeated (streak) or most common (ratio) failure is in
+    ``transient``, else 1.
+    """
+
+    def __init__(
+        self,
+        *,
+        consecutive: int = 50,
+        window_s: float = 60.0,
+        failure_ratio: float = 0.9,
+        min_failures: int = 100,
+        ignore: Iterable[str] = IGNORED_REASONS,
+        transient: Iterable[str] = TRANSIENT_REASONS,
+        bins: int = 60,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        if consecutive < 1:
+            raise ValueError(
+                f"consecutive must be >= 1, got {consecutive!r} "
+                "(HINT: how many failures in a row, all alike, stop the run; e.g. 50)"
+            )
+        _positive("window_s", window_s, "the window of the ratio rule in seconds, e.g. 60")
+        if not 0 < failure_ratio <= 1:
+            raise ValueError(
+                f"failure_ratio must be in (0, 1], got {failure_ratio!r} (HINT: e.g. 0.9)"
+            )
+        if min_failures < 1:
+            raise ValueError(
+                f"min_failures must be >= 1, got {min_failures!r} "
+                "(HINT: the ratio rule needs this many failures in the window; e.g. 100)"
+            )
+        if bins < 1:
+            raise ValueError(f"bins must be >= 1, got {bins!r}")
+        self.consecutive = consecutive
+        self.window_s = window_s
+        self.failure_ratio = failure_ratio
+        self.min_failures = min_failures
+        self.ignore = frozenset(ignore)
+        self.transient = frozenset(transient)
+        self.clock = clock
+        self.tripped: Trip | None = None
+        self._streak_key: tuple[str, int | None] | None = None
+        self._streak = 0
+        # the ratio window in ``bins`` slots: [slot number, outcomes, failures by key]
+        self._slot_s = window_s / bins
+        self._bins = bins
+        self._slots: deque[tuple[int, list[int], Counter[tuple[str, int | None]]]] = deque()
+        self._counted = 0
+        self._failures = 0
+
+    def _exit_code(self, reason: str) -> int:
+        return EXIT_UNREACHABLE if reason in self.transient else EXIT_FAILED
+
+    def record(
+        self, status: str, reason: str | None, http_status: int | None = None
+    ) -> Trip | None:
+        """Count one finished target; the ``Trip`` once the breaker is open, else None."""
+        if self.tripped is not None:
+            return self.tripped
+        if status in OK_STATUSES:
+            key = None
+        elif status == "failed" and (reason or "failed") not in self.ignore:
+            key = _key(reason or "failed", http_status)
+        else:
+            return None  # an ignored reason, or a status that is no ending (planned)
+        if key is None:
+            self._streak_key, self._streak = None, 0
+        elif key == self._streak_key:
+            self._streak += 1
+        else:
+            self._streak_key, self._streak = key, 1
+        self._slide(key)
+        if key is not None and self._streak >= self.consecutive:
+            self.tripped = Trip(
+                reason=key[0], http_status=key[1], failures=self._streak,
+                exit_code=self._exit_code(key[0]),
+                message=f"the last {self._streak} targets all failed: "
+                f"{_describe(*key)}; stopped instead of grinding on",
+            )
+        elif self._failures >= self.min_failures and (
+            self._failures >= self.failure_ratio * self._counted
+        ):
+            common: Counter[tuple[str, int | None]] = Counter()
+            for _, _, keys in self._slots:
+                common.update(keys)
+            ((top, top_n),) = common.most_common(1)
+            self.tripped = Trip(
+                reason=top[0], http_status=top[1], failures=self._failures,
+                exit_code=self._exit_code(top[0]),
+                message=f"{self._failures} of the last {self._counted} targets "
+                f"({self._failures / self._counted:.0%}) failed within {self.window_s:g} s, "
+                f"most often {_describe(*top)} ({top_n}); stopped instead of grinding on",
+            )
+        return self.tripped
+
+    def _slide(self, key: tuple[str, int | None] | None) -> None:
+        now_slot = int(self.clock() // self._slot_s)
+        slots = self._slots
+        edge = now_slot - self._bins
+        while slots and slots[0][0] <= edge:
+            _, (counted, failures), _keys = slots.popleft()
+            self._counted -= counted
+            self._failures -= failures
+        if not slots or slots[-1][0] != now_slot:
+            slots.append((now_slot, [0, 0], Counter()))
+        _, totals, keys = slots[-1]
+        totals[0] += 1
+        self._counted += 1
+        if key is not None:
+            totals[1] += 1
+            keys[key] += 1
+            self._failures += 1
