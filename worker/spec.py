@@ -200,7 +200,14 @@ def render_template(text: str, resolve: Callable[[str], str | None]) -> str | No
     return None if missing else out
 
 
+#: A fast path for the common case; equivalent to ``tag_problem(text) is None`` (re's ``\s`` is
+#: ``str.isspace``), which stays the authority for every message.
+_GOOD_TAG = re.compile(r"[^\s=]{1,255}")
+
+
 def _check_key(key: object, what: str = "tag key") -> str:
+    if isinstance(key, str) and _GOOD_TAG.fullmatch(key):
+        return key
     problem = tag_problem(key)
     if problem:
         raise _Problem(f"{what} {_short(key)} {problem}")
@@ -216,6 +223,8 @@ def _check_value(value: object, what: str = "tag value") -> str:
     if "{" in value or "}" in value:
         template_fields(value)
         literal = _TOKEN.sub(lambda m: "x" if m.group(1) is not None else m.group(0)[0], value)
+    elif _GOOD_TAG.fullmatch(value):
+        return value
     else:
         literal = value
     problem = tag_problem(literal)
@@ -484,6 +493,10 @@ class FileSelector(BaseModel):
 
 
 def _selector_kind(value: Any) -> str | None:
+    if isinstance(value, QuerySelector):
+        return "query"
+    if isinstance(value, FileSelector):
+        return "file"
     if isinstance(value, dict):
         if "query" in value and "file" in value:
             return "both"
@@ -1358,6 +1371,7 @@ def _csv_row(
 # JSON and JSON Lines ----------------------------------------------------------------------------
 
 _ROW_KEYS = ("project_id", "region_id", "image_id", "set_tags", "remove_tags", "set")
+_ROW_KEY_SET = frozenset(_ROW_KEYS)
 
 
 class _DuplicateKey(Exception):
@@ -1398,8 +1412,8 @@ def _json_row(obj: object, rows: _Rows, line: int) -> Row:
                 f"a row must be an object with image_id (and project_id, region_id, set_tags, "
                 f"remove_tags, set), not {_kind(obj)}"
             )
-        for key in obj:
-            if key not in _ROW_KEYS:
+        for key in () if _ROW_KEY_SET.issuperset(obj) else obj:
+            if key not in _ROW_KEY_SET:
                 raise _Problem(
                     "unknown key",
                     hint=_did_you_mean(key, _ROW_KEYS) or "row keys: " + ", ".join(_ROW_KEYS),
@@ -1420,9 +1434,14 @@ def _json_row(obj: object, rows: _Rows, line: int) -> Row:
 
 
 def _json_changes(obj: Mapping[str, Any]) -> Changes:
-    set_tags = obj.get("set_tags") or {}
-    removed = obj.get("remove_tags") or []
-    fields = obj.get("set") or {}
+    set_tags = obj.get("set_tags")
+    removed = obj.get("remove_tags")
+    fields = obj.get("set")
+    if set_tags is None and removed is None and fields is None:
+        return _NO_CHANGES
+    set_tags = {} if set_tags is None else set_tags
+    removed = [] if removed is None else removed
+    fields = {} if fields is None else fields
     if not isinstance(set_tags, dict):
         raise _Problem(f"must be an object of tags, not {_kind(set_tags)}", at=("set_tags",))
     try:
