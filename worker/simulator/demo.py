@@ -26,11 +26,18 @@ def mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+_ISO_LAST: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
+
 def iso(ts: float) -> str:
     """``ts`` (epoch seconds) as the API writes datetimes: ``2024-05-05T14:51:26.570866Z``."""
     whole = int(ts)
-    micros = int((ts - whole) * 1e6)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{micros:06d}Z"
+    if whole == _ISO_LAST[0]:
+        head = _ISO_LAST[1]
+    else:
+        head = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _ISO_LAST[0], _ISO_LAST[1] = whole, head
+    return f"{head}.{int((ts - whole) * 1e6):06d}Z"
 
 
 PROJECTS: tuple[tuple[int, str, str], ...] = (
