@@ -10,6 +10,16 @@ Tables: ``run`` (one row: the job, its hash, options, times, exit code, summary)
 ``targets`` (every planned target: where, what the plan said, the state before, the patch,
 the changes for re-planning) and ``outcomes`` (how each target ended). A target without an
 outcome is pending; ``iter_results`` reports it as ``planned``.
+
+Files: the run folder is made 0700 and the journal 0600 before SQLite opens it (its ``-wal``
+and ``-shm`` files take the journal's mode). The connection is shared by the event loop's
+thread and the commit thread, so every use of it holds one lock: a commit is never split by a
+run-row update, and a commit left running by a cancelled ``flush`` is waited for.
+
+The hot path, ``add_outcome``, buffers a tuple: the ``before`` and ``patch`` the pool got from
+``iter_pending`` are written back from their stored JSON text, not encoded again. A commit that
+fails (disk full) is not retried: the next ``add_outcome`` or ``flush`` raises ``JournalFailed``
+so the run stops instead of sending PATCHes it can no longer record (exit 75; ``--resume``).
 """
 
 from __future__ import annotations
@@ -19,14 +29,19 @@ import contextlib
 import json
 import os
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from worker.errors import JobError
+from worker.errors import BulkTaggerError, JobError
+from worker.log import scrub
 from worker.models import Changes, Outcome
+
+SCHEMA_VERSION = 1
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (
@@ -47,7 +62,7 @@ CREATE TABLE IF NOT EXISTS outcomes (
     seq INTEGER PRIMARY KEY REFERENCES targets (seq),
     status TEXT NOT NULL, reason TEXT, after TEXT, patch TEXT, attempts INTEGER,
     http_status INTEGER, lock_wait_s REAL, duration_ms INTEGER, error TEXT,
-    finished_at TEXT NOT NULL
+    finished_at REAL NOT NULL, before TEXT
 );
 """
 
@@ -92,6 +107,12 @@ def changes_from_json(text: str | None) -> Changes:
     )
 
 
+class JournalFailed(BulkTaggerError):
+    """The journal could not commit (disk full, file gone): the run stops, resume goes on."""
+
+    exit_code = 75
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -122,8 +143,17 @@ def make_private_dir(path: Path) -> None:
     try:
         path.mkdir(mode=0o700, parents=True)
     except FileExistsError:
+        if not path.is_dir():
+            raise JobError(f"{path} exists and is not a directory", field="--state-dir") from None
         return
     os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask
+
+
+def _private_file(path: Path) -> None:
+    """Create ``path`` empty as 0600 if missing (an empty file is a valid SQLite database):
+    SQLite gives its ``-wal`` and ``-shm`` files the database file's mode."""
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+    os.close(fd)
 
 
 class Journal:
@@ -135,15 +165,28 @@ class Journal:
         self.batch = batch
         self.flush_s = flush_s
         make_private_dir(run_dir)
+        with contextlib.suppress(PermissionError):
+            os.chmod(run_dir, 0o700)  # a resumed run's folder: ours, kept private
+        _private_file(self.path)
+        with contextlib.suppress(PermissionError):
+            os.chmod(self.path, 0o600)
         self._conn = _connect(self.path)
-        os.chmod(self.path, 0o600)
-        self._conn.executescript(SCHEMA)
+        self._db = threading.Lock()  # every use of self._conn holds it (two threads use it)
+        with self._db:
+            self._conn.executescript(SCHEMA)
+            self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._targets: list[tuple[Any, ...]] = []
         self._outcomes: list[tuple[Any, ...]] = []
+        # what iter_pending handed out and has no outcome yet: seq -> (before, its JSON text,
+        # patch, its JSON text), so add_outcome need not encode them again
+        self._handed: dict[int, tuple[Any, str | None, Any, str | None]] = {}
+        self._last_changes: tuple[Changes | None, str] = (None, "")
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._stopping = False
+        self._failed: BaseException | None = None
+        self._closed = False
 
     # -- the run row ------------------------------------------------------------------------
     def create_run(
@@ -158,20 +201,25 @@ class Journal:
         parent_run_id: str | None = None,
         shard: str | None = None,
     ) -> None:
-        self._conn.execute(
+        self._execute(
             "INSERT INTO run (id, run_id, kind, job_name, job_path, job_hash, options,"
             " parent_run_id, shard, started_at) VALUES (1,?,?,?,?,?,?,?,?,?)",
             (run_id, kind, job_name, job_path, job_hash, _json(dict(options)),
              parent_run_id, shard, now_iso()),
         )
 
+    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        with self._db:
+            return self._conn.execute(sql, params).fetchall()
+
     def run_info(self) -> dict[str, Any]:
-        row = self._conn.execute(
+        rows = self._execute(
             "SELECT run_id, kind, job_name, job_path, job_hash, options, parent_run_id, shard,"
             " started_at, plan_done, finished_at, exit_code, summary FROM run"
-        ).fetchone()
-        if row is None:
+        )
+        if not rows:
             return {}
+        row = rows[0]
         keys = ("run_id", "kind", "job_name", "job_path", "job_hash", "options",
                 "parent_run_id", "shard", "started_at", "plan_done", "finished_at",
                 "exit_code", "summary")
@@ -181,15 +229,16 @@ class Journal:
         return info
 
     def mark_plan_done(self) -> None:
-        self._conn.execute("UPDATE run SET plan_done = 1")
+        """The whole plan is committed (call after ``flush``): resume skips planning."""
+        self._execute("UPDATE run SET plan_done = 1")
 
     def reopen_run(self) -> None:
-        self._conn.execute("UPDATE run SET finished_at = NULL, exit_code = NULL")
+        self._execute("UPDATE run SET finished_at = NULL, exit_code = NULL")
 
     def finish_run(self, exit_code: int, summary: Mapping[str, Any]) -> None:
-        self._conn.execute(
+        self._execute(
             "UPDATE run SET finished_at = ?, exit_code = ?, summary = ?",
-            (now_iso(), exit_code, _json(dict(summary))),
+            (now_iso(), exit_code, scrub(_dumps(dict(summary)))),
         )
 
     # -- buffered writes ---------------------------------------------------------------------
@@ -209,24 +258,51 @@ class Journal:
         plan_reason: str | None,
         plan_detail: str | None,
     ) -> None:
+        if isinstance(changes, str):
+            changes_text = changes
+        elif changes is self._last_changes[0]:  # query targets share the job's changes
+            changes_text = self._last_changes[1]
+        else:
+            changes_text = changes_to_json(changes)
+            self._last_changes = (changes, changes_text)
         self._targets.append(
-            (project_id, region_id, image_id, name, source,
-             changes if isinstance(changes, str) else changes_to_json(changes),
-             _json(before), _json(patch), lock_task, plan_status, plan_reason, plan_detail)
+            (project_id, region_id, image_id, name, source, changes_text,
+             _json(before), _json(patch), lock_task, plan_status, plan_reason,
+             None if plan_detail is None else scrub(plan_detail))
         )
         if len(self._targets) >= self.batch:
             self._wake.set()
 
     def add_outcome(self, seq: int, outcome: Outcome) -> None:
+        """Buffer ``seq``'s final outcome (the last one given for a seq wins). Cheap: no I/O.
+
+        Raises JournalFailed once a commit has failed: nothing more may be sent unrecorded.
+        """
+        if self._failed is not None:
+            raise JournalFailed(f"the journal cannot be written: {self._failed}")
+        handed = self._handed.pop(seq, None)
+        before, patch = outcome.before, outcome.patch
+        if handed is None:
+            before_text, patch_text = _json(before), _json(patch)
+        else:
+            before_text = handed[1] if before is handed[0] else _json(before)
+            patch_text = handed[3] if patch is handed[2] else _json(patch)
+        error = outcome.error
         self._outcomes.append(
-            (seq, outcome.status, outcome.reason, _json(outcome.after), _json(outcome.patch),
+            (seq, outcome.status, outcome.reason, _json(outcome.after), patch_text,
              outcome.attempts, outcome.http_status, outcome.lock_wait_s, outcome.duration_ms,
-             outcome.error, now_iso())
+             None if error is None else scrub(error), time.time(), before_text)
         )
         if len(self._outcomes) >= self.batch:
             self._wake.set()
 
     def _write(self, targets: list[tuple[Any, ...]], outcomes: list[tuple[Any, ...]]) -> None:
+        with self._db:
+            self._write_locked(targets, outcomes)
+
+    def _write_locked(
+        self, targets: list[tuple[Any, ...]], outcomes: list[tuple[Any, ...]]
+    ) -> None:
         conn = self._conn
         conn.execute("BEGIN")
         try:
@@ -241,19 +317,22 @@ class Journal:
                 )
                 finals = [t for t in targets if t[9] not in ("planned", "pending")]
                 if finals:
+                    # from the kept row: a target first planned to change stays pending
+                    now = time.time()
                     conn.executemany(
                         "INSERT OR IGNORE INTO outcomes (seq, status, reason, after, patch,"
-                        " attempts, http_status, lock_wait_s, duration_ms, error, finished_at)"
-                        " SELECT seq, plan_status, plan_reason, before, NULL, 0, NULL, 0, 0,"
-                        " plan_detail, ? FROM targets WHERE project_id=? AND region_id=?"
-                        " AND image_id=?",
-                        [(now_iso(), t[0], t[1], t[2]) for t in finals],
+                        " attempts, http_status, lock_wait_s, duration_ms, error, finished_at,"
+                        " before) SELECT seq, plan_status, plan_reason, before, NULL, 0, NULL,"
+                        " 0, 0, plan_detail, ?, before FROM targets WHERE project_id=?"
+                        " AND region_id=? AND image_id=?"
+                        " AND plan_status NOT IN ('planned', 'pending')",
+                        [(now, t[0], t[1], t[2]) for t in finals],
                     )
             if outcomes:
                 conn.executemany(
                     "INSERT OR REPLACE INTO outcomes (seq, status, reason, after, patch,"
-                    " attempts, http_status, lock_wait_s, duration_ms, error, finished_at)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    " attempts, http_status, lock_wait_s, duration_ms, error, finished_at,"
+                    " before) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                     outcomes,
                 )
             conn.execute("COMMIT")
@@ -262,25 +341,46 @@ class Journal:
             raise
 
     async def flush(self) -> None:
-        """Commit what is buffered (in a thread: the loop never waits on the disk)."""
+        """Commit what is buffered (in a thread: the loop never waits on the disk).
+
+        Cancelling it does not cancel the commit under way: its rows are still written.
+        """
+        self._check()
         async with self._lock:
             targets, self._targets = self._targets, []
             outcomes, self._outcomes = self._outcomes, []
+            self._wake.clear()
             if targets or outcomes:
-                await asyncio.to_thread(self._write, targets, outcomes)
+                try:
+                    await asyncio.to_thread(self._write, targets, outcomes)
+                except sqlite3.Error as exc:
+                    self._failed = exc
+                    raise JournalFailed(f"the journal cannot be written: {exc}") from exc
 
     def flush_sync(self) -> None:
+        self._check()
         targets, self._targets = self._targets, []
         outcomes, self._outcomes = self._outcomes, []
         if targets or outcomes:
-            self._write(targets, outcomes)
+            try:
+                self._write(targets, outcomes)
+            except sqlite3.Error as exc:
+                self._failed = exc
+                raise JournalFailed(f"the journal cannot be written: {exc}") from exc
+
+    def _check(self) -> None:
+        if self._failed is not None:
+            raise JournalFailed(f"the journal cannot be written: {self._failed}")
 
     async def _writer_loop(self) -> None:
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.flush_s)
             self._wake.clear()
-            await self.flush()
+            try:
+                await self.flush()
+            except JournalFailed:
+                return  # add_outcome and flush raise it from now on
 
     def start_writer(self) -> None:
         if self._writer is None:
@@ -297,8 +397,16 @@ class Journal:
         await asyncio.shield(self.flush())
 
     def close(self) -> None:
-        self.flush_sync()
-        self._conn.close()
+        """Commit the rest and close (waits for a commit a cancelled flush left running)."""
+        if self._closed:
+            return
+        try:
+            if self._failed is None:
+                self.flush_sync()
+        finally:
+            with self._db:
+                self._conn.close()
+            self._closed = True
 
     # -- reads --------------------------------------------------------------------------------
     def _reader(self) -> sqlite3.Connection:
@@ -306,22 +414,23 @@ class Journal:
 
     def counts(self) -> dict[str, int]:
         """Targets by final status; pending ones as ``planned``."""
-        rows = self._conn.execute(
+        rows = self._execute(
             "SELECT COALESCE(o.status, 'planned'), COUNT(*) FROM targets t"
             " LEFT JOIN outcomes o ON o.seq = t.seq GROUP BY 1"
-        ).fetchall()
+        )
         return {status: n for status, n in rows}
 
     def plan_counts(self) -> tuple[int, int]:
         """(targets planned to change, targets in all)."""
-        row = self._conn.execute(
-            "SELECT SUM(plan_status = 'planned'), COUNT(*) FROM targets"
-        ).fetchone()
+        (row,) = self._execute("SELECT SUM(plan_status = 'planned'), COUNT(*) FROM targets")
         return int(row[0] or 0), int(row[1] or 0)
 
     def iter_pending(self, chunk: int = 1000) -> Iterator[Pending]:
-        """Planned targets with no outcome yet, in plan order, read in chunks."""
+        """Planned targets with no committed outcome, in plan order, read in chunks (what
+        ``add_outcome`` buffered after this started may still come out: the pool reads a
+        stream it alone ends)."""
         conn = self._reader()
+        handed = self._handed
         try:
             last = 0
             while True:
@@ -336,10 +445,12 @@ class Journal:
                 if not rows:
                     return
                 for seq, p, r, image_id, name, changes, before, patch, lock_task in rows:
-                    yield Pending(
+                    item = Pending(
                         seq, p, r, image_id, name or "", changes_from_json(changes),
                         _load(before), _load(patch), lock_task,
                     )
+                    handed[seq] = (item.before, before, item.patch, patch)
+                    yield item
                 last = rows[-1][0]
         finally:
             conn.close()
@@ -354,7 +465,8 @@ class Journal:
                     "SELECT t.seq, t.project_id, t.region_id, t.image_id, t.name, t.plan_status,"
                     " t.plan_reason, t.plan_detail, t.before, t.patch, o.status, o.reason,"
                     " o.after, o.patch, o.attempts, o.http_status, o.lock_wait_s,"
-                    " o.duration_ms, o.error FROM targets t LEFT JOIN outcomes o ON o.seq = t.seq"
+                    " o.duration_ms, o.error, o.before FROM targets t"
+                    " LEFT JOIN outcomes o ON o.seq = t.seq"
                     " WHERE t.seq > ? ORDER BY t.seq LIMIT ?",
                     (last, chunk),
                 ).fetchall()
@@ -362,7 +474,7 @@ class Journal:
                     return
                 for (_seq, p, r, image_id, name, plan_status, plan_reason, plan_detail, before,
                      patch, status, reason, after, opatch, attempts, http_status, lock_wait,
-                     duration, error) in rows:
+                     duration, error, obefore) in rows:
                     yield {
                         "run_id": run_id,
                         "project_id": p,
@@ -371,9 +483,11 @@ class Journal:
                         "name": name,
                         "status": status or "planned",
                         "reason": reason if status else (plan_reason or None),
-                        "before": _load(before),
+                        "before": _load(obefore if obefore is not None else before),
                         "after": _load(after),
-                        "patch": _load(opatch) if opatch is not None else _load(patch),
+                        # an ended target shows what was sent (none for a no-op), a pending
+                        # one what the plan would send
+                        "patch": _load(opatch if status else patch),
                         "attempts": attempts or 0,
                         "http_status": http_status,
                         "lock_wait_s": lock_wait or 0.0,
@@ -387,14 +501,16 @@ class Journal:
 
     def iter_updated(self, chunk: int = 2000) -> Iterator[tuple[int, int, str, str, dict[str, Any],
                                                                dict[str, Any]]]:
-        """For undo: (project, region, image, name, before, patch) of each updated target."""
+        """For undo: (project, region, image, name, before, patch) of each updated target:
+        the state it was read in and the patch sent (after a lock or a resume, the last read)."""
         conn = self._reader()
         try:
             last = 0
             while True:
                 rows = conn.execute(
-                    "SELECT t.seq, t.project_id, t.region_id, t.image_id, t.name, t.before,"
-                    " COALESCE(o.patch, t.patch) FROM targets t JOIN outcomes o ON o.seq = t.seq"
+                    "SELECT t.seq, t.project_id, t.region_id, t.image_id, t.name,"
+                    " COALESCE(o.before, t.before), COALESCE(o.patch, t.patch)"
+                    " FROM targets t JOIN outcomes o ON o.seq = t.seq"
                     " WHERE t.seq > ? AND o.status = 'updated' ORDER BY t.seq LIMIT ?",
                     (last, chunk),
                 ).fetchall()
@@ -409,16 +525,21 @@ class Journal:
 
 # -- finding runs ------------------------------------------------------------------------------
 def read_run_info(run_dir: Path) -> dict[str, Any]:
+    """The run row of ``run_dir``'s journal (read-only), or {} where there is none."""
     path = run_dir / "journal.sqlite"
-    if not path.exists():
+    if not path.is_file():
         return {}
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        # as_uri() quotes what a URI would misread (?, #, %, spaces) in the path
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return {}
     try:
         row = conn.execute(
             "SELECT run_id, kind, job_name, job_hash, started_at, finished_at, exit_code, shard"
             " FROM run"
         ).fetchone()
-    except sqlite3.DatabaseError:
+    except sqlite3.Error:
         return {}
     finally:
         conn.close()
@@ -436,7 +557,8 @@ def find_resumable(
     """The latest unfinished run of this job (and shard) started within ``within``.
 
     Unfinished: no exit code yet (killed) or 75 (interrupted). Raises JobError when that run
-    was made from a different job file: resuming it would mix two jobs in one record.
+    was made from a different job file: resuming it would mix two jobs in one record. For
+    ``undo`` runs ``job_hash`` is the undone run's id, and only undos of that run count.
     """
     if not state_dir.is_dir():
         return None
@@ -447,6 +569,8 @@ def find_resumable(
         if not info or info["kind"] != kind or info["job_name"] != job_name:
             continue
         if info["shard"] != shard:
+            continue
+        if kind == "undo" and info["job_hash"] != job_hash:
             continue
         if info["exit_code"] not in (None, 75):
             continue
