@@ -26,6 +26,11 @@ class Faults:
 
     ``p_*`` faults hit only requests whose method is in ``methods``; latency, the token bucket
     (``rate_limit``/``rate_burst``) and ``auth_fail_after`` hit every ``/cloud/`` request.
+    ``auth_fail_after`` counts ``/cloud/`` requests from the start, or from the
+    ``set_faults`` call that set it. ``retry_after`` is the form of a ``p_429`` answer's
+    ``Retry-After``: whole seconds (rounded up), an HTTP date, or seconds plus
+    ``retry-after-ms``; the token bucket always sends seconds (at least 1) plus
+    ``retry-after-ms``.
     """
 
     seed: int = 0

@@ -215,7 +215,7 @@ class Simulator:
             self._in_flight += 1
             self.counters.arrived(kind, time.monotonic(), self._in_flight)
             try:
-                response = await self._cloud(kind, handler, request)
+                response = await self._cloud(handler, request)
             finally:
                 self._in_flight -= 1
             if not isinstance(response, _Dropped):
@@ -224,7 +224,7 @@ class Simulator:
 
         return wrapped
 
-    async def _cloud(self, kind: str, handler: Handler, request: web.Request) -> web.StreamResponse:
+    async def _cloud(self, handler: Handler, request: web.Request) -> web.StreamResponse:
         f = self.faults
         counters = self.counters
         if f.latency_ms or f.latency_jitter_ms:
