@@ -561,7 +561,7 @@ patches = st.fixed_dictionaries(
     },
 )
 
-PROPS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def assert_well_formed(plan: Plan, image: Image) -> None:
@@ -601,11 +601,18 @@ def test_property_plans_are_well_formed(image: Image, change: Changes, partial: 
 def test_property_applying_then_planning_again_is_unchanged(
     image: Image, change: Changes, partial: bool
 ) -> None:
-    # A job that renames a key and sets it too is documented as not idempotent.
+    # Renames the job file rejects (chains, swaps, several onto one key, a key also set or
+    # removed) are not idempotent by nature: keep the ones it lets through.
+    named = set(change.set_tags) | set(change.remove_tags)
+    renames: dict[str, str] = {}
+    for old, new in change.rename_tags.items():
+        chained = new == old or new in change.rename_tags or new in renames.values()
+        if not chained and old not in named and new not in named:
+            renames[old] = new
     change = Changes(
-        set_tags={k: v for k, v in change.set_tags.items() if k not in change.rename_tags},
+        set_tags=change.set_tags,
         remove_tags=change.remove_tags,
-        rename_tags=change.rename_tags,
+        rename_tags=renames,
         replace_tags=change.replace_tags,
         set_fields=change.set_fields,
     )

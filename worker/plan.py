@@ -40,8 +40,11 @@ Tag changes (evaluated on a working copy of the current tags, in this order)
     one is not sent, a key that is gone is sent as null, so ``tags`` is never null, never
     empty, and never names a read-only tag.
 
-    A job that renames a key and also sets that same key is not idempotent: the next run finds
-    the new key taken with another value (``rename_conflict``).
+    The job file (worker.spec) rejects the rename combinations that are ambiguous and not
+    idempotent: chains and swaps (a key both renamed and a new name), several keys renamed onto
+    one, and a rename whose keys are also set or removed. Were they to reach here, the rules
+    above still decide them deterministically, but a second run would change the image again
+    (e.g. after ``{c: a, b: c}`` moved ``b`` to ``c``, the next run moves ``c`` to ``a``).
 
 Fields (``set``: name, os_type, ssh_key, hw_firmware_type, hw_machine_type, is_baremetal)
     Sent when different from the image's value; a missing field counts as different.
