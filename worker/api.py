@@ -11,6 +11,11 @@ seam, ``Client._request``, which takes a rate-limiter slot, sends, and maps the 
 
 Bodies are parsed only as far as needed: an error body may be an HTML page from a proxy.
 The API key lives only in the session's Authorization header; no error message contains it.
+
+The limiter hears of every answer: a 429 (with the time its request was sent) lowers the
+rate, any other answer counts as accepted. After the first ``AuthFailed`` the client sends
+nothing more: every later call raises ``AuthFailed`` at once (the run stops, exit 4).
+``last_ok`` says when a request last got a 2xx (the pool's test for "the API is down").
 """
 
 from __future__ import annotations
@@ -48,9 +53,11 @@ _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}
 
 
 class Limiter(Protocol):
+    """What the client needs of a rate limiter (``worker.limiter.AdaptiveLimiter``)."""
+
     async def acquire(self) -> None: ...
     def success(self) -> None: ...
-    def throttled(self) -> None: ...
+    def throttled(self, sent_at: float | None = None) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,16 +139,21 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def _message(status: int, body: bytes, content_type: str) -> str:
-    if "json" in content_type:
-        try:
-            data = json.loads(body)
-        except ValueError:
-            data = None
-        if isinstance(data, dict):
-            for key in ("message", "detail", "error", "errors"):
-                if data.get(key):
-                    return str(data[key])[:500]
+def _json_object(body: bytes, content_type: str) -> dict[str, Any] | None:
+    if "json" not in content_type:
+        return None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _message(status: int, body: bytes, content_type: str, data: dict[str, Any] | None) -> str:
+    if data is not None:
+        for key in ("message", "detail", "error", "errors"):
+            if data.get(key):
+                return str(data[key])[:500]
     snippet = body[:200].decode("utf-8", "replace").strip()
     if content_type.startswith("text/html") or snippet.startswith("<"):
         return f"HTTP {status} with a {content_type or 'non-JSON'} body"
@@ -149,15 +161,23 @@ def _message(status: int, body: bytes, content_type: str) -> str:
 
 
 def classify(status: int, body: bytes, headers: Mapping[str, str], *, write: bool) -> ApiError:
-    """The typed error for a non-2xx answer (the one table of what each status means)."""
-    msg = _message(status, body, headers.get("Content-Type", ""))
+    """The typed error for a non-2xx answer (the one table of what each status means).
+
+    ``write``: the request was a PATCH (a 403 then refuses that image, not the key).
+    """
+    content_type = headers.get("Content-Type", "")
+    data = _json_object(body, content_type)
+    msg = _message(status, body, content_type, data)
     if status == 401 or (status == 403 and not write):
         return AuthFailed(msg, status=status)
     if status == 404:
         return NotFound(msg, status=status)
     if status == 409:
-        found = _UUID.search(msg)
-        return Locked(msg, status=status, task_id=found.group(0) if found else None)
+        task_id = data.get("task_id") if data is not None else None
+        if not isinstance(task_id, str) or not task_id:
+            found = _UUID.search(msg)
+            task_id = found.group(0) if found else None
+        return Locked(msg, status=status, task_id=task_id)
     if status == 429:
         return RateLimited(msg, status=status, retry_after=retry_after_seconds(headers))
     if status == 408 or status >= 500:
@@ -179,6 +199,10 @@ class Client:
         self.counts = RequestCounts()
         #: called with each answered request's latency in milliseconds
         self.observe_latency: Callable[[float], None] | None = None
+        #: ``time.monotonic()`` when the last 2xx answer's request was sent (None: never)
+        self.last_ok: float | None = None
+        #: set by the first AuthFailed: from then on nothing more is sent
+        self.refused: AuthFailed | None = None
 
     def limiter_rate(self) -> float:
         """The limiter's current rate (requests/s), for the summary."""
@@ -216,7 +240,11 @@ class Client:
     async def _request(
         self, method: str, kind: str, path: str, *, params: Any = None, body: Any = None
     ) -> Any:
+        if self.refused is not None:
+            raise self._refusal()
         await self.limiter.acquire()
+        if self.refused is not None:  # refused while this one waited for its slot
+            raise self._refusal()
         self.counts.by_kind[kind] += 1
         write = method != "GET"
         sent = time.monotonic()
@@ -235,8 +263,11 @@ class Client:
                     self.observe_latency((time.monotonic() - sent) * 1000)
                 if 200 <= status < 300:
                     self.limiter.success()
+                    self.last_ok = sent
                     return json.loads(raw) if raw else None
                 error = classify(status, raw, resp.headers, write=write)
+                if status != 429:
+                    self.limiter.success()  # answered: the rate was accepted
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             self.counts.transient += 1
             raise Transient(f"{type(exc).__name__}: connection lost or timed out") from None
@@ -245,10 +276,16 @@ class Client:
             raise Transient("the answer was not valid JSON", status=200) from None
         if isinstance(error, RateLimited):
             self.counts.rate_limited += 1
-            self.limiter.throttled()
+            self.limiter.throttled(sent)
         elif isinstance(error, Transient):
             self.counts.transient += 1
+        elif isinstance(error, AuthFailed):
+            self.refused = error
         raise error
+
+    def _refusal(self) -> AuthFailed:
+        assert self.refused is not None
+        return AuthFailed(self.refused.message, status=self.refused.status)
 
     # -- reads -----------------------------------------------------------------------------
     async def list_projects(self) -> list[dict[str, Any]]:

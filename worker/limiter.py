@@ -2,19 +2,30 @@
 
 Two parts, so the arithmetic is tested without sleeping:
 
-- ``RateController``: pure arithmetic over an injectable clock. With a known ceiling
-  (``--rate``) it starts just under it and never goes above; a 429 still lowers it. With no
-  ceiling it starts modest and doubles every ``step_s`` while demand exceeds it (slow start);
-  the first 429 ends slow start, cutting the rate to what the API accepted in the last second
-  (at most half the rate). After that, each 429 epoch multiplies the rate by ``decrease`` and
-  the rate climbs back additively (``increase_per_s`` of itself each second) while saturated.
-- ``AdaptiveLimiter``: one ``aiolimiter.AsyncLimiter`` with a small bucket (``burst_s`` of the
-  rate: 5 ms, no start-up burst), re-tuned in place when the controller moves. Every HTTP
-  attempt, retries and task polls included, takes one slot.
+- ``RateController``: pure arithmetic over an injectable clock (AIMD, as TCP does it).
 
-Why the ceiling is scaled down by 1.5%: a leaky bucket admits its capacity on top of its rate
-in any window, and loopback jitter bunches arrivals; 98.5% keeps every one-second window the
-server sees at or below the ceiling while staying above the 98% we promise.
+  * With a known ceiling (``--rate``) it starts at the ceiling's share (see below) and never
+    goes above it.
+  * With none it starts at ``start`` and doubles every ``step_s`` while demand exceeds it
+    (slow start). The first 429 ends slow start: the rate drops to what the API accepted in
+    the last second, and at most to half the rate that drew the 429.
+  * After that a 429 lowers the rate at most once per ``epoch_s`` (the answers to requests
+    sent before a cut must not cut again): to ``decrease`` times the rate, and no higher than
+    what the API accepted during the last epoch (once the server's own burst is spent that is
+    its limit). Then the rate climbs back additively while demand exceeds it: by
+    ``increase_per_s`` of the rate it had before the cut, each second, so it is back there in
+    ``(1 - decrease) / increase_per_s`` seconds whatever the scale.
+  * A 429 counts as a signal only when 429s are more than ``noise_share`` of the last
+    second's answers: a stray 429 among hundreds of accepted requests (a proxy hiccup) does
+    not halve a run's speed; the target's own retry still honours its Retry-After.
+
+- ``AdaptiveLimiter``: one ``aiolimiter.AsyncLimiter`` with a small bucket (``burst_s`` of the
+  rate, at least one request; no start-up burst), re-tuned in place when the controller moves.
+  Every HTTP attempt, retries and task polls included, takes one slot.
+
+Why a known ceiling is run at 98.5% of itself: a leaky bucket admits its capacity on top of its
+rate in any window, and loopback jitter bunches arrivals; the margin keeps every one-second
+window the server sees at or below the ceiling.
 """
 
 from __future__ import annotations
@@ -28,10 +39,15 @@ Clock = Callable[[], float]
 
 #: A known ceiling is run at this share of itself (see the module docstring).
 CEILING_SHARE = 0.985
+_BINS = 10  # the last second, in 100 ms bins
+_BIN_S = 1.0 / _BINS
+_SLOW_START_WINDOW_S = 0.2
+_EPISODE_GAP_S = 1.0  # cuts closer than this belong to one congestion episode
 
 
 class RateController:
-    """Where the rate should be, from what the API answered. Rates are requests per second."""
+    """Where the rate should be, from what the API answered. Rates are requests per second,
+    times in seconds of ``clock``."""
 
     def __init__(
         self,
@@ -42,69 +58,123 @@ class RateController:
         maximum: float = 20_000.0,
         step_s: float = 0.05,
         decrease: float = 0.85,
-        increase_per_s: float = 0.03,
-        epoch_s: float = 0.5,
+        increase_per_s: float = 0.08,
+        epoch_s: float = 0.25,
+        noise_share: float = 0.02,
+        noise_count: int = 3,
         clock: Clock = time.monotonic,
     ) -> None:
         if ceiling is not None and ceiling <= 0:
             raise ValueError(f"ceiling must be > 0 requests/s, got {ceiling!r}")
         if not 0 < decrease < 1:
             raise ValueError(f"decrease must be between 0 and 1, got {decrease!r}")
+        if start <= 0 or floor <= 0 or maximum <= 0:
+            raise ValueError("start, floor and maximum must be > 0 requests/s")
+        if step_s <= 0 or epoch_s <= 0 or increase_per_s <= 0:
+            raise ValueError("step_s, epoch_s and increase_per_s must be > 0")
         self.clock = clock
         self.ceiling = ceiling
         self.maximum = ceiling * CEILING_SHARE if ceiling is not None else maximum
         self.floor = min(floor, self.maximum)
         self.slow_start = ceiling is None
-        self.rate = self.maximum if ceiling is not None else min(start, self.maximum)
+        self.rate = self.maximum if ceiling is not None else max(self.floor, min(start, maximum))
         self.step_s = step_s
         self.decrease = decrease
         self.increase_per_s = increase_per_s
         self.epoch_s = epoch_s
+        self.noise_share = noise_share
+        self.noise_count = noise_count
         now = clock()
+        self._started = now
         self._last_step = now
-        self._last_decrease = -1e9
+        self._last_decrease: float | None = None
         self._saturated = False
-        # successes in the last second, in ten 100 ms bins (for the slow-start exit)
-        self._bins = [0] * 10
-        self._bin_at = int(now * 10)
+        # additive increase: requests/s gained per second (set by each cut)
+        self._slope = increase_per_s * self.rate
+        # answers in the last second, in 100 ms bins: accepted (not 429) and throttled (429)
+        self._ok = [0] * _BINS
+        self._no = [0] * _BINS
+        self._bin_at = int(now / _BIN_S)
+        self._top = self.rate  # the rate the current congestion episode interrupted
+        #: 429s seen, and how many of them lowered the rate
         self.throttled = 0
+        self.decreases = 0
 
-    def _roll(self, now: float) -> None:
-        slot = int(now * 10)
+    # -- the last second's answers ----------------------------------------------------------
+    def _roll(self, now: float) -> int:
+        slot = int(now / _BIN_S)
         gap = slot - self._bin_at
         if gap > 0:
-            for i in range(1, min(gap, 10) + 1):
-                self._bins[(self._bin_at + i) % 10] = 0
+            ok, no = self._ok, self._no
+            for i in range(1, min(gap, _BINS) + 1):
+                j = (self._bin_at + i) % _BINS
+                ok[j] = no[j] = 0
             self._bin_at = slot
+        return slot % _BINS
 
     def accepted_last_second(self) -> int:
+        """Answers other than 429 in the last second."""
         self._roll(self.clock())
-        return sum(self._bins)
+        return sum(self._ok)
 
+    def _accepted_rate(self, now: float, span_s: float) -> float:
+        """Accepted answers per second over the last ``span_s`` (whole bins, up to a second),
+        counting only time since the controller started."""
+        current = self._roll(now)
+        bins = max(1, min(_BINS, round(span_s / _BIN_S)))
+        total = sum(self._ok[(current - i) % _BINS] for i in range(bins))
+        # the current bin is only partly over: count the time it has run, not all of it
+        covered = (bins - 1) * _BIN_S + (now - self._bin_at * _BIN_S)
+        return total / max(_BIN_S, min(covered, now - self._started))
+
+    # -- signals ------------------------------------------------------------------------------
     def on_wait(self) -> None:
         """Demand exceeded the rate: an acquisition had to wait."""
         self._saturated = True
 
     def on_success(self) -> None:
-        now = self.clock()
-        self._roll(now)
-        self._bins[self._bin_at % 10] += 1
+        """The API answered, other than with a 429 (it accepted the request's rate)."""
+        self._ok[self._roll(self.clock())] += 1
 
-    def on_throttled(self) -> bool:
-        """A 429 came back. Returns True when the rate was lowered (once per epoch)."""
+    def on_throttled(self, sent_at: float | None = None) -> bool:
+        """A 429 came back to a request sent at ``sent_at`` (the clock's time; None: unknown).
+
+        Returns True when that lowered the rate. One cut per congestion epoch: a 429 to a
+        request sent before the last cut says nothing new (it was sent at the old rate), so
+        it cuts again only when sent after that cut, or (``sent_at`` unknown) ``epoch_s``
+        after it.
+        """
         self.throttled += 1
         now = self.clock()
-        if now - self._last_decrease < self.epoch_s:
+        current = self._roll(now)
+        self._no[current] += 1
+        last = self._last_decrease
+        if last is not None and (
+            now - last < self.epoch_s or (sent_at is not None and sent_at < last)
+        ):
             return False
-        self._last_decrease = now
+        throttled = sum(self._no)
+        if throttled < self.noise_count or throttled <= self.noise_share * (
+            throttled + sum(self._ok)
+        ):
+            return False  # a stray 429, not a limit
+        rate = self.rate
+        if last is None or now - last > _EPISODE_GAP_S:
+            self._top = rate  # a new congestion episode: the rate it interrupted
         if self.slow_start:
             self.slow_start = False
-            accepted = self.accepted_last_second()
-            target = min(self.rate / 2, accepted * 0.9) if accepted else self.rate / 2
+            # the server's own burst may have hidden the limit: take what it accepted in the
+            # last second as a whole (not divided by a shorter life), and half the rate at most
+            target = min(rate / 2, self.decrease * sum(self._ok) or rate / 2)
+            self._top = target / self.decrease
         else:
-            target = self.rate * self.decrease
-        self.rate = max(self.floor, target)
+            target = rate * self.decrease
+        self.rate = max(self.floor, min(self.maximum, target))
+        # climb back to where the episode began in (1 - decrease) / increase_per_s seconds
+        self._slope = self.increase_per_s * max(self._top, self.rate)
+        self._last_decrease = now
         self._last_step = now
+        self.decreases += 1
         return True
 
     def tick(self) -> bool:
@@ -117,17 +187,28 @@ class RateController:
         saturated, self._saturated = self._saturated, False
         if not saturated or self.rate >= self.maximum:
             return False
+        # an idle spell earns nothing: credit at most a few steps of climbing
+        elapsed = min(elapsed, 4 * self.step_s)
         if self.slow_start:
-            self.rate = min(self.maximum, self.rate * 2)
+            # double, but no faster than the answers come back: twice the rate the API has
+            # been answering at, so a slow API (long round trips) is not flooded before its
+            # first 429 can arrive (TCP's slow start grows by acknowledgements the same way)
+            answered = self._accepted_rate(now, _SLOW_START_WINDOW_S)
+            grown = min(self.rate * 2, self.maximum, 2 * answered)
+            if grown <= self.rate:
+                return False
+            self.rate = grown
         else:
-            self.rate = min(self.maximum, self.rate * (1 + self.increase_per_s * elapsed))
+            self.rate = min(self.maximum, self.rate + self._slope * elapsed)
         return True
 
 
 class AdaptiveLimiter:
     """One slot per HTTP attempt, at the controller's rate. Safe for many concurrent tasks."""
 
-    def __init__(self, controller: RateController, *, burst_s: float = 0.005) -> None:
+    def __init__(self, controller: RateController, *, burst_s: float = 0.015) -> None:
+        if burst_s <= 0:
+            raise ValueError(f"burst_s must be > 0 seconds, got {burst_s!r}")
         self.controller = controller
         self.burst_s = burst_s
         self._limiter = AsyncLimiter(*self._shape(controller.rate))
@@ -141,10 +222,17 @@ class AdaptiveLimiter:
     def rate(self) -> float:
         return self.controller.rate
 
+    @property
+    def shape(self) -> tuple[float, float]:
+        """The aiolimiter's (max_rate, time_period) now: capacity and its period."""
+        return self._limiter.max_rate, self._limiter.time_period
+
     def _retune(self) -> None:
+        # aiolimiter has no public setter: settle the level at the old rate, then change the
+        # three numbers it derives everything from, and let a waiter re-check its wake-up time
         lim = self._limiter
         capacity, period = self._shape(self.controller.rate)
-        lim._leak()  # settle the level at the old rate before changing it
+        lim._leak()
         lim.max_rate = capacity
         lim.time_period = period
         lim._rate_per_sec = capacity / period
@@ -163,8 +251,9 @@ class AdaptiveLimiter:
     def success(self) -> None:
         self.controller.on_success()
 
-    def throttled(self) -> None:
-        if self.controller.on_throttled():
+    def throttled(self, sent_at: float | None = None) -> None:
+        """A 429 came back; ``sent_at``: when its request was sent (``time.monotonic``)."""
+        if self.controller.on_throttled(sent_at):
             self._retune()
 
 
@@ -179,5 +268,5 @@ class NoLimiter:
     def success(self) -> None:
         return None
 
-    def throttled(self) -> None:
+    def throttled(self, sent_at: float | None = None) -> None:
         return None

@@ -5,22 +5,30 @@ as exactly one outcome (data, handed to ``sink``), never an exception.
   ``worker.retry`` (one table of what is retried).
 - A target whose image is locked by a task (``Locked``: 409, or a ``task_id`` seen when it was
   read) is parked: a task of its own polls the lock's task with backoff, without holding a
-  worker slot, then reads the image again, plans again against what the task left, and goes
-  back in the queue. Past ``lock_timeout_s`` it ends ``failed`` / ``lock_timeout``.
+  worker slot, then the target goes back in the queue to be read again, planned again against
+  what the task left, and sent. Past ``lock_timeout_s`` it ends ``failed`` / ``lock_timeout``.
 - A target flagged ``reread`` (a resumed run) is read and planned again before it is sent.
-- ``AuthFailed`` stops the whole pool at once (nothing more is sent); it is re-raised by ``run``.
-- ``stop()`` (a signal) stops taking targets; in-flight ones finish (the caller bounds that by
-  its grace period and then cancels ``run``). Targets never taken keep no outcome: they stay
-  pending in the journal for ``--resume``.
+- ``AuthFailed`` stops the whole pool at once (the client sends nothing more); ``run``
+  re-raises it. So does a retryable error that outlived its budget while the API answered
+  nothing at all with a 2xx: the API is unreachable, the run stops (exit 75) and the target
+  stays pending for ``--resume``, instead of every target failing one by one.
+- ``stop()`` (a signal) stops taking targets, cuts retry waits and lock waits short; requests
+  in flight finish and keep their outcome (the caller bounds that by its grace period, then
+  cancels ``run``). Targets without an outcome stay pending in the journal for ``--resume``.
+
+Outcome reasons set here: ``not_found``, ``rejected`` (400/403/422...), ``lock_timeout``,
+``not_applied`` (the PATCH succeeded but a read shows otherwise), ``rate_limited``,
+``server_error`` and ``unreachable`` (429s, 408/5xx, or no answer, past the retry budget),
+``internal_error`` (a bug: logged with its traceback, the run goes on).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from worker import retry
 from worker.api import Client
@@ -42,12 +50,17 @@ log = get_logger("bulk_tagger.pool")
 
 _TASK_DONE = frozenset({"FINISHED", "ERROR"})
 
+T = TypeVar("T")
 Sink = Callable[[int, Outcome], None]
 
 
 @dataclass(frozen=True, slots=True)
 class PoolSettings:
-    """How the pool works. Seconds."""
+    """How the pool works. Seconds.
+
+    ``lock_poll_s`` is the first wait before a locked image's task is polled; waits double
+    up to ``lock_poll_max_s``. ``partial`` plans with ``on_read_only: partial``.
+    """
 
     concurrency: int = 16
     retry: retry.RetryPolicy = field(default_factory=retry.RetryPolicy)
@@ -59,14 +72,17 @@ class PoolSettings:
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
-        if self.lock_timeout_s <= 0 or self.lock_poll_s <= 0:
-            raise ValueError("lock timeout and poll interval must be > 0 seconds")
+        if self.lock_timeout_s <= 0 or self.lock_poll_s <= 0 or self.lock_poll_max_s <= 0:
+            raise ValueError("lock timeout and poll intervals must be > 0 seconds")
 
 
 @dataclass(slots=True)
 class PoolStats:
+    """Counters of a pool's life; ``in_flight``: targets a worker holds now."""
+
     retries: int = 0
     lock_waits: int = 0
+    parked: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
 
@@ -74,7 +90,7 @@ class PoolStats:
 @dataclass(slots=True)
 class _Work:
     item: Pending
-    started: float
+    started: float = 0.0
     attempts: int = 0
     lock_wait_s: float = 0.0
     reread: bool = False
@@ -82,7 +98,17 @@ class _Work:
     lock_since: float | None = None
 
 
+class _ApiDown(Exception):
+    """A retryable error outlived its budget and the API answered nothing meanwhile."""
+
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 class Pool:
+    """``await Pool(client, settings, ctx, sink).run(items)`` sends every item."""
+
     def __init__(
         self,
         client: Client,
@@ -100,21 +126,30 @@ class Pool:
         self.stats = PoolStats()
         self._queue: asyncio.Queue[_Work | None] = asyncio.Queue(maxsize=settings.concurrency * 2)
         self._parked: set[asyncio.Task[None]] = set()
-        self._stopping = asyncio.Event()
+        self._sleepers: set[asyncio.Task[Any]] = set()
+        self._stopping = False
         self._fatal: BaseException | None = None
         self._feeder: asyncio.Task[None] | None = None
+        # targets taken from ``items`` that have no outcome yet; ``_drained`` is set when
+        # the feed is over and that count is zero
+        self._open = 0
+        self._fed_all = False
+        self._drained = asyncio.Event()
 
     # -- control ------------------------------------------------------------------------------
     def stop(self) -> None:
-        """Take no more targets; parked ones are dropped (they stay pending)."""
-        if self._stopping.is_set():
+        """Take no more targets; cut retry and lock waits short (those targets stay pending).
+
+        Requests in flight finish and keep their outcome. Safe to call more than once.
+        """
+        if self._stopping:
             return
-        self._stopping.set()
-        for task in list(self._parked):
+        self._stopping = True
+        for task in [*self._parked, *self._sleepers]:
             task.cancel()
         if self._feeder is not None:
             self._feeder.cancel()
-        # workers finish what they hold, then find a None: drop what waits in the queue
+        # drop what waits in the queue, then wake every idle worker
         while True:
             try:
                 self._queue.get_nowait()
@@ -125,17 +160,24 @@ class Pool:
 
     @property
     def stopping(self) -> bool:
-        return self._stopping.is_set()
+        return self._stopping
+
+    def _abort(self, exc: BaseException) -> None:
+        self._fatal = self._fatal or exc
+        self.stop()
 
     async def run(self, items: Iterable[Pending], *, reread: bool = False) -> None:
-        """Send every item; returns when all have an outcome, or after stop()."""
+        """Send every item; returns when all have an outcome, or after ``stop()``.
+
+        Raises ``AuthFailed`` (or the ``ApiError`` of an unreachable API) that stopped it.
+        """
         workers = [
             asyncio.create_task(self._worker(), name=f"pool-worker-{i}")
             for i in range(self.settings.concurrency)
         ]
         feeder = self._feeder = asyncio.create_task(self._feed(items, reread), name="pool-feeder")
         try:
-            await self._supervise(workers)
+            await self._supervise([*workers, feeder])
         finally:
             for task in [*workers, feeder, *self._parked]:
                 task.cancel()
@@ -143,40 +185,47 @@ class Pool:
         if self._fatal is not None:
             raise self._fatal
 
-    async def _supervise(self, workers: list[asyncio.Task[None]]) -> None:
-        pending: set[asyncio.Task[None]] = set(workers)
-        while pending:
+    async def _supervise(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Until every worker has returned; a task that died of an error (a bug outside any
+        one target, or the items' source failing) stops the run with that error."""
+        pending: set[asyncio.Task[None]] = set(tasks)
+        workers = set(tasks[:-1])
+        while pending & workers:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 exc = None if task.cancelled() else task.exception()
                 if exc is not None:
-                    self._fatal = self._fatal or exc
-                    self.stop()
+                    self._abort(exc)
                     return
 
     async def _feed(self, items: Iterable[Pending], reread: bool) -> None:
         queue = self._queue
-        now = time.monotonic
         for item in items:
-            if self.stopping:
-                break
-            await queue.put(
-                _Work(item, now(), reread=reread, lock_task=item.lock_task,
-                      lock_since=now() if item.lock_task else None)
-            )
-        # parked targets come back through the queue: wait for them before closing it
-        while self._parked and not self.stopping:
-            await asyncio.wait(set(self._parked))
+            if self._stopping:
+                return
+            self._open += 1
+            work = _Work(item, reread=reread)
+            if item.lock_task:
+                work.lock_task = item.lock_task
+            await queue.put(work)
+        self._fed_all = True
+        if self._open == 0:
+            self._drained.set()
+        # parked targets come back through the queue: close it only when every target ended
+        await self._drained.wait()
         for _ in range(self.settings.concurrency):
             await queue.put(None)
 
     async def _worker(self) -> None:
         queue = self._queue
         stats = self.stats
+        now = time.monotonic
         while True:
             work = await queue.get()
-            if work is None or self.stopping:
+            if work is None or self._stopping:
                 return
+            if not work.started:
+                work.started = now()
             stats.in_flight += 1
             stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
             try:
@@ -189,6 +238,9 @@ class Pool:
         self.sink(work.item.seq, outcome)
         if self.observe is not None:
             self.observe(outcome)
+        self._open -= 1
+        if self._open == 0 and self._fed_all:
+            self._drained.set()
 
     def _outcome(self, work: _Work, status: str, **fields: Any) -> Outcome:
         item = work.item
@@ -206,55 +258,74 @@ class Pool:
             **fields,
         )
 
+    def _fail(self, work: _Work, exc: ApiError) -> None:
+        self._emit(work, self._outcome(work, "failed", reason=_reason(exc),
+                                       http_status=exc.status, error=exc.message))
+
     def _on_retry(self, exc: BaseException, delay: float) -> None:
         self.stats.retries += 1
         log.debug("target.retry_scheduled", error=type(exc).__name__, delay_s=round(delay, 3))
 
-    async def _call(self, work: _Work, fn: Callable[[], Any]) -> Any:
-        def counted() -> Any:
+    async def _sleep(self, delay: float) -> None:
+        """A retry's wait, which ``stop()`` cuts short (by cancelling the waiting task)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._sleepers.add(task)
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            self._sleepers.discard(task)
+
+    async def _call(self, work: _Work, fn: Callable[[], Awaitable[T]]) -> T:
+        def counted() -> Awaitable[T]:
             work.attempts += 1
             return fn()
 
-        result, _ = await retry.call(counted, self.settings.retry, on_retry=self._on_retry)
+        since = time.monotonic()
+        try:
+            result, _ = await retry.call(
+                counted, self.settings.retry, on_retry=self._on_retry, sleep=self._sleep
+            )
+        except ApiError as exc:
+            if exc.retryable:
+                last_ok = self.client.last_ok
+                if last_ok is None or last_ok < since:
+                    raise _ApiDown(exc) from exc
+            raise
         return result
 
     async def _process(self, work: _Work) -> None:
         try:
             if (work.lock_task is None and not work.reread) or await self._refresh(work):
                 await self._send(work)
-        except AuthFailed:
-            raise
         except Locked as exc:
             self._park(work, exc.task_id)
-        except NotFound as exc:
-            self._emit(work, self._outcome(work, "failed", reason="not_found",
-                                           http_status=exc.status, error=exc.message))
-        except Rejected as exc:
-            self._emit(work, self._outcome(work, "failed", reason="rejected",
-                                           http_status=exc.status, error=exc.message))
-        except (RateLimited, ApiError) as exc:  # retryable, past its budget
-            reason = "rate_limited" if isinstance(exc, RateLimited) else "unreachable"
-            self._emit(work, self._outcome(work, "failed", reason=reason,
-                                           http_status=exc.status, error=exc.message))
+        except AuthFailed as exc:
+            self._abort(exc)
+        except ApiError as exc:  # not found, rejected, or retryable past its budget
+            self._fail(work, exc)
+        except _ApiDown as down:
+            log.error("run.api_unreachable", error=down.error.message, status=down.error.status)
+            self._abort(down.error)
         except BulkTaggerError:
             raise
+        except Exception as exc:  # a bug: this target fails, the run goes on
+            log.exception("target.internal_error", image_id=work.item.image_id)
+            self._emit(work, self._outcome(work, "failed", reason="internal_error",
+                                           error=f"{type(exc).__name__}: {exc}"))
 
     async def _send(self, work: _Work) -> None:
         item = work.item
         patch = item.patch or {}
         client = self.client
-        image: Image = await self._call(
-            work,
-            lambda: client.patch_image(item.project_id, item.region_id, item.image_id, patch),
-        )
+        p, r, image_id = item.project_id, item.region_id, item.image_id
+        image: Image = await self._call(work, lambda: client.patch_image(p, r, image_id, patch))
         state = image.state()
         if shows(state, patch):
             self._emit(work, self._outcome(work, "updated", after=state, http_status=200))
             return
         # the answer does not show the change: read again before saying anything
-        image = await self._call(
-            work, lambda: client.get_image(item.project_id, item.region_id, item.image_id)
-        )
+        image = await self._call(work, lambda: client.get_image(p, r, image_id))
         state = image.state()
         if shows(state, patch):
             self._emit(work, self._outcome(work, "updated", reason="verified_by_read",
@@ -294,12 +365,14 @@ class Pool:
 
     # -- task locks ---------------------------------------------------------------------------
     def _park(self, work: _Work, task_id: str | None) -> None:
-        if self.stopping:
+        """Wait for the lock in a task of its own: the worker slot is free at once."""
+        if self._stopping:
             return
         if work.lock_since is None:
             work.lock_since = time.monotonic()
             self.stats.lock_waits += 1
         work.lock_task = task_id
+        self.stats.parked += 1
         task = asyncio.create_task(self._wait_lock(work))
         self._parked.add(task)
         task.add_done_callback(self._parked.discard)
@@ -335,8 +408,21 @@ class Pool:
             work.reread = True
             await self._queue.put(work)
         except AuthFailed as exc:
-            self._fatal = self._fatal or exc
-            self.stop()
+            self._abort(exc)
+        except _ApiDown as down:
+            self._abort(down.error)
         except ApiError as exc:
-            self._emit(work, self._outcome(work, "failed", reason="unreachable",
-                                           http_status=exc.status, error=exc.message))
+            self._fail(work, exc)
+
+
+def _reason(exc: ApiError) -> str:
+    """The outcome reason of an error that ends a target."""
+    if isinstance(exc, NotFound):
+        return "not_found"
+    if isinstance(exc, Rejected):
+        return "rejected"
+    if isinstance(exc, RateLimited):
+        return "rate_limited"
+    if isinstance(exc, Locked):
+        return "lock_timeout"
+    return "server_error" if exc.status else "unreachable"

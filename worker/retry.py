@@ -9,6 +9,11 @@ The first attempt is made directly; only a failed one builds a tenacity ``AsyncR
 two thirds of the client stack's overhead (PITFALLS.md). Waits are exponential with full
 jitter, ``base_s`` doubling up to ``max_wait_s``; a 429's Retry-After is a floor under the
 wait. ``stop_before_delay`` bounds the whole by ``budget_s`` without overrunning it.
+
+Waits go through ``sleep`` (``asyncio.sleep`` unless the caller passes its own, e.g. one the
+pool can cut short on SIGTERM). Cancelling the calling task during a wait or an attempt raises
+``asyncio.CancelledError`` out of ``call`` at once: it is never retried nor turned into an
+outcome.
 """
 
 from __future__ import annotations
@@ -33,10 +38,12 @@ from worker.errors import ApiError, RateLimited
 
 T = TypeVar("T")
 
+Sleep = Callable[[float], Awaitable[None]]
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Bounds of one call's retries. Seconds."""
+    """Bounds of one call's retries. Seconds; ``max_attempts`` counts the first one too."""
 
     budget_s: float = 600.0
     base_s: float = 0.5
@@ -46,6 +53,8 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.budget_s <= 0 or self.base_s <= 0 or self.max_wait_s <= 0:
             raise ValueError("retry budget, base and max wait must be > 0 seconds")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
 
     def wait(self, exc: BaseException | None, retry_number: int) -> float:
         """Full jitter over an exponential cap; Retry-After (if any) is the floor."""
@@ -57,6 +66,8 @@ class RetryPolicy:
 
 
 def is_retryable(exc: BaseException) -> bool:
+    """The table's verdict: True for Transient and RateLimited, False for all else (and
+    always False for ``asyncio.CancelledError``, which is not an ``ApiError``)."""
     return isinstance(exc, ApiError) and exc.retryable
 
 
@@ -65,13 +76,17 @@ async def call(
     policy: RetryPolicy,
     *,
     on_retry: Callable[[BaseException, float], None] | None = None,
+    sleep: Sleep = asyncio.sleep,
 ) -> tuple[T, int]:
-    """``fn()`` with retries; returns (result, attempts). The last error is let through."""
+    """``fn()`` with retries; returns (result, attempts). The last error is let through.
+
+    ``on_retry(error, delay_s)`` is called before each wait.
+    """
     started = time.monotonic()
     try:
         return await fn(), 1
     except ApiError as exc:
-        if not exc.retryable:
+        if not exc.retryable or policy.max_attempts <= 1:
             raise
         first: BaseException = exc
     delay = policy.wait(first, 1)
@@ -79,7 +94,7 @@ async def call(
         raise first
     if on_retry is not None:
         on_retry(first, delay)
-    await asyncio.sleep(delay)
+    await sleep(delay)
     remaining = policy.budget_s - (time.monotonic() - started)
     if remaining <= 0:
         raise first
@@ -96,10 +111,11 @@ async def call(
 
     attempts = 1
     retrying = AsyncRetrying(
-        stop=stop_any(stop_before_delay(remaining), stop_after_attempt(policy.max_attempts)),
+        stop=stop_any(stop_before_delay(remaining), stop_after_attempt(policy.max_attempts - 1)),
         wait=_wait,
         retry=retry_if_exception(is_retryable),
         before_sleep=_before_sleep,
+        sleep=sleep,
         reraise=True,
     )
     async for attempt in retrying:
