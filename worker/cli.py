@@ -66,6 +66,13 @@ def _api(fn: F) -> F:
         click.option("--resume-within", default="24h", show_default=True,
                      help="How old an unfinished run --resume may continue (e.g. 90m, 24h)."),
         click.option("--run-id", default=None, help="Name the run (or the run to resume)."),
+        # knobs for tests and benchmarks: how fast retries and task-lock polls go
+        click.option("--retry-base-seconds", type=click.FloatRange(min=0, min_open=True),
+                     default=0.5, hidden=True),
+        click.option("--retry-max-wait-seconds", type=click.FloatRange(min=0, min_open=True),
+                     default=30.0, hidden=True),
+        click.option("--lock-poll-seconds", type=click.FloatRange(min=0, min_open=True),
+                     default=1.0, hidden=True),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -150,7 +157,8 @@ def _settings(kw: dict[str, Any], *, simulate: bool = False) -> Any:
         rate=kw["rate"], run_id=kw["run_id"], resume=kw["resume"],
         resume_within=_duration(kw["resume_within"]), shard=_shard(kw.get("shard")),
         max_changes=kw.get("max_changes"), grace_s=kw["grace_seconds"],
-        pushgateway=kw["pushgateway"],
+        pushgateway=kw["pushgateway"], retry_base_s=kw["retry_base_seconds"],
+        retry_max_wait_s=kw["retry_max_wait_seconds"], lock_poll_s=kw["lock_poll_seconds"],
     )
 
 
