@@ -187,7 +187,9 @@ def test_env_defaults_missing_name_the_variable(tmp_path: Path) -> None:
 def test_env_defaults_come_from_os_environ(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GCORE_CLOUD_PROJECT_ID", "5")
     monkeypatch.setenv("GCORE_CLOUD_REGION_ID", "6")
-    path = write(tmp_path, "job.yaml", "name: x\ntargets: [{query: {}}]\nchanges: {remove_tags: [a]}\n")
+    path = write(
+        tmp_path, "job.yaml", "name: x\ntargets: [{query: {}}]\nchanges: {remove_tags: [a]}\n"
+    )
     target = load_job(path).targets[0]
     assert isinstance(target, QuerySelector)
     assert (target.query.projects, target.query.regions) == ([5], [6])
@@ -237,24 +239,57 @@ def test_yaml_anchors_and_merge_keys(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "line", "field", "fragment"),
     [
-        ("name: x\ntargets:\n  - query:\n      visiblity: private\n      projects: all\n      regions: all\n", 4,
-         "targets[0].query.visiblity", "did you mean 'visibility'"),
-        ("name: x\ntargets: [{query: {projects: all, regions: all}}]\n\n\nchanges:\n"
-         "  set_tags:\n    ok: 1\n", 7, "changes.set_tags.ok", 'quote it: "1"'),
-        ("name: x\ntargets: [{query: {projects: all, regions: all}}]\nchanges:\n  set: {}\n"
-         "options:\n  concurrency: 10\n  page_size: 5000\n", 7, "options.page_size", "at most"),
-        ("name: x\ntargets: [{query: {projects: all, regions: all}}]\nchanges:\n  set: {}\n", 3,
-         "changes", "nothing to do"),
-        ("name: x\ntargets:\n- file: a.csv\n- query: {projects: all, regions: [1, -2]}\n"
-         "changes: {set_tags: {a: b}}\n", 3, "targets[0].file", "not found"),
-        ("name: x\ntargets:\n- {query: {projects: all, regions: all}}\n"
-         "changes: {set_tags: {a: b}, remove_tags: [c, a]}\n", 4, "changes.remove_tags[1]",
-         "both set and removed"),
+        (
+            "name: x\ntargets:\n  - query:\n      visiblity: private\n"
+            "      projects: all\n      regions: all\n",
+            4,
+            "targets[0].query.visiblity",
+            "did you mean 'visibility'",
+        ),
+        (
+            "name: x\ntargets: [{query: {projects: all, regions: all}}]\n\n\nchanges:\n"
+            "  set_tags:\n    ok: 1\n",
+            7,
+            "changes.set_tags.ok",
+            'quote it: "1"',
+        ),
+        (
+            "name: x\ntargets: [{query: {projects: all, regions: all}}]\nchanges:\n  set: {}\n"
+            "options:\n  concurrency: 10\n  page_size: 5000\n",
+            7,
+            "options.page_size",
+            "at most",
+        ),
+        (
+            "name: x\ntargets: [{query: {projects: all, regions: all}}]\nchanges:\n  set: {}\n",
+            3,
+            "changes",
+            "nothing to do",
+        ),
+        (
+            "name: x\ntargets:\n- file: a.csv\n- query: {projects: all, regions: [1, -2]}\n"
+            "changes: {set_tags: {a: b}}\n",
+            3,
+            "targets[0].file",
+            "not found",
+        ),
+        (
+            "name: x\ntargets:\n- {query: {projects: all, regions: all}}\n"
+            "changes: {set_tags: {a: b}, remove_tags: [c, a]}\n",
+            4,
+            "changes.remove_tags[1]",
+            "both set and removed",
+        ),
         ("name: x\nname: y\n", 2, None, "duplicate key"),
         ("name: x\ntargets: [\n", 3, None, "YAML syntax error"),
         ("name: x\n\ttargets: []\n", 2, None, "tabs"),
-        ("concurrency: 3\nname: x\ntargets: [{query: {projects: all, regions: all}}]\n"
-         "changes: {set_tags: {a: b}}\n", 1, "concurrency", "belongs under options"),
+        (
+            "concurrency: 3\nname: x\ntargets: [{query: {projects: all, regions: all}}]\n"
+            "changes: {set_tags: {a: b}}\n",
+            1,
+            "concurrency",
+            "belongs under options",
+        ),
     ],
 )
 def test_yaml_errors_name_line_and_field(
@@ -276,7 +311,7 @@ def test_json_errors_name_line_and_field(tmp_path: Path) -> None:
     bad = text.replace('"regions": "all"', '"regions": "all",\n        "visibility": "secret"')
     err = job_error(write(tmp_path, "job.json", bad))
     assert (err.field, err.line) == ("targets[0].query.visibility", 8), str(err)
-    assert "private, public or shared" in err.message
+    assert "private, public, shared" in err.message
     broken = text.replace('"b"', '"b"\n,,')
     err = job_error(write(tmp_path, "job.json", broken))
     assert err.line == broken.splitlines().index(",,") + 1 and "JSON syntax error" in err.message
@@ -317,8 +352,9 @@ def test_query_server_params_and_matches(full: Path) -> None:
     ]
 
     def image(name: str, **tags: str) -> Image:
-        return Image.from_api({"id": "i", "name": name, "tags": dict(tags)}, project_id=1,
-                              region_id=2)
+        return Image.from_api(
+            {"id": "i", "name": name, "tags": dict(tags)}, project_id=1, region_id=2
+        )
 
     assert q.matches(image("ubuntu-22-v3", env="prod", team="core"))
     assert not q.matches(image("debian-22-v3", env="prod", team="core"))  # glob
@@ -359,10 +395,18 @@ def test_templates() -> None:
 # Rows
 
 
-def rows_of(tmp_path: Path, name: str, text: str, *, changes: str = "{set_tags: {job: yes}}",
-            env: dict[str, str] | None = None) -> list[Row]:
+def rows_of(
+    tmp_path: Path,
+    name: str,
+    text: str,
+    *,
+    changes: str = "{set_tags: {job: yes}}",
+    env: dict[str, str] | None = None,
+) -> list[Row]:
     write(tmp_path, name, text)
-    path = write(tmp_path, "job.yaml", f"name: rows\ntargets: [{{file: {name}}}]\nchanges: {changes}\n")
+    path = write(
+        tmp_path, "job.yaml", f"name: rows\ntargets: [{{file: {name}}}]\nchanges: {changes}\n"
+    )
     job = load_job(path, env=NO_ENV)
     selector = job.file_selectors[0]
     return list(iter_rows(job, selector, env=NO_ENV if env is None else env))
@@ -410,7 +454,7 @@ def test_csv_ids_from_env(tmp_path: Path) -> None:
         ("project_id,region_id,image\n", 1, "image", "did you mean 'image_id'"),
         ("project_id,region_id,image_id\n1,2,a\n1.5,2,b\n", 3, "project_id", "whole number"),
         ("project_id,region_id,image_id\n1,2,\n", 2, "image_id", "empty"),
-        ('project_id,region_id,image_id,ssh_key\n1,2,"a\nb",\n', 2, "image_id", "characters"),
+        ('project_id,region_id,image_id,ssh_key\n1,2,"a\nb",\n', 2, "image_id", "not an image ID"),
         ("project_id,region_id,image_id,ssh_key\n1,2,a,maybe\n", 2, "ssh_key", "allow, deny"),
         ("project_id,region_id,image_id,tag:env\n1,2,a,pro d\n", 2, "tag:env", "whitespace"),
         ("project_id,region_id,image_id,tag:a=b\n", 1, "tag:a=b", "'='"),
@@ -435,8 +479,13 @@ def test_csv_errors(tmp_path: Path, text: str, line: int, field: str | None, fra
 def test_json_rows_list_and_lines(tmp_path: Path) -> None:
     rows = [
         {"project_id": 1, "region_id": 2, "image_id": "a", "set_tags": {"o": "x"}},
-        {"project_id": 1, "region_id": 3, "image_id": "b", "remove_tags": ["t"],
-         "set": {"ssh_key": "deny", "is_baremetal": True}},
+        {
+            "project_id": 1,
+            "region_id": 3,
+            "image_id": "b",
+            "remove_tags": ["t"],
+            "set": {"ssh_key": "deny", "is_baremetal": True},
+        },
         {"project_id": 4, "region_id": 5, "image_id": "c", "set_tags": {}, "set": None},
     ]
     text = "[\n" + ",\n\n".join(json.dumps(r) for r in rows) + "\n]\n"
@@ -458,32 +507,73 @@ def test_json_rows_list_and_lines(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "text", "line", "field", "fragment"),
     [
-        ("r.json", '[\n{"image_id": "a", "project_id": 1, "region_id": 2}\n{"image_id": "b"}]',
-         3, None, "expected ',' or ']'"),
-        ("r.json", '[\n  {"image_id": "a", "project_id": 1, "region_id": 2, "tags": {}}\n]',
-         2, "tags", "unknown key"),
+        (
+            "r.json",
+            '[\n{"image_id": "a", "project_id": 1, "region_id": 2}\n{"image_id": "b"}]',
+            3,
+            None,
+            "expected ',' or ']'",
+        ),
+        (
+            "r.json",
+            '[\n  {"image_id": "a", "project_id": 1, "region_id": 2, "tags": {}}\n]',
+            2,
+            "tags",
+            "unknown key",
+        ),
         ("r.json", '{"image_id": "a"}', 1, None, "list of row objects"),
         ("r.json", '[{"image_id": "a", "project_id": 1, "region_id": 2},]', 1, None, "comma"),
         ("r.json", '[{"image_id": "a", "project_id": 1, "region_id": 2}', 1, None, "not closed"),
         ("r.json", '[{"image_id": "a", "project_id": 1, "region_id": 2}] x', 1, None, "after"),
-        ("r.jsonl", '{"image_id": "a", "project_id": 1, "region_id": 2}\n\n{"image_id": "b", '
-         '"project_id": "1", "region_id": 2}\n', 3, "project_id", "positive whole number"),
-        ("r.jsonl", '{"image_id": "a", "project_id": 1, "region_id": 2, "set": {"os_type": '
-         '"macos"}}\n', 1, "set.os_type", "linux, windows"),
-        ("r.jsonl", '{"image_id": "a", "project_id": 1, "region_id": 2, "set_tags": {"k": 1}}',
-         1, "set_tags.k", "must be text"),
-        ("r.jsonl", '{"image_id": "a", "project_id": 1, "region_id": 2, "set": {"nam": "x"}}',
-         1, "set.nam", "did you mean 'name'"),
-        ("r.jsonl", '{"image_id": "a", "image_id": "b", "project_id": 1, "region_id": 2}', 1,
-         "image_id", "duplicate"),
+        (
+            "r.jsonl",
+            '{"image_id": "a", "project_id": 1, "region_id": 2}\n\n{"image_id": "b", '
+            '"project_id": "1", "region_id": 2}\n',
+            3,
+            "project_id",
+            "positive whole number",
+        ),
+        (
+            "r.jsonl",
+            '{"image_id": "a", "project_id": 1, "region_id": 2, "set": {"os_type": "macos"}}\n',
+            1,
+            "set.os_type",
+            "linux, windows",
+        ),
+        (
+            "r.jsonl",
+            '{"image_id": "a", "project_id": 1, "region_id": 2, "set_tags": {"k": 1}}',
+            1,
+            "set_tags.k",
+            "must be text",
+        ),
+        (
+            "r.jsonl",
+            '{"image_id": "a", "project_id": 1, "region_id": 2, "set": {"nam": "x"}}',
+            1,
+            "set.nam",
+            "did you mean 'name'",
+        ),
+        (
+            "r.jsonl",
+            '{"image_id": "a", "image_id": "b", "project_id": 1, "region_id": 2}',
+            1,
+            "image_id",
+            "duplicate",
+        ),
         ("r.jsonl", '{"image_id": "a", "project_id": 1}', 1, "region_id", "GCORE_CLOUD_REGION_ID"),
-        ("r.jsonl", '{"image_id": "a", "project_id": 1, "region_id": 2, "remove_tags": ["a b"]}',
-         1, "remove_tags[0]", "whitespace"),
+        (
+            "r.jsonl",
+            '{"image_id": "a", "project_id": 1, "region_id": 2, "remove_tags": ["a b"]}',
+            1,
+            "remove_tags[0]",
+            "whitespace",
+        ),
         ("r.jsonl", "\n\n", 1, None, "empty"),
         ("r.jsonl", '{"image_id": "a",\n', 1, None, "JSON syntax error"),
     ],
 )
-def test_json_row_errors(
+def test_json_row_errors(  # noqa: PLR0917
     tmp_path: Path, name: str, text: str, line: int, field: str | None, fragment: str
 ) -> None:
     with pytest.raises(JobError) as info:
@@ -592,9 +682,14 @@ def test_csv_and_jsonl_stream_in_flat_memory(tmp_path: Path) -> None:
         fh.write("project_id,region_id,image_id,tag:owner\n")
         fh.writelines(f"1,2,img-{i},o{i % 7}\n" for i in range(n))
     with (tmp_path / "big.jsonl").open("w") as fh:
-        fh.writelines(f'{{"project_id": 1, "region_id": 2, "image_id": "i{i}"}}\n' for i in range(n))
-    path = write(tmp_path, "job.yaml", "name: x\ntargets: [{file: big.csv}, {file: big.jsonl}]\n"
-                 "changes: {set_tags: {a: b}}\n")
+        fh.writelines(
+            f'{{"project_id": 1, "region_id": 2, "image_id": "i{i}"}}\n' for i in range(n)
+        )
+    path = write(
+        tmp_path,
+        "job.yaml",
+        "name: x\ntargets: [{file: big.csv}, {file: big.jsonl}]\nchanges: {set_tags: {a: b}}\n",
+    )
     job = load_job(path, env=NO_ENV)
     tracemalloc.start()
     counts = spec.check_selector_files(job, env=NO_ENV)

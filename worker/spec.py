@@ -10,7 +10,7 @@ Public API::
 Every problem is a ``worker.errors.JobError`` that names the file, the line (1-based; for CSV the
 physical line, 1 = the header) and the field as a dotted path (``targets[1].query.visibility``,
 ``changes.set_tags.owner``), with a hint where one helps. Of several problems in a job file the
-first in file order is reported. Nothing here touches the network.
+first in file order is reported (a missing key last). Nothing here touches the network.
 
 YAML is read with YAML 1.2 core-schema scalars: only ``true``/``false`` are booleans (``no``,
 ``on``, ``yes`` stay text), ``12:30`` and ``2024-01-01`` stay text, ``010`` is ten. Duplicate keys
@@ -698,7 +698,7 @@ class Job(BaseModel):
     def _something_to_do(self) -> Job:
         if self.changes.is_empty() and any(isinstance(t, QuerySelector) for t in self.targets):
             raise _Problem(
-                "changes is empty: there is nothing to do",
+                "is empty: there is nothing to do",
                 hint="add set_tags, remove_tags, rename_tags, replace_tags or set; only file "
                 "rows that carry their own changes can do without",
                 at=("changes",),
@@ -838,8 +838,9 @@ class _YamlTree:
 
 
 def _parse_yaml(text: str, file: str) -> tuple[Any, Lines]:
-    loader = _Loader(text)
+    loader: _Loader | None = None
     try:
+        loader = _Loader(text)  # checks the characters: may raise ReaderError
         node = loader.get_single_node()
         if node is None:
             return None, {(): 1}
@@ -848,22 +849,27 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, Lines]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or exc.context or "not valid YAML"
-        hint = "YAML indents with spaces, not tabs" if "\\t" in problem or "\t" in problem else None
+        hint = None
+        if "\\t" in problem or "\t" in problem:
+            hint = "YAML indents with spaces, not tabs"
+        elif "block" in problem or "mapping values" in problem:
+            hint = "check the indentation here and on the line before: keys of one mapping line up"
         raise JobError(
             f"YAML syntax error: {problem}",
             file=file,
             line=mark.line + 1 if mark else None,
-            hint=hint or (exc.context if exc.problem and exc.context else None),
+            hint=hint,
         ) from None
     except yaml.reader.ReaderError as exc:
         line = text.count("\n", 0, exc.position) + 1
         raise JobError(
-            f"YAML cannot hold the character {exc.character!r}", file=file, line=line
+            f"the character U+{exc.character:04X} is not allowed in YAML", file=file, line=line
         ) from None
     except yaml.YAMLError as exc:
         raise JobError(f"YAML syntax error: {exc}", file=file) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 _WS = re.compile(r"[ \t\n\r]*")
@@ -1016,8 +1022,8 @@ def _describe(err: Any, raw_loc: Path_) -> tuple[str, str | None, Path_]:
             hint = next(filter(None, (_did_you_mean(k, ["query", "file"]) for k in value)), None)
         return f"a target must be a mapping with query: or file:, not {_kind(value)}", hint, ()
     if kind == "literal_error":
-        expected = str(ctx.get("expected", "")).replace("'", "")
-        hint = _did_you_mean(value, re.split(r", | or ", expected))
+        expected = str(ctx.get("expected", "")).replace("'", "").replace(" or ", ", ")
+        hint = _did_you_mean(value, expected.split(", "))
         return f"must be one of {expected}; got {_short(value)}", hint, ()
     if kind == "string_type":
         hint = f'quote it: "{value}"' if isinstance(value, (int, float)) else None
@@ -1067,16 +1073,17 @@ def _line_of(loc: Path_, lines: Lines) -> int | None:
 
 
 def _translate(exc: ValidationError, file: str, lines: Lines) -> JobError:
-    found: list[tuple[int, int, JobError]] = []
+    found: list[tuple[bool, int, int, JobError]] = []
     for order, err in enumerate(exc.errors()):
         raw_loc: Path_ = tuple(err["loc"])
         message, hint, extra = _describe(err, raw_loc)
         loc = _strip_tag(raw_loc) + extra
         line = _line_of(loc, lines)
         error = JobError(message, file=file, line=line, field=_dotted(loc) or None, hint=hint)
-        found.append((line or 0, order, error))
-    found.sort(key=lambda item: item[:2])
-    return found[0][2]
+        # A missing key is reported after what is there (a misspelt key explains it better).
+        found.append((err["type"] == "missing", line or 0, order, error))
+    found.sort(key=lambda item: item[:3])
+    return found[0][3]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1222,20 +1229,23 @@ class _Rows:
 def _id_text(text: str, column: str) -> int:
     text = text.strip()
     if not text:
-        raise _Problem(f"{column} is empty")
+        raise _Problem("is empty", hint=f"every row needs a {column}")
     if not _DIGITS.fullmatch(text) or int(text) == 0:
-        raise _Problem(f"{column} must be a positive whole number, not {_short(text)}")
+        raise _Problem(f"must be an ID (a positive whole number), not {_short(text)}")
     return int(text)
 
 
 def _image_id(value: object) -> str:
     if not isinstance(value, str):
-        raise _Problem(f"image_id must be text, not {_kind(value)}")
+        raise _Problem(f"must be text, not {_kind(value)}")
     value = value.strip()
     if not value:
-        raise _Problem("image_id is empty")
+        raise _Problem("is empty", hint="every row needs an image_id")
     if not _IMAGE_ID.fullmatch(value):
-        raise _Problem(f"image_id {_short(value)} has characters an image ID cannot have")
+        raise _Problem(
+            f"{_short(value)} is not an image ID",
+            hint="image IDs are made of letters, digits and . _ ~ -",
+        )
     return value
 
 
