@@ -222,18 +222,18 @@ def run(job: str, **kw: Any) -> None:
 
 
 @cli.command()
-@click.argument("run_id")
+@click.argument("undone", metavar="RUN_ID")  # not "run_id": --run-id names the undo itself
 @_common
 @_api
-def undo(run_id: str, **kw: Any) -> None:
+def undo(undone: str, **kw: Any) -> None:
     """Revert exactly what RUN_ID changed, where nobody changed it since."""
     from worker.journal import read_run_info
 
-    info = read_run_info(kw["state_dir"] / run_id)
+    info = read_run_info(kw["state_dir"] / undone)
     if not info or info.get("kind") != "run":
-        raise JobError(f"no run {run_id!r} in {kw['state_dir']}", field="RUN_ID",
+        raise JobError(f"no run {undone!r} in {kw['state_dir']}", field="RUN_ID",
                        hint="`ls` the state dir; undo takes the id of a `run`")
-    kw["parent_run_id"] = run_id
+    kw["parent_run_id"] = undone
     kw["shard"] = None
     _execute("undo", None, kw)
 
