@@ -267,7 +267,7 @@ class _Controller(threading.Thread):
         sim = self.st.sim
         rng = self.rng
         if event.kind == "storm":
-            old = self.st.call(lambda: sim.faults.as_dict())
+            old = self.st.call(lambda: sim.faults.as_dict())  # noqa: PLW0108 (read on its loop)
             back = {k: old[k] for k in event.faults}
             self.st.call(sim.set_faults, **event.faults)
             self.faults["storm_" + next(iter(event.faults)).removeprefix("p_")] += 1
@@ -300,7 +300,9 @@ def _task_state(st: SimulatorThread, task_id: str) -> str:
     return str(st.call(read))
 
 
-def run_cli(*args: str | Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str | Path, env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GCORE_", "BULK_"))}
     full_env.update(env)
     return subprocess.run(
@@ -383,7 +385,7 @@ def run_scenario(
         duration = time.monotonic() - started
         if controller.error is not None:
             raise controller.error
-        counters = st.call(lambda: sim.counters.as_dict())
+        counters = st.call(sim.counters.as_dict)
         final = {key_of(i): i for i in st.call(sim.images)}
         lock_ended = {key: _task_state(st, task) != "RUNNING"
                       for key, (task, _) in pre_locks.items()}
@@ -495,10 +497,7 @@ def run_scenario(
         problems.append(f"malformed requests answered {bad}")
 
     statuses = Counter(rec["status"] for rec in records)
-    if scenario.auth is not None:
-        expected_exit = 4
-    else:
-        expected_exit = 1 if statuses.get("failed") else 0
+    expected_exit = 4 if scenario.auth is not None else 1 if statuses.get("failed") else 0
     if scenario.clean and scenario.auth is None and statuses.get("failed"):
         problems.append(f"a clean seed (transient faults only) failed targets: "
                         f"{Counter(r['reason'] for r in records if r['status'] == 'failed')}")
