@@ -156,7 +156,8 @@ def _message(status: int, body: bytes, content_type: str, data: dict[str, Any] |
                 return str(data[key])[:500]
     snippet = body[:200].decode("utf-8", "replace").strip()
     if content_type.startswith("text/html") or snippet.startswith("<"):
-        return f"HTTP {status} with a {content_type or 'non-JSON'} body"
+        media = content_type.split(";", 1)[0].strip()
+        return f"HTTP {status} with a {media or 'non-JSON'} body"
     return f"HTTP {status}: {snippet}" if snippet else f"HTTP {status}"
 
 
