@@ -118,11 +118,16 @@ class Runner:
         self.started_at = datetime.now(UTC)
         self.run_id = ""
         self.job_name = job.name if job else ""
+        if job is None and parent_run_id:  # undo: named after the job it undoes
+            undone = read_run_info(settings.state_dir / parent_run_id)
+            self.job_name = str(undone.get("job_name") or "")
         self.plan_counts: Counter[str] = Counter()
         self.plan_reasons: Counter[str] = Counter()
         self.samples: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
         self.ctx = RunContext(run_id="", run_date=self.started_at.strftime("%Y-%m-%d"))
         self._body: asyncio.Task[int] | None = None
+        self._grace: asyncio.TimerHandle | None = None
+        self._finishing = False
 
     # -- options --------------------------------------------------------------------------
     @property
@@ -169,12 +174,16 @@ class Runner:
     def _on_signal(self, sig: signal.Signals) -> None:
         self.signals += 1
         assert self._body is not None
+        if self._finishing:  # the record is being written: cancelling would only redo it
+            log.warning("run.finishing", signal=sig.name)
+            return
         if self.signals == 1:
             self.interrupted = True
             log.warning("run.stopping", signal=sig.name, grace_s=self.settings.grace_s)
             if self.pool is not None:
                 self.pool.stop()
-                asyncio.get_running_loop().call_later(self.settings.grace_s, self._body.cancel)
+                self._grace = asyncio.get_running_loop().call_later(
+                    self.settings.grace_s, self._body.cancel)
             else:
                 self._body.cancel()
         else:
@@ -448,6 +457,9 @@ class Runner:
         journal = self.journal
         if journal is None:
             return code
+        self._finishing = True
+        if self._grace is not None:
+            self._grace.cancel()
         await journal.stop_writer()
         counts = journal.counts()
         if code == 0 and counts.get("failed"):
@@ -473,11 +485,13 @@ class Runner:
             finished_at=finished, exit_code=code, counts=counts, requests=requests,
             latency=self.latency, extra=extra,
         )
-        journal.finish_run(code, summary)
         run_dir = journal.run_dir
         await asyncio.to_thread(
             report.write_exports, run_dir, journal.iter_results(self.run_id), summary
         )
+        # finished only once the exports exist: a kill while writing them leaves the run
+        # resumable, and the resume writes them
+        journal.finish_run(code, summary)
         journal.close()
         out = self.settings.out
         if self.kind == "plan":
