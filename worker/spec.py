@@ -190,7 +190,9 @@ def render_template(text: str, resolve: Callable[[str], str | None]) -> str | No
         token = match.group(0)
         if token in ("{{", "}}"):
             return token[0]
-        value = resolve(match.group(1) or "")
+        if match.group(1) is None:  # a lone brace (load_job refuses these): kept as it is
+            return token
+        value = resolve(match.group(1))
         if value is None:
             missing = True
             return ""
@@ -792,7 +794,8 @@ class _YamlTree:
             try:
                 return self.loader.construct_object(node)
             except (ValueError, TypeError, OverflowError) as exc:
-                self.fail(node, f"cannot read the value {_short(node.value)}: {exc}")
+                reason = str(exc).split(";")[0]
+                self.fail(node, f"cannot read the value {_short(node.value)}: {reason}")
         key = id(node)
         if key in self.done:  # an alias of a node already read
             return self.done[key]
@@ -834,7 +837,9 @@ class _YamlTree:
         if not isinstance(node, ScalarNode):
             self.fail(node, "a key must be plain text, not a list or mapping")
         value = self.walk(node, ())
-        return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+        if not isinstance(value, str):
+            self.fail(node, f"a key must be text, not {_kind(value)}", f'quote it: "{node.value}"')
+        return value
 
 
 def _parse_yaml(text: str, file: str) -> tuple[Any, Lines]:
@@ -940,7 +945,7 @@ def _parse_json(text: str, file: str) -> tuple[Any, Lines]:
             f"JSON syntax error: {exc.msg} (column {exc.colno})", file=file, line=exc.lineno
         ) from None
     except ValueError as exc:
-        raise JobError(f"cannot read the JSON: {exc}", file=file) from None
+        raise JobError(f"cannot read the JSON: {str(exc).split(';')[0]}", file=file) from None
     tree = _JsonTree(text, file)
     data, _ = tree.value(0, ())
     return data, tree.lines
@@ -1504,7 +1509,7 @@ def _jsonl_rows(fh: TextIO, rows: _Rows) -> Iterator[Row]:
             except _DuplicateKey as exc:
                 rows.fail(f"duplicate key {exc.key!r}", line, exc.key)
             except (ValueError, RecursionError) as exc:
-                rows.fail(f"cannot read the row: {exc}", line)
+                rows.fail(f"cannot read the row: {str(exc).split(';')[0]}", line)
             yield _json_row(obj, rows, line)
     except UnicodeDecodeError:
         rows.fail("is not UTF-8 text", line + 1)
@@ -1572,7 +1577,8 @@ class _JsonStream:
             except _DuplicateKey as exc:
                 self.rows.fail(f"duplicate key {exc.key!r}", self.lineno(self.pos), exc.key)
             except (ValueError, RecursionError) as exc:
-                self.rows.fail(f"cannot read the row: {exc}", self.lineno(self.pos))
+                reason = str(exc).split(";")[0]
+                self.rows.fail(f"cannot read the row: {reason}", self.lineno(self.pos))
             self.pos = end
             return value
 
