@@ -296,7 +296,8 @@ class Pool:
 
     async def _process(self, work: _Work) -> None:
         try:
-            if (work.lock_task is None and not work.reread) or await self._refresh(work):
+            fresh = work.lock_task is None and not work.reread and work.item.patch
+            if fresh or await self._refresh(work):
                 await self._send(work)
         except Locked as exc:
             self._park(work, exc.task_id)
