@@ -978,11 +978,19 @@ _SECTIONS: dict[tuple[str, ...], type[BaseModel]] = {
     ("changes", "set"): SetFields,
     ("options",): Options,
 }
-_HOME: dict[str, str] = {}
-for _where, _model in _SECTIONS.items():
-    for _field in _model.model_fields:
-        label = ".".join("targets[]" if p == "targets" else p for p in _where if p != "#")
-        _HOME.setdefault(_field, label.replace("targets[].query.query", "targets[].query"))
+_SECTION_LABELS: tuple[tuple[str, type[BaseModel]], ...] = (
+    ("at the top level", Job),
+    ("under changes:", ChangesSpec),
+    ("under options:", Options),
+    ("under a target's query:", Query),
+    ("under changes: set:", SetFields),
+    ("in a target (- query: or - file:)", FileSelector),
+)
+#: Where each known key belongs: "concurrency belongs under options:".
+_HOME: dict[str, list[str]] = {}
+for _label, _model in _SECTION_LABELS:
+    for _name in _model.model_fields:
+        _HOME.setdefault(_name, []).append(_label)
 
 
 def _unknown_key_hint(raw_loc: Path_) -> str | None:
@@ -995,8 +1003,8 @@ def _unknown_key_hint(raw_loc: Path_) -> str | None:
     guess = _did_you_mean(key, allowed)
     if guess:
         return guess
-    if isinstance(key, str) and key in _HOME and _HOME[key]:
-        return f"{key} belongs under {_HOME[key]}"
+    if isinstance(key, str) and key in _HOME:
+        return f"{key} belongs " + " or ".join(_HOME[key])
     return "allowed here: " + ", ".join(allowed)
 
 
