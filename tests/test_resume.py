@@ -434,13 +434,13 @@ def test_a_changed_job_file_refuses_to_resume(
     changed = dict(JOB, changes={**JOB["changes"], "set_tags": {"wave": "w8"}},
                    options={"concurrency": 4})
     write_job(tmp_path, changed)
-    sent = sim.call(lambda: sim.sim.counters.total())
+    sent = sim.call(sim.sim.counters.total)
     refused = run_cli(tmp_path, "refused", *run_args(job, sim, state, "--resume"))
     assert refused.proc.returncode == 2, refused.text()
     err = refused.err.read_text()
     assert run_dir.name in err and "another version of this job file" in err
     assert "--resume" in err
-    assert sim.call(lambda: sim.sim.counters.total()) == sent, "nothing was sent"
+    assert sim.call(sim.sim.counters.total) == sent, "nothing was sent"
     assert the_run(state) == run_dir
 
     # the old file finishes it

@@ -250,7 +250,7 @@ def test_undo_of_an_unknown_run_is_a_usage_error(tmp_path: Path, sim: SimulatorT
     proc = cli(tmp_path, "undo", *undo_args(sim, state, "no-such-run"))
     assert proc.returncode == 2
     assert "no-such-run" in (tmp_path / "undo.err").read_text()
-    assert sim.call(lambda: sim.sim.counters.total()) == 0
+    assert sim.call(sim.sim.counters.total) == 0
 
 
 # -- known gaps (pool.py): each pinned by a strict xfail that turns red once fixed --------------

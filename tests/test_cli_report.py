@@ -1,0 +1,195 @@
+"""``bulk-tagger report RUN_ID``: the run's report again, from its journal alone.
+
+``--format summary`` prints what the run printed, ``json`` is summary.json, ``jsonl`` and
+``csv`` carry the rows of results.jsonl and results.csv, and ``--export`` writes the three
+files anew, byte for byte, also for a run that was killed before it could write them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from worker.simulator import SimConfig, SimulatorThread
+
+JOB = {
+    "name": "report-test",
+    "targets": [{"query": {"projects": "all", "regions": "all"}}, {"file": "rows.csv"}],
+    "changes": {"set_tags": {"managed-by": "bulk-tagger", "note": "café-ü"},
+                "remove_tags": ["legacy"], "rename_tags": {"team": "owner"},
+                "set": {"ssh_key": "allow"}},
+    "options": {"concurrency": 4},
+}
+EXPORTS = ("results.jsonl", "results.csv", "summary.json")
+OBJECTS = ("before", "after", "patch")
+
+
+def bulk_tagger(*args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None,
+                wait: bool = True) -> subprocess.Popen[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("GCORE_", "BULK_TAGGER_"))}
+    full["GCORE_API_KEY"] = "report-test-key"
+    full.update(env or {})
+    proc = subprocess.Popen([sys.executable, "-m", "worker", *map(str, args)], cwd=cwd,
+                            env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if wait:
+        proc.communicate(timeout=120)
+    return proc
+
+
+def output(*args: str | Path, **kw: Any) -> tuple[int, str, str]:
+    proc = bulk_tagger(*args, wait=False, **kw)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+def write_job(folder: Path) -> Path:
+    (folder / "rows.csv").write_text(  # one row naming an image that does not exist: failed
+        "project_id,region_id,image_id\n1337,7,00000000-0000-4000-8000-00000000dead\n")
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(JOB, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def csv_rows(text: str) -> list[dict[str, Any]]:
+    rows = []
+    for row in csv.DictReader(io.StringIO(text)):
+        decoded: dict[str, Any] = dict(row)
+        for name in OBJECTS:
+            decoded[name] = json.loads(row[name]) if row[name] else None
+        rows.append(decoded)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """A finished run with every status but ``planned``: (state dir, run id, its stdout)."""
+    folder = tmp_path_factory.mktemp("report")
+    with SimulatorThread(SimConfig(images=80)) as sim:
+        code, out, err = output("run", write_job(folder), "--base-url", sim.url,
+                                "--state-dir", folder / "state")
+    assert code == 1, err[-3000:]  # the missing image
+    (run_dir,) = (folder / "state").iterdir()
+    return folder / "state", run_dir.name, out
+
+
+def test_summary_is_what_the_run_printed(finished: tuple[Path, str, str]) -> None:
+    state, run_id, printed = finished
+    code, out, _ = output("report", run_id, "--state-dir", state)
+    assert code == 0
+    assert out.strip() == printed.split("\nreport: ")[0].strip()
+    counts = json.loads((state / run_id / "summary.json").read_text())["counts"]
+    assert {s for s, n in counts.items() if n} == {"updated", "skipped", "failed"}
+
+
+def test_json_is_summary_json(finished: tuple[Path, str, str]) -> None:
+    state, run_id, _ = finished
+    code, out, _ = output("report", run_id, "--state-dir", state, "--format", "json")
+    assert code == 0
+    assert json.loads(out) == json.loads((state / run_id / "summary.json").read_text())
+
+
+def test_jsonl_and_csv_carry_the_rows_of_the_exports(finished: tuple[Path, str, str]) -> None:
+    state, run_id, _ = finished
+    run_dir = state / run_id
+    code, out, _ = output("report", run_id, "--state-dir", state, "--format", "jsonl")
+    assert code == 0
+    printed = [json.loads(line) for line in out.splitlines()]
+    exported = [json.loads(line)
+                for line in (run_dir / "results.jsonl").read_text("utf-8").splitlines()]
+    assert printed == exported
+    assert len({(r["project_id"], r["region_id"], r["image_id"]) for r in printed}) == len(
+        printed)
+    assert any(r["patch"] and r["patch"]["tags"].get("note") == "café-ü" for r in printed)
+
+    code, out, _ = output("report", run_id, "--state-dir", state, "--format", "csv")
+    assert code == 0
+    from_report = csv_rows(out)
+    from_export = csv_rows((run_dir / "results.csv").read_text("utf-8"))
+    assert from_report == from_export
+    assert len(from_report) == len(printed)
+    assert list(from_report[0]) == list(printed[0])  # the same columns, in the same order
+
+
+def test_export_writes_the_files_anew_byte_for_byte(
+    finished: tuple[Path, str, str], tmp_path: Path
+) -> None:
+    state, run_id, _ = finished
+    copy = tmp_path / "state"
+    copy.mkdir()
+    (copy / run_id).mkdir()
+    for f in (state / run_id).iterdir():
+        (copy / run_id / f.name).write_bytes(f.read_bytes())
+    originals = {name: (copy / run_id / name).read_bytes() for name in EXPORTS}
+    for name in EXPORTS:
+        (copy / run_id / name).unlink()
+    # from another directory, with the state dir from the environment
+    code, _, err = output("report", run_id, "--export", cwd=tmp_path,
+                          env={"BULK_TAGGER_STATE_DIR": str(copy)})
+    assert code == 0, err
+    for name in EXPORTS:
+        assert (copy / run_id / name).read_bytes() == originals[name], name
+
+
+def test_report_of_a_killed_run(tmp_path: Path) -> None:
+    with SimulatorThread(SimConfig(images=120)) as sim:
+        sim.call(sim.sim.set_faults, latency_ms=100.0)
+        state = tmp_path / "state"
+        proc = bulk_tagger("run", write_job(tmp_path), "--base-url", sim.url, "--state-dir",
+                           state, "--run-id", "killed", wait=False)
+        journal = state / "killed" / "journal.sqlite"
+
+        def planned() -> bool:
+            if not journal.exists():
+                return False
+            try:
+                conn = sqlite3.connect(f"{journal.as_uri()}?mode=ro", uri=True)
+                try:
+                    return bool(conn.execute("SELECT plan_done FROM run").fetchone()[0])
+                finally:
+                    conn.close()
+            except (sqlite3.OperationalError, TypeError):  # no table, or no row, yet
+                return False
+
+        deadline = time.monotonic() + 60
+        while not planned():  # the plan's own outcomes (the missing image) are committed
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    assert not (state / "killed" / "summary.json").exists()
+
+    code, out, err = output("report", "killed", "--state-dir", state)
+    assert code == 0, err
+    assert "killed" in out and "planned" in out
+    code, out, _ = output("report", "killed", "--state-dir", state, "--format", "jsonl")
+    rows = [json.loads(line) for line in out.splitlines()]
+    statuses = {r["status"] for r in rows}
+    assert "planned" in statuses and "failed" in statuses
+    targets = sqlite3.connect(journal).execute("SELECT COUNT(*) FROM targets").fetchone()[0]
+    assert len(rows) == targets
+    code, _, err = output("report", "killed", "--state-dir", state, "--export")
+    assert code == 0, err
+    exported = (state / "killed" / "results.jsonl").read_text("utf-8").splitlines()
+    assert [json.loads(line) for line in exported] == rows
+    summary = json.loads((state / "killed" / "summary.json").read_text())
+    assert summary["run_id"] == "killed" and summary["exit_code"] is None
+    assert sum(summary["counts"].values()) == len(rows)
+
+
+def test_report_of_an_unknown_run_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    code, out, err = output("report", "no-such-run", "--state-dir", tmp_path / "state")
+    assert code == 2
+    assert "no-such-run" in err and out == ""

@@ -1,0 +1,163 @@
+"""The API key is in no byte a command writes: stdout, stderr (JSON and console logs, at debug
+level), the journal and its -wal/-shm files, the staging file, results.jsonl/csv, summary.json.
+
+A canary key is handed over as a mounted secret (``--api-key-file``) and through
+``GCORE_API_KEY``, to a simulator that accepts that key alone, so a successful run proves the
+key was used; a wrong key ends with exit 4 and is not written anywhere either. Faults are on
+(5xx, 429, a missing image) so that retry, failure and error paths log too.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from worker.simulator import Faults, SimConfig, SimulatorThread
+
+CANARY = f"canary-KEY-7f3a9c{secrets.token_hex(8)}"
+WRONG = f"canary-WRONG-KEY-{secrets.token_hex(8)}"
+
+JOB = {
+    "name": "secret-test",
+    "targets": [
+        {"query": {"projects": [1337], "regions": [7, 76], "visibility": "private"}},
+        {"file": "rows.csv"},
+    ],
+    "changes": {"set_tags": {"managed-by": "bulk-tagger"}, "remove_tags": ["legacy"]},
+    "options": {"concurrency": 4, "retry_budget_seconds": 30},
+}
+
+
+@pytest.fixture
+def sim() -> Iterator[SimulatorThread]:
+    faults = Faults(seed=5, p_5xx=0.05, p_429=0.05, retry_after_s=0.0)
+    with SimulatorThread(SimConfig(images=200, api_key=CANARY, faults=faults)) as thread:
+        yield thread
+
+
+def write_job(folder: Path, rows: int = 3) -> Path:
+    lines = ["project_id,region_id,image_id,tag:owner"]
+    lines += [f"1338,7,00000000-0000-4000-8000-{i:012x},someone" for i in range(rows)]
+    (folder / "rows.csv").write_text("\n".join(lines) + "\n")
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(JOB, sort_keys=False))
+    return path
+
+
+def bulk_tagger(folder: Path, name: str, *args: str | Path, key_env: str | None = None,
+                wait: bool = True) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GCORE_", "BULK_TAGGER_"))}
+    if key_env is not None:
+        env["GCORE_API_KEY"] = key_env
+    with (folder / f"{name}.out").open("wb") as out, (folder / f"{name}.err").open("wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "worker", *map(str, args)],
+                                stdout=out, stderr=err, env=env)
+    if wait:
+        proc.wait(120)
+    return proc
+
+
+def every_byte_written(folder: Path) -> dict[Path, bytes]:
+    """Every file under ``folder`` but the inputs the test wrote (the key file, the job)."""
+    inputs = {"key", "key-open", "job.yaml", "rows.csv"}
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name not in inputs}
+
+
+def assert_absent(folder: Path, *keys: str) -> int:
+    written = every_byte_written(folder)
+    for path, data in written.items():
+        for key in keys:
+            assert key.encode() not in data, f"the key is in {path.relative_to(folder)}"
+            # nor in a form an encoder might have produced
+            assert key.encode("utf-16-le") not in data, path
+    return len(written)
+
+
+def key_file(folder: Path, name: str = "key", mode: int = 0o600) -> Path:
+    path = folder / name
+    path.write_text(CANARY + "\n")  # a mounted secret often ends with a newline
+    os.chmod(path, mode)
+    return path
+
+
+def test_the_key_is_in_no_byte_written(tmp_path: Path, sim: SimulatorThread) -> None:
+    job = write_job(tmp_path)
+    state = tmp_path / "state"
+    common = ["--base-url", sim.url, "--state-dir", state, "--log-level", "debug"]
+
+    # a mounted secret, JSON logs
+    first = bulk_tagger(tmp_path, "file-json", "run", job, *common, "--log-format", "json",
+                        "--api-key-file", key_file(tmp_path))
+    assert first.returncode == 1, (tmp_path / "file-json.err").read_text()[-3000:]  # 3 missing
+    counters = sim.call(sim.sim.counters.as_dict)
+    assert counters["requests"]["patch"] > 20, "the key was accepted"
+    assert counters["faults"]["5xx"] + counters["faults"]["429"] > 0, "error paths were taken"
+    (run_dir,) = [p for p in state.iterdir() if p.is_dir()]
+    for name in ("journal.sqlite", "results.jsonl", "results.csv", "summary.json"):
+        assert (run_dir / name).stat().st_size > 0
+
+    # the environment, console logs; then an undo and the report commands
+    second = bulk_tagger(tmp_path, "env-console", "run", job, *common, "--log-format", "console",
+                         key_env=CANARY)
+    assert second.returncode == 1
+    undo = bulk_tagger(tmp_path, "undo", "undo", run_dir.name, *common, key_env=CANARY)
+    assert undo.returncode == 0, (tmp_path / "undo.err").read_text()[-3000:]
+    for fmt in ("summary", "jsonl", "csv", "json"):
+        shown = bulk_tagger(tmp_path, f"report-{fmt}", "report", run_dir.name, "--state-dir",
+                            state, "--format", fmt, "--export")
+        assert shown.returncode == 0
+
+    # a wrong key: refused at once, and written nowhere either
+    wrong = bulk_tagger(tmp_path, "wrong", "run", job, *common, key_env=WRONG)
+    assert wrong.returncode == 4, (tmp_path / "wrong.err").read_text()[-3000:]
+    assert "run.auth_failed" in (tmp_path / "wrong.err").read_text()
+
+    files = assert_absent(tmp_path, CANARY, WRONG)
+    assert files >= 4 * 4 + 8 * 2  # four run folders and the eight commands' stdout/stderr
+
+
+def test_the_staging_file_of_a_killed_plan_holds_no_key(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    job = write_job(tmp_path, rows=400)  # one GET a row: the plan lasts
+    sim.call(sim.sim.set_faults, latency_ms=50.0, p_5xx=0.0, p_429=0.0)
+    state = tmp_path / "state"
+    proc = bulk_tagger(tmp_path, "killed", "run", job, "--base-url", sim.url, "--state-dir",
+                       state, "--api-key-file", key_file(tmp_path), wait=False)
+    deadline = time.monotonic() + 60
+    while not list(state.glob("*/stage.sqlite")):
+        assert proc.poll() is None, (tmp_path / "killed.err").read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    (stage,) = state.glob("*/stage.sqlite")
+    assert stage.stat().st_size > 0
+    assert_absent(tmp_path, CANARY)
+
+
+def test_a_world_readable_key_file_is_warned_about(tmp_path: Path, sim: SimulatorThread) -> None:
+    job = write_job(tmp_path, rows=0)
+    proc = bulk_tagger(tmp_path, "open", "run", job, "--base-url", sim.url, "--state-dir",
+                       tmp_path / "state", "--log-format", "json",
+                       "--api-key-file", key_file(tmp_path, "key-open", 0o644))
+    assert proc.returncode == 0
+    err = (tmp_path / "open.err").read_text()
+    assert "cli.key_file_world_readable" in err and "chmod 600" in err
+    assert_absent(tmp_path, CANARY)
+
+    quiet = bulk_tagger(tmp_path, "private", "run", job, "--base-url", sim.url, "--state-dir",
+                        tmp_path / "state", "--log-format", "json",
+                        "--api-key-file", key_file(tmp_path))
+    assert quiet.returncode == 0
+    assert "world_readable" not in (tmp_path / "private.err").read_text()
