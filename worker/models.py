@@ -145,7 +145,16 @@ class Changes:
         set_tags.update(row.set_tags)
         remove = tuple(k for k in self.remove_tags if k not in row_keys)
         remove += tuple(k for k in row.remove_tags if k not in remove)
-        rename = {k: v for k, v in self.rename_tags.items() if k not in row_keys}
+        rename: dict[str, str] = {}
+        for old, new in self.rename_tags.items():
+            if old in row_keys:
+                continue
+            if new in row_keys:
+                # the row says what the new key holds: the old key only goes away
+                if old not in remove:
+                    remove += (old,)
+                continue
+            rename[old] = new
         rename.update(row.rename_tags)
         return Changes(
             set_tags=set_tags,
