@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import sqlite3
@@ -96,7 +97,9 @@ def changes_to_json(changes: Changes) -> str:
     return _dumps(data)
 
 
+@functools.lru_cache(maxsize=1024)
 def changes_from_json(text: str | None) -> Changes:
+    """Changes from their JSON (cached: most targets of a run share the job's changes)."""
     data = _load(text) or {}
     return Changes(
         set_tags=data.get("set_tags", {}),
@@ -123,7 +126,12 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 @dataclass(frozen=True, slots=True)
 class Pending:
-    """A planned target not yet ended: what the apply phase sends."""
+    """A planned target not yet ended: what the apply phase sends.
+
+    ``before`` is None as ``iter_pending`` hands it out: the plan-time state stays in the
+    journal (not decoded for every target), and an outcome that passes ``before`` on as it
+    came (None) is recorded with that stored state. The pool sets it when it reads again.
+    """
 
     seq: int
     project_id: int
@@ -446,8 +454,9 @@ class Journal:
                     return
                 for seq, p, r, image_id, name, changes, before, patch, lock_task in rows:
                     item = Pending(
+                        # ``before`` stays in the journal: the outcome does not carry it
                         seq, p, r, image_id, name or "", changes_from_json(changes),
-                        _load(before), _load(patch), lock_task,
+                        None, _load(patch), lock_task,
                     )
                     handed[seq] = (item.before, before, item.patch, patch)
                     yield item
