@@ -68,7 +68,7 @@ def bulk_tagger(folder: Path, name: str, *args: str | Path, key_env: str | None 
 
 def every_byte_written(folder: Path) -> dict[Path, bytes]:
     """Every file under ``folder`` but the inputs the test wrote (the key file, the job)."""
-    inputs = {"key", "key-open", "job.yaml", "rows.csv"}
+    inputs = {"key", "key-open", "job.yaml", "rows.csv"}  # the key file is the only one with it
     return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name not in inputs}
 
 
@@ -121,8 +121,19 @@ def test_the_key_is_in_no_byte_written(tmp_path: Path, sim: SimulatorThread) -> 
     assert wrong.returncode == 4, (tmp_path / "wrong.err").read_text()[-3000:]
     assert "run.auth_failed" in (tmp_path / "wrong.err").read_text()
 
+    # no API at all: connection errors past the retry budget (exception texts), exit 75
+    quick = tmp_path / "quick"
+    quick.mkdir()
+    (quick / "rows.csv").write_text((tmp_path / "rows.csv").read_text())
+    (quick / "job.yaml").write_text(yaml.safe_dump(
+        {**JOB, "options": {"concurrency": 2, "retry_budget_seconds": 1}}, sort_keys=False))
+    down = bulk_tagger(tmp_path, "down", "run", quick / "job.yaml", "--base-url",
+                       "http://127.0.0.1:9", "--state-dir", state, "--log-level", "debug",
+                       "--retry-base-seconds", "0.05", key_env=CANARY)
+    assert down.returncode == 75, (tmp_path / "down.err").read_text()[-3000:]
+
     files = assert_absent(tmp_path, CANARY, WRONG)
-    assert files >= 4 * 4 + 8 * 2  # four run folders and the eight commands' stdout/stderr
+    assert files >= 5 * 4 + 9 * 2  # five run folders and the nine commands' stdout/stderr
 
 
 def test_the_staging_file_of_a_killed_plan_holds_no_key(
