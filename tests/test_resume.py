@@ -1,7 +1,7 @@
 """Interrupted runs and ``--resume``, with the real CLI in a subprocess against a simulator.
 
-- SIGKILL at seeded random points (in the plan, or after a seeded share of the outcomes is
-  committed plus a seeded delay, so that some outcomes are still buffered), then ``--resume``
+- SIGKILL at seeded random points (in the plan, or once the simulator has seen a seeded share
+  of the PATCHes: some outcomes are committed, some still buffered), then ``--resume``
   with the same state dir: every target has exactly one final line, the simulator ends as the
   job says, and no target whose outcome the journal had committed at the kill is PATCHed again
   (the simulator's per-image counters, taken after the kill, against the journal read after
@@ -232,26 +232,28 @@ def kill_and_resume(tmp_path: Path, start: Callable[..., SimulatorThread], seed:
     job = write_job(tmp_path, JOB)
     state = tmp_path / "state"
 
+    targets = {k for k, image in initial.items() if targeted(image)}
     first = Cli.start(tmp_path, "first", *run_args(job, sim, state))
-    in_plan = seed % 4 == 0
-    # the point: a share of the outcomes committed, then some more PATCHes seen by the
-    # simulator (progress, not time: the same point on a busy machine), so that some
-    # outcomes are only buffered when the kill comes
-    share, more = rng.uniform(0.0, 0.6), rng.randint(0, 150)
-    if in_plan:  # as soon as the plan has committed some targets (or the apply has begun)
+    mode = ("in the plan", "early", "after a commit", "after a commit")[seed % 4]
+    share = rng.uniform(0.02, 0.8)
+
+    def patches() -> int:
+        return int(sim.call(lambda: sim.sim.counters.requests["patch"]))
+
+    # the point is counted in PATCHes the simulator has seen (progress, not time: the same
+    # point on a busy machine). Outcomes are committed every second or 500: "early" kills
+    # mostly find none committed yet, "after a commit" ones some committed and some buffered.
+    if mode == "in the plan":  # once the plan has committed some targets
         wait_until(lambda: bool(journal_query(state, "SELECT 1 FROM targets LIMIT 1")), first)
+    elif mode == "early":
+        goal = int(share * len(targets))
+        wait_until(lambda: patches() >= goal, first, step_s=0.002)
     else:
-        def far_enough() -> bool:
-            row = journal_query(state, "SELECT plan_done, (SELECT COUNT(*) FROM targets),"
-                                       " (SELECT COUNT(*) FROM outcomes) FROM run")
-            return bool(row) and row[0][0] == 1 and row[0][2] >= share * row[0][1]
-
-        def patches() -> int:
-            return int(sim.call(lambda: sim.sim.counters.requests["patch"]))
-
-        wait_until(far_enough, first)
-        seen = patches()
-        wait_until(lambda: patches() >= seen + more, first, step_s=0.002)
+        wait_until(lambda: bool(journal_query(state, "SELECT 1 FROM outcomes LIMIT 1")), first,
+                   step_s=0.005)
+        now = patches()
+        goal = now + int(share * (len(targets) - now))
+        wait_until(lambda: patches() >= goal, first, step_s=0.002)
     first.proc.send_signal(signal.SIGKILL)
     assert first.wait() == -signal.SIGKILL
     assert read_run_info(the_run(state))["exit_code"] is None, (
@@ -269,7 +271,6 @@ def kill_and_resume(tmp_path: Path, start: Callable[..., SimulatorThread], seed:
     assert the_run(state) == run_dir  # the same run went on: no second folder
 
     final = images(sim)
-    targets = {k for k, image in initial.items() if targeted(image)}
     rows = results(run_dir)
     keys = [(r["project_id"], r["region_id"], r["image_id"]) for r in rows]
     assert len(keys) == len(set(keys)) == len(targets), "one final line per target"
@@ -289,7 +290,7 @@ def kill_and_resume(tmp_path: Path, start: Callable[..., SimulatorThread], seed:
     assert not again, f"PATCHed again after a committed outcome: {list(again.items())[:5]}"
     assert all(applied.get(k) == 1 for k in targets), "each change applied exactly once"
     assert set(applied) == targets
-    print(f"seed {seed}: killed {'in the plan' if in_plan else f'at {share:.0%} +{more}'}"
+    print(f"seed {seed}: killed {mode} ({share:.0%})"
           f", {len(at_kill)} outcomes committed, {len(targets)} targets; resumed"
           f" {sum(1 for r in rows if r['status'] == 'unchanged')} re-read as already done")
 
