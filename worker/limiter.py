@@ -5,19 +5,24 @@ Two parts, so the arithmetic is tested without sleeping:
 - ``RateController``: pure arithmetic over an injectable clock (AIMD, as TCP does it).
 
   * With a known ceiling (``--rate``) it starts at the ceiling's share (see below) and never
-    goes above it.
-  * With none it starts at ``start`` and doubles every ``step_s`` while demand exceeds it
-    (slow start). The first 429 ends slow start: the rate drops to what the API accepted in
-    the last second, and at most to half the rate that drew the 429.
-  * After that a 429 lowers the rate at most once per ``epoch_s`` (the answers to requests
-    sent before a cut must not cut again): to ``decrease`` times the rate, and no higher than
-    what the API accepted during the last epoch (once the server's own burst is spent that is
-    its limit). Then the rate climbs back additively while demand exceeds it: by
-    ``increase_per_s`` of the rate it had before the cut, each second, so it is back there in
-    ``(1 - decrease) / increase_per_s`` seconds whatever the scale.
-  * A 429 counts as a signal only when 429s are more than ``noise_share`` of the last
-    second's answers: a stray 429 among hundreds of accepted requests (a proxy hiccup) does
-    not halve a run's speed; the target's own retry still honours its Retry-After.
+    goes above it. With none it starts at ``start`` and doubles every ``step_s`` while demand
+    exceeds it (slow start), but never past twice the rate the answers come back at, so a
+    slow API is not flooded before its first 429 can arrive.
+  * The run's first 429 (it ends slow start) cuts the rate to 95% of what the API has just
+    been accepting (the busiest recent 100 ms of answers; half the rate if none). A server's
+    own burst can hide its limit until then, so 50 ms later one second look cuts again, to
+    95% of what it accepted since the first cut, if 429s still come.
+  * After that a 429 lowers the rate at most once per congestion epoch: the 429 must answer
+    a request sent after the last cut (one sent before says nothing new), and ``epoch_s``
+    must have passed. The cut multiplies the rate by ``decrease``. The rate then climbs back
+    additively while demand exceeds it: by ``increase_per_s`` of the rate that the episode
+    interrupted (or of the limit the first cuts measured), each second, so it is back there
+    in ``(1 - decrease) / increase_per_s`` seconds whatever the scale.
+  * A 429 counts as a signal only when the last second holds at least ``noise_count`` 429s
+    and they are more than ``noise_share`` of its answers: a stray 429 among hundreds of
+    accepted requests (a proxy hiccup) does not slow a run; the target's own retry still
+    honours its Retry-After. (Retry-After is not applied to the whole limiter: a token
+    bucket's 1-second Retry-After would idle every worker for nothing.)
 
 - ``AdaptiveLimiter``: one ``aiolimiter.AsyncLimiter`` with a small bucket (``burst_s`` of the
   rate, at least one request; no start-up burst), re-tuned in place when the controller moves.
@@ -35,7 +40,11 @@ from collections.abc import Callable
 
 from aiolimiter import AsyncLimiter
 
+from worker.log import get_logger
+
 Clock = Callable[[], float]
+
+log = get_logger("bulk_tagger.limiter")
 
 #: A known ceiling is run at this share of itself (see the module docstring).
 CEILING_SHARE = 0.985
@@ -43,6 +52,8 @@ _BINS = 10  # the last second, in 100 ms bins
 _BIN_S = 1.0 / _BINS
 _SLOW_START_WINDOW_S = 0.2
 _EPISODE_GAP_S = 1.0  # cuts closer than this belong to one congestion episode
+_PROBE_GAP_S = 0.05  # the second look after a run's first cut comes this soon
+_PROBE_SHARE = 0.95  # ... and cuts to this share of what the API accepted meanwhile
 
 
 class RateController:
@@ -96,6 +107,8 @@ class RateController:
         self._no = [0] * _BINS
         self._bin_at = int(now / _BIN_S)
         self._top = self.rate  # the rate the current congestion episode interrupted
+        self._ok_since_cut = 0
+        self._probing = False  # after the run's first cut: one quick second look
         #: 429s seen, and how many of them lowered the rate
         self.throttled = 0
         self.decreases = 0
@@ -127,6 +140,17 @@ class RateController:
         covered = (bins - 1) * _BIN_S + (now - self._bin_at * _BIN_S)
         return total / max(_BIN_S, min(covered, now - self._started))
 
+    def _recent_accepted_rate(self, now: float) -> float:
+        """The API's acceptance rate just now: the busier of the last whole 100 ms bin and the
+        current one (if it has run 50 ms). While the rate ramps up, a longer look would
+        average in the slower past."""
+        current = self._roll(now)
+        best = self._ok[(current - 1) % _BINS] / _BIN_S
+        ran = now - self._bin_at * _BIN_S
+        if ran >= _BIN_S / 2:
+            best = max(best, self._ok[current] / ran)
+        return best
+
     # -- signals ------------------------------------------------------------------------------
     def on_wait(self) -> None:
         """Demand exceeded the rate: an acquisition had to wait."""
@@ -135,6 +159,7 @@ class RateController:
     def on_success(self) -> None:
         """The API answered, other than with a 429 (it accepted the request's rate)."""
         self._ok[self._roll(self.clock())] += 1
+        self._ok_since_cut += 1
 
     def on_throttled(self, sent_at: float | None = None) -> bool:
         """A 429 came back to a request sent at ``sent_at`` (the clock's time; None: unknown).
@@ -149,9 +174,10 @@ class RateController:
         current = self._roll(now)
         self._no[current] += 1
         last = self._last_decrease
-        if last is not None and (
-            now - last < self.epoch_s or (sent_at is not None and sent_at < last)
-        ):
+        if self._probing and last is not None and now - last > _EPISODE_GAP_S:
+            self._probing = False  # the first cut was enough
+        gap = _PROBE_GAP_S if self._probing else self.epoch_s
+        if last is not None and (now - last < gap or (sent_at is not None and sent_at < last)):
             return False
         throttled = sum(self._no)
         if throttled < self.noise_count or throttled <= self.noise_share * (
@@ -161,12 +187,21 @@ class RateController:
         rate = self.rate
         if last is None or now - last > _EPISODE_GAP_S:
             self._top = rate  # a new congestion episode: the rate it interrupted
-        if self.slow_start:
+        if last is None:
+            # the run's first cut (it ends slow start): down to what the API has just been
+            # accepting, then a second look soon: its own burst may have hidden the limit
+            accepted = min(rate, self._recent_accepted_rate(now))
+            target = _PROBE_SHARE * accepted if accepted else rate / 2
+            self._top = max(target, accepted)
             self.slow_start = False
-            # the server's own burst may have hidden the limit: take what it accepted in the
-            # last second as a whole (not divided by a shorter life), and half the rate at most
-            target = min(rate / 2, self.decrease * sum(self._ok) or rate / 2)
-            self._top = target / self.decrease
+            self._probing = True
+        elif self._probing:
+            # still refused after that first cut: the API is past any burst and has been
+            # accepting its limit since, which is the truth to cut to (and to climb from)
+            accepted = self._ok_since_cut / max(now - last, _PROBE_GAP_S)
+            target = min(rate * self.decrease, _PROBE_SHARE * accepted)
+            self._top = max(target, accepted)
+            self._probing = False
         else:
             target = rate * self.decrease
         self.rate = max(self.floor, min(self.maximum, target))
@@ -174,6 +209,7 @@ class RateController:
         self._slope = self.increase_per_s * max(self._top, self.rate)
         self._last_decrease = now
         self._last_step = now
+        self._ok_since_cut = 0
         self.decreases += 1
         return True
 
@@ -253,8 +289,11 @@ class AdaptiveLimiter:
 
     def throttled(self, sent_at: float | None = None) -> None:
         """A 429 came back; ``sent_at``: when its request was sent (``time.monotonic``)."""
-        if self.controller.on_throttled(sent_at):
+        controller = self.controller
+        if controller.on_throttled(sent_at):
             self._retune()
+            log.debug("limiter.rate_cut", rate=round(controller.rate, 1),
+                      throttled=controller.throttled, cuts=controller.decreases)
 
 
 class NoLimiter:
