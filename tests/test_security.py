@@ -316,11 +316,7 @@ class _Echo401(Simulator):
     ("sim_class", "exit_code"),
     [
         (_Echo422, 1),
-        pytest.param(_Echo401, 4, marks=pytest.mark.xfail(
-            strict=True,
-            reason="runner._finish puts str(fatal) into summary.json unscrubbed: an API that "
-            "echoes the key in its 401 message leaks it there (worker.log.scrub it)",
-        )),
+        (_Echo401, 4),
     ],
     ids=["422-echo", "401-echo"],
 )

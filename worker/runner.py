@@ -36,7 +36,7 @@ from worker.errors import (
 )
 from worker.journal import Journal, find_resumable, make_private_dir, read_run_info
 from worker.limiter import AdaptiveLimiter, RateController
-from worker.log import get_logger
+from worker.log import get_logger, scrub
 from worker.models import Changes, Outcome, RunContext, Target
 from worker.plan import inverse_patch, plan_changes, shows
 from worker.pool import Pool, PoolSettings
@@ -477,7 +477,7 @@ class Runner:
         if self.parent_run_id:
             extra["parent_run_id"] = self.parent_run_id
         if self.fatal is not None:
-            extra["error"] = str(self.fatal)
+            extra["error"] = scrub(str(self.fatal))
         if self.client is not None:
             extra["rate_limit_final"] = round(self.client.limiter_rate(), 2)
         summary = report.build_summary(
@@ -500,7 +500,7 @@ class Runner:
                 max(0, self.plan_counts.get("planned", 0) - len(self.samples)),
             ) + "\n")
         if isinstance(self.fatal, BulkTaggerError) and not isinstance(self.fatal, ApiError):
-            out.write(f"stopped: {self.fatal}\n")
+            out.write(f"stopped: {scrub(str(self.fatal))}\n")
         out.write(report.format_summary(summary) + "\n")
         out.write(f"report: {run_dir}\n")
         out.flush()

@@ -939,12 +939,18 @@ class _JsonTree:
 
 def _parse_json(text: str, file: str) -> tuple[Any, Lines]:
     try:
-        json.loads(text)
+        json.loads(text, object_pairs_hook=_pairs)
     except json.JSONDecodeError as exc:
         raise JobError(
             f"JSON syntax error: {exc.msg} (column {exc.colno})", file=file, line=exc.lineno
         ) from None
+    except _DuplicateKey:
+        pass  # the tree below names the line and field
     except ValueError as exc:
+        if _SURROGATE_MSG in str(exc):
+            found = re.search(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}", text)
+            line = text.count("\n", 0, found.start()) + 1 if found else None
+            raise JobError(f"a string {_SURROGATE_MSG}", file=file, line=line) from None
         raise JobError(f"cannot read the JSON: {str(exc).split(';')[0]}", file=file) from None
     tree = _JsonTree(text, file)
     data, _ = tree.value(0, ())
@@ -1403,7 +1409,24 @@ class _DuplicateKey(Exception):
         self.key = key
 
 
+_SURROGATE_MSG = "holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text"
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # JSON may escape a lone surrogate ("\ud800"): no API, file or database takes it as text
+    for key, value in pairs:
+        items = value if isinstance(value, list) else (value,)
+        for text in (key, *items):
+            if isinstance(text, str) and not _is_text(text):
+                raise ValueError(f"a string {_SURROGATE_MSG}")
     out = dict(pairs)
     if len(out) != len(pairs):
         seen: set[str] = set()
