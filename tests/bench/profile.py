@@ -17,7 +17,6 @@ from tests.bench.harness import PY_SPY, SimServer
 
 #: What counts as the record: the journal module, and the exports written at the end.
 RECORD_FILES = ("worker/journal.py",)
-RECORD_FUNCS = ("write_exports ",)
 
 
 def read_raw(path: Path) -> list[tuple[list[str], int]]:
@@ -31,21 +30,33 @@ def read_raw(path: Path) -> list[tuple[list[str], int]]:
 
 
 def _record(frame: str) -> bool:
-    return any(f in frame for f in RECORD_FILES) or any(frame.startswith(f)
-                                                        for f in RECORD_FUNCS)
+    return any(f in frame for f in RECORD_FILES)
+
+
+def _record_part(frames: list[str]) -> str | None:
+    """Which part of the record a stack is in: exports, SQLite writes in the writer thread,
+    or the journal's work on the event loop (encoding rows, reading pending ones back)."""
+    if any(f.startswith(("write_exports ", "Journal.iter_results ")) for f in frames):
+        return "exports (results.jsonl, results.csv)"
+    if not any(_record(f) for f in frames):
+        return None
+    if any("_bootstrap_inner" in f for f in frames):
+        return "journal: SQLite commits (writer thread)"
+    return "journal: on the event loop (encode rows, read pending back)"
 
 
 def summarise(stacks: list[tuple[list[str], int]], top: int = 15) -> dict[str, Any]:
     total = sum(c for _, c in stacks)
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
-    record = 0
+    parts: Counter[str] = Counter()
     for frames, count in stacks:
+        part = _record_part(frames)
+        if part is not None:
+            parts[part] += count
         own[frames[-1]] += count
         for frame in set(frames):
             inclusive[frame] += count
-        if any(_record(f) for f in frames):
-            record += count
 
     def share(n: int) -> float:
         return round(n / total, 4) if total else 0.0
@@ -53,7 +64,8 @@ def summarise(stacks: list[tuple[list[str], int]], top: int = 15) -> dict[str, A
     worker = [(f, c) for f, c in inclusive.most_common() if "worker/" in f]
     return {
         "samples": total,
-        "record_share": share(record),
+        "record_share": share(sum(parts.values())),
+        "record_parts": {k: share(v) for k, v in parts.most_common()},
         "top_own": [[f, share(c)] for f, c in own.most_common(top)],
         "top_worker_inclusive": [[f, share(c)] for f, c in worker[:top]],
     }

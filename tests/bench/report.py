@@ -57,9 +57,11 @@ COLUMNS: dict[str, list[Column]] = {
     ],
     "rate": [
         *COMMON,
+        ("2xx/s apply phase", lambda r: _num(r.get("apply_rate"), 1)),
         ("2xx/s full windows", lambda r: _num(r["useful_rate"], 1)),
         ("429s", lambda r: _num(r["server"]["rate_limited"])),
         ("429 share", lambda r: f"{r['r429_share'] * 100:.1f}%"),
+        ("429s in first 2 s", lambda r: _num(r.get("r429_first_2s"))),
         ("max 1 s (sliding)", lambda r: _num(r["max_sliding"])),
         ("max 1 s (fixed)", lambda r: _num(r["max_window"])),
         ("span s", lambda r: _num(r["span_s"])),
@@ -152,6 +154,11 @@ def _journal_notes(sc: dict[str, Any]) -> list[str]:
             f"py-spy ({prof['samples']:,} samples of a run of {prof['updated']:,} updates): "
             f"the journal and the exports hold **{prof['record_share'] * 100:.1f}%** of "
             f"bulk-tagger's CPU samples, about **{ms:.3f} ms per target**.",
+            "",
+            "| part of the record | share of samples | ms per target |", "|---|---|---|",
+            *[f"| {k} | {v * 100:.1f}% | "
+              f"{run['cpu_s'] * v / max(1, run['targets']) * 1000:.3f} |"
+              for k, v in prof.get("record_parts", {}).items()],
             "",
             "| function (own samples) | share |", "|---|---|",
             *[f"| `{f}` | {s * 100:.1f}% |" for f, s in prof["top_own"][:12]],

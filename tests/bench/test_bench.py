@@ -22,6 +22,10 @@ def test_windows_count_each_second_and_average_full_ones() -> None:
     assert w["useful_rate"] == 2.0  # windows 0 and 1; window 2 is partial
     assert w["max_window"] == 3
     assert w["max_sliding"] == 4  # (0.3, 1.3] holds 0.5, 0.9, 1.2, 1.3
+    assert w["apply_span_s"] == 2.0  # first PATCH at 0.5, last request at 2.5
+    assert w["apply_rate"] == 2.0  # four 2xx answers from 0.5 on
+    assert w["r429_first_2s"] == 1
+    assert w["r429_share_after_2s"] == 0.0  # only the arrival at 2.5 is after 0.5 + 2
 
 
 def test_max_sliding_excludes_the_left_edge() -> None:
