@@ -451,15 +451,16 @@ def run_scenario(
             problems.append(f"{key}: read-only tags changed: {read_only_of(image)} -> "
                             f"{read_only_of(final[key])}")
         status = rec["status"] if rec is not None else None
+        # what the plan says for the image as it was: the change the run may have made
+        want = plan_changes(
+            Image.from_api({**image, "tags": [
+                {"key": k, "value": v, "read_only": k in read_only_of(image)}
+                for k, v in base["tags"].items()]}),
+            changes.merged(row_changes.get(key, Changes())), ctx, partial=partial,
+        )
         if status == "updated":
             assert rec is not None
             expected = apply_patch(rec["before"] or {}, rec["patch"] or {})
-            want = plan_changes(
-                Image.from_api({**image, "tags": [
-                    {"key": k, "value": v, "read_only": k in read_only_of(image)}
-                    for k, v in base["tags"].items()]}),
-                changes.merged(row_changes.get(key, Changes())), ctx, partial=partial,
-            )
             if now != expected:
                 mismatches += 1
                 problems.append(f"{key}: updated, but the image is {now}, not {expected}")
@@ -471,8 +472,7 @@ def run_scenario(
                 mismatches += 1
                 problems.append(f"{key}: patch {rec['patch']} is not the plan's {want.patch}")
         elif now != base:
-            landed = rec is not None and rec.get("patch") and now == apply_patch(
-                base, rec["patch"])
+            landed = want.patch is not None and now == apply_patch(base, want.patch)
             if status == "planned" and scenario.auth is not None and landed:
                 ambiguous += 1  # a write whose answer was lost, then the 401 stopped the run
             else:

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from tests.chaos_harness import ChaosResult, Scenario, format_report, run_scenario
 from worker import api
@@ -24,7 +25,8 @@ from worker.journal import Pending
 from worker.limiter import NoLimiter
 from worker.models import Changes, Image, Outcome, RunContext
 from worker.pool import Pool, PoolSettings
-from worker.simulator import SimConfig, Simulator
+from worker.retry import RetryPolicy
+from worker.simulator import Faults, SimConfig, Simulator
 
 SimFactory = Callable[[SimConfig | None], Awaitable[Simulator]]
 
@@ -103,3 +105,57 @@ async def test_target_locked_as_the_queue_closes_still_ends(sim_factory: SimFact
     assert [o.status for o in outcomes] == ["updated"]
     assert sim.image(*key)["tags"]
     assert any(t["key"] == "chaos" for t in sim.image(*key)["tags"])
+
+
+class _LockAfterLostPatch(Simulator):
+    """Applies the first PATCH, then locks the image and (``p_drop_after`` = 1) drops the
+    answer: the client's retry meets a 409, the lock ends, the image shows the change."""
+
+    async def patch_image(self, request: web.Request) -> web.StreamResponse:
+        response = await super().patch_image(request)
+        if self.faults.p_drop_after:
+            self.set_faults(p_drop_after=0.0)  # this answer is still dropped, no later one
+            info = request.match_info
+            self.lock_image(int(info["project_id"]), int(info["region_id"]),
+                            info["image_id"], 0.2)
+        return response
+
+
+# Found by chaos seed 7 (a drop-after storm with mid-run locks): the PATCH landed, its answer
+# was lost, the retry met a lock; after the lock the pool re-read the image, planned nothing
+# left to do, and recorded `unchanged` with the changed image as `before`, so the record
+# denies a change the run made and `undo` never reverts it.
+@pytest.mark.xfail(
+    strict=True,
+    reason="pool._refresh records `unchanged` for a target whose own lost PATCH landed; it "
+    "should record `updated` (verified_by_read) with the original before (docs/reliability.md)",
+)
+async def test_lost_answer_then_lock_is_recorded_updated() -> None:
+    config = SimConfig(images=12, faults=Faults(p_drop_after=1.0, methods=frozenset({"PATCH"})))
+    sim = _LockAfterLostPatch(config)
+    await sim.start()
+    try:
+        image = next(i for i in sim.images() if i["visibility"] == "private")
+        key = (image["project_id"], image["region_id"], image["id"])
+        before = Image.from_api(image).state()
+        patch = {"tags": {"chaos": "pinned"}}
+        item = Pending(seq=1, project_id=key[0], region_id=key[1], image_id=key[2],
+                       name=image["name"], changes=Changes(set_tags={"chaos": "pinned"}),
+                       before=before, patch=patch, lock_task=None)
+        outcomes: list[Outcome] = []
+        settings = api.Settings(base_url=sim.url, api_key="test-key-1234")
+        async with api.Client.open(settings, NoLimiter()) as client:
+            pool = Pool(
+                client,
+                PoolSettings(concurrency=1, lock_poll_s=0.05, lock_timeout_s=5.0,
+                             retry=RetryPolicy(budget_s=5.0, base_s=0.01, max_wait_s=0.05)),
+                RunContext(run_id="pinned", run_date="2026-01-01"),
+                lambda _seq, outcome: outcomes.append(outcome),
+            )
+            await pool.run([item])
+        assert sim.counters.faults["drop_after"] == 1
+        assert sim.counters.applied_per_image[key] == 1  # the change landed once
+        (outcome,) = outcomes
+        assert (outcome.status, outcome.before, outcome.patch) == ("updated", before, patch)
+    finally:
+        await sim.stop()
