@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
-from worker.models import Image
-from worker.plan import apply_patch
+from worker.models import Changes, Image, RunContext
+from worker.plan import apply_patch, plan_changes
 from worker.simulator import Faults, SimConfig, SimulatorThread
 
 CLI = [sys.executable, "-m", "worker", "run"]
@@ -41,15 +41,30 @@ def state_of(image: dict[str, Any]) -> dict[str, Any]:
     return Image.from_api(image).state()
 
 
+CHANGES = Changes(set_tags={"managed-by": "bulk-tagger", "run": "{run.id}"},
+                  remove_tags=("legacy",), rename_tags={"team": "owner"},
+                  set_fields={"ssh_key": "allow"})
+
+
+def will_change(image: dict[str, Any], extra_tags: dict[str, str]) -> bool:
+    """Whether the job plans a change for ``image`` (as it is, or with ``extra_tags``)."""
+    ctx = RunContext(run_id="any", run_date="2026-01-01")
+    parsed = Image.from_api(image)
+    if plan_changes(parsed, CHANGES, ctx).patch is None:
+        return False
+    parsed.tags.update(extra_tags)
+    return plan_changes(parsed, CHANGES, ctx).patch is not None
+
+
 def write_job(folder: Path, **options: Any) -> Path:
     job = {
         "name": "executor-test",
         "targets": [{"query": {"projects": "all", "regions": "all", "visibility": "private"}}],
         "changes": {
-            "set_tags": {"managed-by": "bulk-tagger", "run": "{run.id}"},
-            "remove_tags": ["legacy"],
-            "rename_tags": {"team": "owner"},
-            "set": {"ssh_key": "allow"},
+            "set_tags": dict(CHANGES.set_tags),
+            "remove_tags": list(CHANGES.remove_tags),
+            "rename_tags": dict(CHANGES.rename_tags),
+            "set": dict(CHANGES.set_fields),
         },
         "options": {"concurrency": 16, "max_changes": 100_000, **options},
     }
@@ -151,9 +166,12 @@ def test_a_run_through_every_fault_ends_every_target_once_and_as_planned(
         sim = st.sim
         images = st.call(sim.images)
         private = [key_of(i) for i in images if i["visibility"] == "private"]
+        # images the job changes even after a task renamed-to-be tag lands on them
+        changing = [key_of(i) for i in images if i["visibility"] == "private"
+                    and will_change(i, {"team": "locked-team"})]
         # task locks before the run, that the plan phase sees: some end while the apply
         # phase runs (one applying tags, one in ERROR), one never does
-        ends, never = private[10:13], private[20]
+        ends, never = changing[10:13], changing[20]
         task_tags = {"team": "locked-team"}
         st.call(sim.lock_image, *ends[0], 4.0, set_tags=task_tags)
         st.call(sim.lock_image, *ends[1], 4.5, end_state="ERROR")
@@ -167,8 +185,8 @@ def test_a_run_through_every_fault_ends_every_target_once_and_as_planned(
             # plan order, the list order): they meet a 409, are parked, and sent after
             def pick() -> list[Key]:
                 sent = max(i for i, k in enumerate(private) if sim.counters.patches_per_image[k])
-                ahead = [k for k in private[sent + 100 :]
-                         if not sim.counters.patches_per_image[k]][:3]
+                ahead = [k for k in private[sent + 100 :] if k in changing_set
+                         and not sim.counters.patches_per_image[k]][:3]
                 for key in ahead:
                     sim.lock_image(*key, 3.0)
                 return ahead
@@ -178,6 +196,7 @@ def test_a_run_through_every_fault_ends_every_target_once_and_as_planned(
             return lambda: st.call(sim.set_faults, latency_ms=ms)
 
         mid_locked: list[Key] = []
+        changing_set = set(changing)
         form_switch_at: list[int] = []
 
         def to_date_form() -> None:
