@@ -127,14 +127,15 @@ class Scenario:
         events: list[Event] = []
         for _ in range(rng.randint(2, 4)):
             kind = rng.choice(["429", "429", "5xx", "drop_after", "slow"])
-            change: dict[str, Any] = {
+            changes: dict[str, dict[str, Any]] = {
                 "429": {"p_429": rng.uniform(0.5, 0.9),
                         "retry_after": rng.choice(["seconds", "date", "ms"]),
                         "retry_after_s": rng.uniform(0.1, 1.0)},
                 "5xx": {"p_5xx": rng.uniform(0.5, 0.9)},
                 "drop_after": {"p_drop_after": rng.uniform(0.2, 0.5)},
                 "slow": {"latency_ms": rng.uniform(50.0, 250.0)},
-            }[kind]
+            }
+            change = changes[kind]
             events.append(Event(
                 at_patches=rng.randint(expected // 10, expected // 2), kind="storm",
                 faults=change, duration_s=rng.uniform(0.2, 1.0),
@@ -400,10 +401,10 @@ def run_scenario(
         problems.append(f"no results.jsonl in {run_dir}")
     by_key: dict[Key, dict[str, Any]] = {}
     per_target: Counter[Key] = Counter()
-    for rec in records:
-        key = (int(rec["project_id"]), int(rec["region_id"]), str(rec["image_id"]))
+    for row in records:
+        key = (int(row["project_id"]), int(row["region_id"]), str(row["image_id"]))
         per_target[key] += 1
-        by_key[key] = rec
+        by_key[key] = row
     records_per_target = Counter(per_target.values())
     for key, n in per_target.items():
         if n != 1:
@@ -496,18 +497,18 @@ def run_scenario(
     if bad:
         problems.append(f"malformed requests answered {bad}")
 
-    statuses = Counter(rec["status"] for rec in records)
+    statuses = Counter(row["status"] for row in records)
     expected_exit = 4 if scenario.auth is not None else 1 if statuses.get("failed") else 0
     if scenario.clean and scenario.auth is None and statuses.get("failed"):
         problems.append(f"a clean seed (transient faults only) failed targets: "
                         f"{Counter(r['reason'] for r in records if r['status'] == 'failed')}")
     if scenario.auth is None and statuses.get("planned"):
-        never = [k for k, r in by_key.items() if r["status"] == "planned"]
+        unended = [k for k, r in by_key.items() if r["status"] == "planned"]
         problems.append(
-            f"{len(never)} targets never ended (no outcome, exit {proc.returncode}): "
+            f"{len(unended)} targets never ended (no outcome, exit {proc.returncode}): "
             + ", ".join(
                 f"{k[2]} (locked mid-run: {k in controller.locked}, before the run: "
-                f"{k in pre_locks}, deleted: {k in controller.deleted})" for k in never[:5]
+                f"{k in pre_locks}, deleted: {k in controller.deleted})" for k in unended[:5]
             )
         )
     if proc.returncode != expected_exit:
