@@ -166,6 +166,11 @@ def test_report_of_a_killed_run(tmp_path: Path) -> None:
         while not planned():  # the plan's own outcomes (the missing image) are committed
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
+        # a live run can be looked at: the report reads the journal its writer is filling
+        code, out, err = output("report", "killed", "--state-dir", state, "--format", "jsonl")
+        assert code == 0, err
+        assert proc.poll() is None, "still running"
+        assert {json.loads(line)["status"] for line in out.splitlines()} >= {"planned"}
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
     assert not (state / "killed" / "summary.json").exists()

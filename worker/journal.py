@@ -181,8 +181,12 @@ class Journal:
         self._conn = _connect(self.path)
         self._db = threading.Lock()  # every use of self._conn holds it (two threads use it)
         with self._db:
-            self._conn.executescript(SCHEMA)
-            self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            # an existing journal (resume, report, undo's parent, maybe a live run) is not
+            # written to just by opening it
+            (version,) = self._conn.execute("PRAGMA user_version").fetchone()
+            if not version:
+                self._conn.executescript(SCHEMA)
+                self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._targets: list[tuple[Any, ...]] = []
         self._outcomes: list[tuple[Any, ...]] = []
         # what iter_pending handed out and has no outcome yet: seq -> (before, its JSON text,
