@@ -8,8 +8,8 @@
   the kill and before the resume). ``make test`` runs three seeds, ``-m slow`` many more.
 - SIGTERM: exit 75 within ``--grace-seconds`` (in-flight requests that outlast the grace are
   abandoned; a second signal stops at once), exports written, then ``--resume`` finishes.
-- A changed job file refuses to resume (exit 2, nothing sent); ``--resume`` with nothing to
-  resume starts a new run.
+- A changed job file refuses to resume (exit 2, nothing sent) a run stopped by SIGTERM in its
+  plan; ``--resume`` with nothing to resume starts a new run.
 """
 
 from __future__ import annotations
@@ -425,15 +425,17 @@ def test_a_second_signal_stops_at_once(
 def test_a_changed_job_file_refuses_to_resume(
     tmp_path: Path, fresh_sim: Callable[..., SimulatorThread]
 ) -> None:
-    sim = fresh_sim(images=300, latency_ms=20.0)
+    sim = fresh_sim(images=300, latency_ms=300.0)  # a plan of a few slow pages
     job = write_job(tmp_path, {**JOB, "options": {"concurrency": 4}})
     state = tmp_path / "state"
     first = Cli.start(tmp_path, "first", *run_args(job, sim, state))
-    wait_until(lambda: bool(journal_query(state, "SELECT 1 FROM run WHERE plan_done = 1")),
-               first, step_s=0.01)
-    first.proc.send_signal(signal.SIGKILL)
-    first.wait()
+    wait_until(lambda: bool(journal_query(state, "SELECT 1 FROM run")), first, step_s=0.01)
+    first.proc.send_signal(signal.SIGTERM)  # in the plan: stops at once, nothing was sent
+    assert first.wait() == 75, first.text()
     run_dir = the_run(state)
+    assert journal_query(state, "SELECT plan_done, exit_code FROM run") == [(0, 75)]
+    assert sim.call(lambda: sim.sim.counters.requests["patch"]) == 0
+    sim.call(sim.sim.set_faults, latency_ms=0.0)
 
     changed = dict(JOB, changes={**JOB["changes"], "set_tags": {"wave": "w8"}},
                    options={"concurrency": 4})
