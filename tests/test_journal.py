@@ -272,6 +272,23 @@ async def test_iter_pending_is_plan_order_without_ended_or_planned_away_targets(
     journal.close()
 
 
+async def test_an_undo_target_carries_what_the_image_must_still_show(tmp_path: Path) -> None:
+    journal = new_journal(tmp_path / "r")
+    run_patch = {"tags": {"managed-by": "bulk-tagger", "legacy": None}, "ssh_key": "allow"}
+    journal.add_target(
+        project_id=1, region_id=7, image_id="a", name="a", source="undo", changes=CHANGES,
+        before={"tags": {"managed-by": "bulk-tagger"}}, patch={"tags": {"managed-by": None}},
+        lock_task=None, plan_status="planned", plan_reason=None, plan_detail=None,
+        expect=run_patch,
+    )
+    add_target(journal, 2)
+    await journal.flush()
+    undo_target, run_target = journal.iter_pending()
+    assert undo_target.expect == run_patch
+    assert run_target.expect is None
+    journal.close()
+
+
 async def test_iter_results_has_one_row_per_target_in_plan_order(tmp_path: Path) -> None:
     journal = new_journal(tmp_path / "r")
     for i in range(1, 6):

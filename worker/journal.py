@@ -56,7 +56,7 @@ CREATE TABLE IF NOT EXISTS targets (
     seq INTEGER PRIMARY KEY,
     project_id INTEGER NOT NULL, region_id INTEGER NOT NULL, image_id TEXT NOT NULL,
     name TEXT, source TEXT, changes TEXT, before TEXT, patch TEXT, lock_task TEXT,
-    plan_status TEXT NOT NULL, plan_reason TEXT, plan_detail TEXT,
+    plan_status TEXT NOT NULL, plan_reason TEXT, plan_detail TEXT, expect TEXT,
     UNIQUE (project_id, region_id, image_id)
 );
 CREATE TABLE IF NOT EXISTS outcomes (
@@ -269,7 +269,10 @@ class Journal:
         plan_status: str,
         plan_reason: str | None,
         plan_detail: str | None,
+        expect: Mapping[str, Any] | None = None,
     ) -> None:
+        """Buffer a planned target. ``expect`` (undo): the patch the undone run sent, which
+        the image must still show when it is sent (read again on resume or after a lock)."""
         if isinstance(changes, str):
             changes_text = changes
         elif changes is self._last_changes[0]:  # query targets share the job's changes
@@ -280,7 +283,7 @@ class Journal:
         self._targets.append(
             (project_id, region_id, image_id, name, source, changes_text,
              _json(before), _json(patch), lock_task, plan_status, plan_reason,
-             None if plan_detail is None else scrub(plan_detail))
+             None if plan_detail is None else scrub(plan_detail), _json(expect))
         )
         if len(self._targets) >= self.batch:
             self._wake.set()
@@ -324,7 +327,7 @@ class Journal:
                 conn.executemany(
                     "INSERT OR IGNORE INTO targets (project_id, region_id, image_id, name,"
                     " source, changes, before, patch, lock_task, plan_status, plan_reason,"
-                    " plan_detail) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " plan_detail, expect) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     targets,
                 )
                 finals = [t for t in targets if t[9] not in ("planned", "pending")]
@@ -448,7 +451,7 @@ class Journal:
             while True:
                 rows = conn.execute(
                     "SELECT t.seq, t.project_id, t.region_id, t.image_id, t.name, t.changes,"
-                    " t.before, t.patch, t.lock_task FROM targets t"
+                    " t.before, t.patch, t.lock_task, t.expect FROM targets t"
                     " LEFT JOIN outcomes o ON o.seq = t.seq"
                     " WHERE t.seq > ? AND o.seq IS NULL AND t.plan_status IN ('planned', 'pending')"
                     " ORDER BY t.seq LIMIT ?",
@@ -456,11 +459,11 @@ class Journal:
                 ).fetchall()
                 if not rows:
                     return
-                for seq, p, r, image_id, name, changes, before, patch, lock_task in rows:
+                for seq, p, r, image_id, name, changes, before, patch, lock_task, expect in rows:
                     item = Pending(
                         # ``before`` stays in the journal: the outcome does not carry it
                         seq, p, r, image_id, name or "", changes_from_json(changes),
-                        None, _load(patch), lock_task,
+                        None, _load(patch), lock_task, _load(expect),
                     )
                     handed[seq] = (item.before, before, item.patch, patch)
                     yield item
