@@ -301,7 +301,7 @@ class Runner:
         return 1 if counts.get("failed") else 0
 
     # -- plan -----------------------------------------------------------------------------
-    def _record_plan(self, target: Target) -> None:
+    def _record_plan(self, target: Target, expect: dict[str, Any] | None = None) -> None:
         journal = self.journal
         assert journal is not None
         image = target.image
@@ -330,7 +330,7 @@ class Runner:
             image_id=target.image_id, name=name, source=target.source,
             changes=target.changes, before=before, patch=patch,
             lock_task=image.task_id if image is not None else None,
-            plan_status=status, plan_reason=reason, plan_detail=detail,
+            plan_status=status, plan_reason=reason, plan_detail=detail, expect=expect,
         )
 
     async def _plan(self, client: api.Client) -> None:
@@ -368,7 +368,9 @@ class Runner:
             if image is not None and not shows(image.state(), patch):
                 self._record_conflict(target, name)
                 return
-            self._record_plan(target)
+            # what the image must still show when it is sent: checked again by the pool
+            # where it reads the image again (a resumed undo, a lock)
+            self._record_plan(target, expect=patch)
 
         try:
             for row in parent.iter_updated():
