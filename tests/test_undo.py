@@ -246,7 +246,7 @@ def test_undo_of_an_unknown_run_is_a_usage_error(tmp_path: Path, sim: SimulatorT
     assert sim.call(sim.sim.counters.total) == 0
 
 
-# -- known gaps (pool.py): each pinned by a strict xfail that turns red once fixed --------------
+# -- interrupted and resumed, then undone ---------------------------------------------------------
 def kill_when(tmp_path: Path, proc: subprocess.Popen[bytes], name: str, run_dir: Path,
               sim: SimulatorThread) -> None:
     """SIGKILL once some outcomes are committed and more PATCHes were applied since."""
@@ -263,13 +263,11 @@ def kill_when(tmp_path: Path, proc: subprocess.Popen[bytes], name: str, run_dir:
     proc.wait(30)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pool.py Pool._refresh: a resumed target whose PATCH landed before the kill (outcome not "
-    "yet committed) is re-read, found already changed and recorded 'unchanged' with no patch, "
-    "so undo never reverts it; it should be recorded 'updated' with the original before/patch"))
 def test_undo_after_a_killed_and_resumed_run_restores_everything(
     tmp_path: Path, sim: SimulatorThread
 ) -> None:
+    """A PATCH that landed before the kill, its outcome not yet committed, is recorded
+    ``updated`` on resume (read again, it shows the patch), so undo reverts it too."""
     before = images(sim)
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({**JOB, "options": {"concurrency": 4}}, sort_keys=False))
@@ -288,13 +286,11 @@ def test_undo_after_a_killed_and_resumed_run_restores_everything(
     assert not wrong, f"{len(wrong)} images not restored"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pool.py Pool._refresh (and runner/journal: Pending.expect is never filled): a resumed "
-    "undo re-plans its pending targets without checking that the image still shows what the "
-    "run set, so a change made since is overwritten instead of reported as a conflict"))
 def test_a_resumed_undo_still_skips_images_changed_since(
     tmp_path: Path, sim: SimulatorThread
 ) -> None:
+    """An undo target read again on resume is checked against what the run set
+    (``Pending.expect``): a change made since the undo's plan is a conflict, not overwritten."""
     state, run_dir = do_run(tmp_path, sim)
     sim.call(sim.sim.set_faults, latency_ms=40.0)
     sim.call(sim.sim.reset_counters)
