@@ -246,33 +246,38 @@ class _Controller(threading.Thread):
 
     def run(self) -> None:
         sim = self.st.sim
-        restore: list[tuple[float, dict[str, Any]]] = []
+        baseline = self.st.call(lambda: sim.faults.as_dict())  # noqa: PLW0108 (read on its loop)
+        active: list[tuple[float, dict[str, Any]]] = []  # storms on: (end, changes), by start
         try:
             while not self.done.is_set():
                 patches = self.st.call(lambda: sim.counters.requests["patch"])
                 now = time.monotonic()
                 while self.events and self.events[0].at_patches <= patches:
-                    restore.extend(self._fire(self.events.pop(0), now))
-                for item in [r for r in restore if r[0] <= now]:
-                    restore.remove(item)
-                    self.st.call(sim.set_faults, **item[1])
+                    active.extend(self._fire(self.events.pop(0), now))
+                ended = [storm for storm in active if storm[0] <= now]
+                if ended:
+                    # back to the baseline, unless a storm still on sets the same fault
+                    active = [storm for storm in active if storm[0] > now]
+                    back = {k: baseline[k] for _, changes in ended for k in changes}
+                    for _, changes in active:
+                        back.update({k: v for k, v in changes.items() if k in back})
+                    self.st.call(sim.set_faults, **back)
                 self.done.wait(0.02)
         except BaseException as exc:  # surfaced by run_scenario
             self.error = exc
         finally:
             with contextlib.suppress(Exception):
-                for _, back in restore:
-                    self.st.call(sim.set_faults, **back)
+                if active:
+                    self.st.call(sim.set_faults, **{
+                        k: baseline[k] for _, changes in active for k in changes})
 
     def _fire(self, event: Event, now: float) -> list[tuple[float, dict[str, Any]]]:
         sim = self.st.sim
         rng = self.rng
         if event.kind == "storm":
-            old = self.st.call(lambda: sim.faults.as_dict())  # noqa: PLW0108 (read on its loop)
-            back = {k: old[k] for k in event.faults}
             self.st.call(sim.set_faults, **event.faults)
             self.faults["storm_" + next(iter(event.faults)).removeprefix("p_")] += 1
-            return [(now + event.duration_s, back)]
+            return [(now + event.duration_s, dict(event.faults))]
         if event.kind == "auth":
             self.st.call(sim.set_faults, auth_fail_after=0)
             self.faults["auth_revoked"] += 1
@@ -387,6 +392,7 @@ def run_scenario(
         if controller.error is not None:
             raise controller.error
         counters = st.call(sim.counters.as_dict)
+        left_on = st.call(lambda: sim.faults.as_dict())  # noqa: PLW0108 (read on its loop)
         final = {key_of(i): i for i in st.call(sim.images)}
         lock_ended = {key: _task_state(st, task) != "RUNNING"
                       for key, (task, _) in pre_locks.items()}
@@ -482,6 +488,10 @@ def run_scenario(
                     f"{key}: {status}/{rec and rec.get('reason')} but changed: {base} -> {now}"
                     + (" (the PATCH landed, the record does not say so)" if landed else "")
                 )
+    baseline = scenario.faults.as_dict()
+    if {k: v for k, v in left_on.items() if k != "auth_fail_after"} != {
+            k: v for k, v in baseline.items() if k != "auth_fail_after"}:
+        problems.append(f"harness: faults left on after the run: {left_on}")
     unauthorized = int(counters["faults"].get("401", 0))
     if scenario.auth is None and unauthorized:
         problems.append(f"{unauthorized} answers 401 in a seed without a revoked key")
