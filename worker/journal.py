@@ -3,8 +3,9 @@
 One writer owns the file (SQLite in WAL mode); everything else reads through its own
 connection. Writes are buffered and committed in batches of at most ``batch`` rows or
 ``flush_s`` seconds, in a worker thread so the event loop never waits on the disk. A killed
-process loses at most the last uncommitted batch; those targets are simply done again
-(merge-patch is idempotent).
+process loses at most the last uncommitted batch; ``--resume`` reads those targets again (a
+PATCH that landed is recorded ``updated`` by the pool, one that did not is sent: merge patches
+are idempotent). No target with a committed outcome is sent again.
 
 Tables: ``run`` (one row: the job, its hash, options, times, exit code, summary),
 ``targets`` (every planned target: where, what the plan said, the state before, the patch,
@@ -165,7 +166,9 @@ def _private_file(path: Path) -> None:
 
 
 class Journal:
-    """A run's journal. ``open`` creates or reopens it; ``start_writer`` begins batching."""
+    """A run's journal: constructing it creates the file or reopens it (writing nothing to an
+    existing one); ``start_writer`` begins batched commits, ``stop_writer`` and ``close`` end
+    them (both commit what is buffered)."""
 
     def __init__(self, run_dir: Path, *, batch: int = 500, flush_s: float = 1.0) -> None:
         self.run_dir = run_dir
