@@ -17,7 +17,7 @@ def test_plan_on_demo_data_sends_gets_only(sim_thread: SimulatorThread, tmp_path
     proc = run_cli("plan", DEMO, "--base-url", sim_thread.url, "--state-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    counters = sim_thread.call(lambda: sim_thread.sim.counters.as_dict())
+    counters = sim_thread.call(sim_thread.sim.counters.as_dict)
     assert counters["requests"]["patch"] == 0
     assert counters["requests"]["list"] > 0
     assert sim_thread.call(sim_thread.sim.images) == before
@@ -89,6 +89,6 @@ def test_shards_split_the_job_and_share_the_rate(tmp_path: Path) -> None:
         everything = {(i["project_id"], i["region_id"], i["id"]) for i in st.call(st.sim.images)}
         assert len(keys) == len(set(keys))  # disjoint
         assert set(keys) == everything  # complete
-        counters = st.call(lambda: st.sim.counters.as_dict())
+        counters = st.call(st.sim.counters.as_dict)
         assert counters["rate_limited"] == 0
         assert counters["max_per_second"] <= 60  # three shards of 20/s each

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,9 @@ from worker.selectors import Expander, Shard
 from worker.simulator import SimConfig
 
 
-async def expand(job_path: Path, url: str, tmp_path: Path, shard: Shard | None = None) -> tuple[
-    list[Target], api.RequestCounts
-]:
+async def expand(
+    job_path: Path, url: str, tmp_path: Path, shard: Shard | None = None
+) -> tuple[list[Target], api.RequestCounts]:
     job = spec.load_job(job_path, env={})
     settings = api.Settings(base_url=url, api_key="k-1234")
     async with api.Client.open(settings, NoLimiter()) as client:
@@ -36,7 +37,9 @@ def csv_file(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-async def test_query_all_projects_and_regions_with_filters(sim_factory: Any, tmp_path: Path) -> None:
+async def test_query_all_projects_and_regions_with_filters(
+    sim_factory: Any, tmp_path: Path
+) -> None:
     sim = await sim_factory(SimConfig(images=300, page_max=50))
     job = write_job(tmp_path, {
         "name": "q",
@@ -89,7 +92,9 @@ async def test_file_rows_in_one_region_are_joined_not_fetched_one_by_one(
     assert counts.by_kind["get"] == 1
 
 
-async def test_a_few_rows_in_a_big_region_cost_one_get_each(sim_factory: Any, tmp_path: Path) -> None:
+async def test_a_few_rows_in_a_big_region_cost_one_get_each(
+    sim_factory: Any, tmp_path: Path
+) -> None:
     sim = await sim_factory(SimConfig(images=9000, page_max=100))
     region = [i for i in sim.images() if i["project_id"] == 1338 and i["region_id"] == 76]
     picked = region[500:505]
@@ -113,11 +118,11 @@ async def test_each_image_once_and_row_changes_win(sim_factory: Any, tmp_path: P
         {"project_id": one["project_id"], "region_id": one["region_id"], "image_id": one["id"],
          "tag:env": "from-row"},
     ])
+    where = {"project_id": two["project_id"], "region_id": two["region_id"],
+             "image_id": two["id"]}
     (tmp_path / "b.jsonl").write_text(
-        '{"project_id": %d, "region_id": %d, "image_id": "%s", "set_tags": {"x": "1"}}\n'
-        '{"project_id": %d, "region_id": %d, "image_id": "%s", "set_tags": {"x": "2"}}\n'
-        % (two["project_id"], two["region_id"], two["id"],
-           two["project_id"], two["region_id"], two["id"])
+        json.dumps({**where, "set_tags": {"x": "1"}}) + "\n"
+        + json.dumps({**where, "set_tags": {"x": "2"}}) + "\n"
     )
     job = write_job(tmp_path, {
         "name": "d",

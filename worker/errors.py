@@ -1,7 +1,7 @@
 """One exception tree for bulk-tagger.
 
     BulkTaggerError                 what aborts a command (exit_code says how it ends)
-    ├── JobError          (2)       bad command line, job spec or selector file: names file, line, field
+    ├── JobError          (2)       bad command line, job or selector file (file, line, field)
     ├── SafetyLimit       (3)       the plan has more changes than the job allows
     ├── Interrupted      (75)       SIGTERM/SIGINT, or the API unreachable past the retry budget
     ├── CircuitOpen    (1|75)       the run stopped because its targets kept failing alike

@@ -63,7 +63,7 @@ def _scrub_rendered(_logger: Any, _name: str, rendered: Any) -> Any:
 def configure(
     fmt: str | None = None, *, level: str = "info", stream: TextIO | None = None
 ) -> None:
-    """Set up structlog. ``fmt`` is ``json`` or ``console``; None picks by whether stderr is a tty."""
+    """Set up structlog. ``fmt``: ``json`` or ``console``; None picks by whether stderr is a tty."""
     stream = stream or sys.stderr
     if fmt is None:
         fmt = "console" if stream.isatty() else "json"
