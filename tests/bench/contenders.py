@@ -74,7 +74,7 @@ def bulk_tagger(
     stacks written there; the process figures then include py-spy's own)."""
     state = workdir / f"runs-{label}"
     wrap = [] if profile_to is None else [
-        PY_SPY, "record", "--nonblocking", "-r", "100", "-f", "raw", "-o", str(profile_to), "--"]
+        PY_SPY, "record", "--nonblocking", "-r", "200", "-f", "raw", "-o", str(profile_to), "--"]
     cmd = [*wrap, BULK_TAGGER, command, str(job), "--base-url", url, "--state-dir", str(state),
            "--run-id", "bench", "--concurrency", str(concurrency), "--log-format", "json"]
     if rate is not None:

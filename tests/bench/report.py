@@ -49,6 +49,7 @@ COLUMNS: dict[str, list[Column]] = {
         *COMMON,
         ("span s (server)", lambda r: _num(r["span_s"])),
         ("updates/s", lambda r: _num(r["throughput_per_s"], 1)),
+        ("2xx/s apply phase", lambda r: _num(r.get("apply_rate"), 1)),
         ("2xx/s full windows", lambda r: _num(r["useful_rate"], 1)),
         ("CPU ms/update", lambda r: _num(r["cpu_per_update_ms"], 3)),
         ("wall s", lambda r: _num(r["wall_s"])),
