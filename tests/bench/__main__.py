@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests.bench import report, scenarios
-from tests.bench.harness import machine
+from . import report, scenarios
+from .harness import machine
 
 ORDER = ("a", "b", "c", "d", "f", "j", "e")
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.bench.harness import BULK_TAGGER, PY_SPY, PYTHON, Measured, run_measured
+from .harness import BULK_TAGGER, PY_SPY, PYTHON, Measured, run_measured
 
 API_KEY = "bench-key"
 TAG_KEY = "bench"

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.bench.contenders import Run
-from tests.bench.harness import PY_SPY, SimServer
+from .contenders import Run
+from .harness import PY_SPY, SimServer
 
 #: What counts as the record: the journal module, and the exports written at the end.
 RECORD_FILES = ("worker/journal.py",)

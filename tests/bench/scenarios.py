@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.bench import contenders
-from tests.bench.contenders import Run
-from tests.bench.harness import SimServer
-from tests.bench.metrics import windows
-from tests.bench.profile import journal_share
 from worker.simulator.demo import COMBOS, Demo
+
+from . import contenders
+from .contenders import Run
+from .harness import SimServer
+from .metrics import windows
+from .profile import journal_share
 
 CONCURRENCY = 64
 LIMIT = 200.0

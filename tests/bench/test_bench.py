@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.bench import contenders
-from tests.bench.harness import SimServer, run_measured
-from tests.bench.metrics import max_sliding, windows
-from tests.bench.scenarios import images_for_region_rows, private_pages, write_rows
 from worker.simulator.demo import COMBOS, Demo
+
+from . import contenders
+from .harness import SimServer, run_measured
+from .metrics import max_sliding, windows
+from .scenarios import images_for_region_rows, private_pages, write_rows
 
 
 def test_windows_count_each_second_and_average_full_ones() -> None:
