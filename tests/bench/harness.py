@@ -155,7 +155,17 @@ def machine() -> dict[str, Any]:
     """What the figures were taken on."""
     import platform
 
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                                  check=False, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
     return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        # the worker as measured may hold changes not yet committed
+        "worker_uncommitted": bool(git("status", "--porcelain", "--", "worker")),
         "nproc": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -126,7 +126,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"Machine: {m['nproc']} CPUs, Python {m['python']}, {m['platform']}; load average "
         f"at start {' / '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}, at end "
         f"{' / '.join(f'{x:.2f}' for x in m.get('loadavg_at_end', []))}.",
-        f"Command: `{results['command']}` ({results['elapsed_s']:.0f} s).",
+        f"Command: `{results['command']}` ({results['elapsed_s']:.0f} s). Commit "
+        f"{m.get('commit') or '?'}"
+        + (" with uncommitted changes in worker/." if m.get("worker_uncommitted") else "."),
         "",
     ]
     for sc in results["scenarios"]:
