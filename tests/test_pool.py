@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from worker.api import Client, Settings
 from worker.errors import AuthFailed, Transient
@@ -300,17 +301,87 @@ async def test_stop_cuts_retry_waits_short(sim_factory: SimFactory) -> None:
 
 
 # -- resume, the feed ---------------------------------------------------------------------------
-async def test_reread_plans_again_before_sending(sim_factory: SimFactory) -> None:
+async def test_a_resumed_target_is_read_and_planned_again(sim_factory: SimFactory) -> None:
     sim = await sim_factory(SimConfig(images=60))
-    keys = private_keys(sim, 2)
+    keys = private_keys(sim, 4)
     items = pending(sim, keys)
-    assert items[0].patch is not None
-    sim.store.patch(sim.store.index(*keys[0]), items[0].patch)  # someone did it already
+    assert all(i.patch is not None for i in items)
+    store = sim.store
+    # 1: the last process's PATCH landed, its outcome was never committed
+    store.patch(store.index(*keys[0]), items[0].patch)
+    # 2: someone else set one of the tags the plan sets, to another value, since the plan
+    store.patch(store.index(*keys[1]), {"tags": {"managed-by": "someone-else"}})
+    # 3: untouched; 4: an undo target whose image no longer shows what the run had set
+    last = items[3]
+    items[3] = Pending(last.seq, last.project_id, last.region_id, last.image_id, last.name,
+                       last.changes, last.before, last.patch, None,
+                       expect={"tags": {"managed-by": "the-run"}})
     record = Record()
     async with client_for(sim) as client:
         await pool(client, record).run(items, reread=True)
-    assert (record.outcomes[1].status, record.outcomes[2].status) == ("unchanged", "updated")
-    assert sim.counters.requests["get"] == 2 and sim.counters.requests["patch"] == 1
+    first, second, third, fourth = (record.outcomes[i.seq] for i in items)
+    # the landed PATCH is recorded as the run's own change, against the state it was sent to
+    assert (first.status, first.reason) == ("updated", "verified_by_read")
+    assert (first.before, first.patch) == (items[0].before, items[0].patch)
+    assert first.after == state(sim, keys[0]) == apply_patch(first.before, first.patch)
+    # the changed one is planned again against what it is now, and sent
+    assert second.status == "updated" and second.before is not None
+    assert second.before["tags"]["managed-by"] == "someone-else"
+    assert state(sim, keys[1])["tags"]["managed-by"] == "bulk-tagger"
+    assert third.status == "updated"
+    assert (fourth.status, fourth.reason) == ("skipped", "conflict")
+    assert sim.counters.requests["get"] == 4 and sim.counters.requests["patch"] == 2
+    assert sim.counters.patches_per_image[keys[3]] == 0
+
+
+class _LockAfterLostAnswer(Simulator):
+    """Applies the first PATCH, drops its answer and locks the image for a moment: the retry
+    meets a 409; when the lock ends the image shows the change, made by that first PATCH."""
+
+    async def patch_image(self, request: web.Request) -> web.StreamResponse:
+        response = await super().patch_image(request)
+        if self.faults.p_drop_after:
+            self.set_faults(p_drop_after=0.0)
+            info = request.match_info
+            self.lock_image(int(info["project_id"]), int(info["region_id"]),
+                            info["image_id"], 0.2)
+        return response
+
+
+async def test_a_lost_answer_then_a_lock_is_recorded_as_the_runs_change() -> None:
+    sim = _LockAfterLostAnswer(SimConfig(images=60, faults=Faults(
+        p_drop_after=1.0, methods=frozenset({"PATCH"}))))
+    await sim.start()
+    try:
+        keys = private_keys(sim, 1)
+        items = pending(sim, keys)
+        record = Record()
+        async with client_for(sim) as client:
+            await pool(client, record).run(items)
+    finally:
+        await sim.stop()
+    (outcome,) = record.outcomes.values()
+    assert (outcome.status, outcome.reason) == ("updated", "verified_by_read")
+    assert (outcome.before, outcome.patch) == (items[0].before, items[0].patch)
+    assert sim.counters.applied_per_image[keys[0]] == 1
+    assert sim.counters.statuses[409] == 1 and outcome.lock_wait_s > 0
+
+
+async def test_retries_run_out_on_a_patch_that_landed(sim_factory: SimFactory) -> None:
+    # every PATCH answer is lost after the write; reads answer, so the API is not "down"
+    sim = await sim_factory(SimConfig(images=60, faults=Faults(
+        p_drop_after=1.0, methods=frozenset({"PATCH"}))))
+    items = pending(sim, private_keys(sim, 3))
+    record = Record()
+    async with client_for(sim) as client:
+        client.last_ok = time.monotonic() + 3600  # as if other requests kept succeeding
+        await pool(client, record, retry=RetryPolicy(budget_s=0.3, base_s=0.01,
+                                                      max_wait_s=0.05)).run(items)
+    for item in items:
+        outcome = record.outcomes[item.seq]
+        assert (outcome.status, outcome.reason) == ("updated", "verified_by_read")
+        assert outcome.patch == item.patch and outcome.attempts >= 3
+    assert_applied(sim, items, record)
 
 
 async def test_the_feed_is_bounded(sim_factory: SimFactory) -> None:

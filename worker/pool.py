@@ -16,10 +16,18 @@ as exactly one outcome (data, handed to ``sink``), never an exception.
   in flight finish and keep their outcome (the caller bounds that by its grace period, then
   cancels ``run``). Targets without an outcome stay pending in the journal for ``--resume``.
 
-Outcome reasons set here: ``not_found``, ``rejected`` (400/403/422...), ``lock_timeout``,
-``not_applied`` (the PATCH succeeded but a read shows otherwise), ``rate_limited``,
-``server_error`` and ``unreachable`` (429s, 408/5xx, or no answer, past the retry budget),
-``internal_error`` (a bug: logged with its traceback, the run goes on).
+A PATCH may land without our hearing so (the answer lost after the write, a timeout, a 5xx;
+or a resumed run whose last process died before the outcome was committed). Such a target,
+when read again (after a lock, on resume, or once its retries ran out), is recorded
+``updated`` / ``verified_by_read`` with the state and patch it was sent against if the image
+shows that patch: the record never denies a change the run made (and ``undo`` reverts it).
+
+Outcome reasons set here: ``verified_by_read`` (updated, seen by a read), ``not_found``,
+``rejected`` (400/403/422...), ``lock_timeout``, ``not_applied`` (the PATCH succeeded but a
+read shows otherwise), ``rate_limited``, ``server_error`` and ``unreachable`` (429s, 408/5xx,
+or no answer, past the retry budget), ``conflict`` (skipped: an undo target whose image no
+longer shows ``Pending.expect``), ``internal_error`` (a bug: logged with its traceback, the
+run goes on).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from worker.errors import (
     NotFound,
     RateLimited,
     Rejected,
+    Transient,
 )
 from worker.journal import Pending
 from worker.log import get_logger
@@ -96,6 +105,9 @@ class _Work:
     reread: bool = False
     lock_task: str | None = None
     lock_since: float | None = None
+    # a PATCH of this target may have been applied without our hearing so (an answer lost,
+    # a timeout, a 5xx; or a resumed run, whose last process may have sent it before it died)
+    maybe_applied: bool = False
 
 
 class _ApiDown(Exception):
@@ -204,7 +216,7 @@ class Pool:
             if self._stopping:
                 return
             self._open += 1
-            work = _Work(item, reread=reread)
+            work = _Work(item, reread=reread, maybe_applied=reread)
             if item.lock_task:
                 work.lock_task = item.lock_task
             await queue.put(work)
@@ -304,7 +316,8 @@ class Pool:
         except AuthFailed as exc:
             self._abort(exc)
         except ApiError as exc:  # not found, rejected, or retryable past its budget
-            self._fail(work, exc)
+            if not (exc.retryable and work.maybe_applied and await self._landed(work)):
+                self._fail(work, exc)
         except _ApiDown as down:
             log.error("run.api_unreachable", error=down.error.message, status=down.error.status)
             self._abort(down.error)
@@ -320,7 +333,15 @@ class Pool:
         patch = item.patch or {}
         client = self.client
         p, r, image_id = item.project_id, item.region_id, item.image_id
-        image: Image = await self._call(work, lambda: client.patch_image(p, r, image_id, patch))
+
+        async def attempt() -> Image:
+            try:
+                return await client.patch_image(p, r, image_id, patch)
+            except Transient:
+                work.maybe_applied = True
+                raise
+
+        image: Image = await self._call(work, attempt)
         state = image.state()
         if shows(state, patch):
             self._emit(work, self._outcome(work, "updated", after=state, http_status=200))
@@ -354,14 +375,46 @@ class Pool:
             self._park(work, image.task_id)
             return False
         work.reread = False
-        plan = plan_changes(image, item.changes, self.ctx, partial=self.settings.partial)
         before = image.state()
+        if work.maybe_applied and item.patch and shows(before, item.patch):
+            # our own PATCH landed (its answer was lost, or the last process died before its
+            # outcome was committed): say so, with the state and patch it was sent against
+            self._emit(work, self._outcome(work, "updated", reason="verified_by_read",
+                                           after=before, http_status=200))
+            return False
+        if item.expect is not None and not shows(before, item.expect):
+            # undo: the image no longer shows what the run set; someone changed it since
+            self._emit(work, self._outcome(
+                work, "skipped", reason="conflict", before=before, patch=None,
+                error="the image no longer shows what the run set: changed since"))
+            return False
+        plan = plan_changes(image, item.changes, self.ctx, partial=self.settings.partial)
         if plan.patch is None:
             status = plan.status if plan.status != "planned" else "unchanged"
             self._emit(work, self._outcome(work, status, reason=plan.reason, before=before,
                                            patch=None, error=plan.detail))
             return False
         work.item = replace(item, before=before, patch=plan.patch, name=image.name or item.name)
+        return True
+
+    async def _landed(self, work: _Work) -> bool:
+        """After retries ran out on a PATCH that may have been applied: one read to tell.
+
+        True when the image shows the patch (the target then ends ``updated``).
+        """
+        item = work.item
+        try:
+            work.attempts += 1
+            image = await self.client.get_image(item.project_id, item.region_id, item.image_id)
+        except AuthFailed:
+            raise
+        except ApiError:
+            return False
+        state = image.state()
+        if not (item.patch and shows(state, item.patch)):
+            return False
+        self._emit(work, self._outcome(work, "updated", reason="verified_by_read", after=state,
+                                       http_status=200))
         return True
 
     # -- task locks ---------------------------------------------------------------------------
