@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from worker import retry
+from worker.budget import RetryBudget
 from worker.errors import (
     ApiError,
     AuthFailed,
@@ -223,3 +224,36 @@ async def test_concurrent_calls_keep_their_own_state() -> None:
         *(retry.call(make(n), RetryPolicy(base_s=0.001, max_wait_s=0.002)) for n in range(8))
     )
     assert [attempts for _, attempts in results] == [n + 1 for n in range(8)]
+
+
+# -- the run's retry budget ------------------------------------------------------------------
+async def test_a_run_budget_bounds_retries_across_calls() -> None:
+    budget = RetryBudget(ratio=0.0, window_s=10.0, min_per_s=0.2)  # a reserve of 2 retries
+    policy = RetryPolicy(budget_s=0.3, base_s=0.001, max_wait_s=0.002, run_budget=budget)
+    fns = [Flaky(*(Transient(f"{n}") for n in range(100))) for _ in range(3)]
+    outcomes = await asyncio.gather(*(retry.call(fn, policy) for fn in fns),
+                                    return_exceptions=True)
+    assert all(isinstance(o, Transient) for o in outcomes)  # each gave up with its last error
+    assert sum(fn.calls for fn in fns) == 3 + 2  # three first attempts, the reserve's two
+    assert budget.requests_total == 3 and budget.retries_total == 2
+    assert budget.refused_total >= 1
+
+
+async def test_a_spent_run_budget_makes_a_retry_wait_for_it() -> None:
+    budget = RetryBudget(ratio=0.0, window_s=0.2, min_per_s=5.0, bins=2)  # 1 retry per 0.2 s
+    policy = RetryPolicy(budget_s=5.0, base_s=0.001, max_wait_s=0.002, run_budget=budget)
+    started = time.monotonic()
+    results = await asyncio.gather(retry.call(Flaky(Transient("a")), policy),
+                                   retry.call(Flaky(Transient("b")), policy))
+    assert results == [("done", 2), ("done", 2)]
+    assert time.monotonic() - started >= 0.05  # the second retry waited for the window
+    assert budget.retries_total == 2
+
+
+async def test_successes_draw_nothing_from_the_run_budget() -> None:
+    budget = RetryBudget(ratio=0.1, window_s=10.0, min_per_s=0.0)
+    policy = RetryPolicy(run_budget=budget)
+    for _ in range(20):
+        assert await retry.call(Flaky(), policy) == ("done", 1)
+    assert budget.requests_total == 20 and budget.retries_total == 0
+    assert budget.allowance == pytest.approx(2.0)

@@ -174,7 +174,9 @@ class Pool:
     def stopping(self) -> bool:
         return self._stopping
 
-    def _abort(self, exc: BaseException) -> None:
+    def abort(self, exc: BaseException) -> None:
+        """Stop as ``stop()`` does, and make ``run`` raise ``exc`` (the first one wins): for
+        what ends the whole run (a 401, an unreachable API, a circuit breaker's trip)."""
         self._fatal = self._fatal or exc
         self.stop()
 
@@ -207,7 +209,7 @@ class Pool:
             for task in done:
                 exc = None if task.cancelled() else task.exception()
                 if exc is not None:
-                    self._abort(exc)
+                    self.abort(exc)
                     return
 
     async def _feed(self, items: Iterable[Pending], reread: bool) -> None:
@@ -314,13 +316,13 @@ class Pool:
         except Locked as exc:
             self._park(work, exc.task_id)
         except AuthFailed as exc:
-            self._abort(exc)
+            self.abort(exc)
         except ApiError as exc:  # not found, rejected, or retryable past its budget
             if not (exc.retryable and work.maybe_applied and await self._landed(work)):
                 self._fail(work, exc)
         except _ApiDown as down:
             log.error("run.api_unreachable", error=down.error.message, status=down.error.status)
-            self._abort(down.error)
+            self.abort(down.error)
         except BulkTaggerError:
             raise
         except Exception as exc:  # a bug: this target fails, the run goes on
@@ -462,9 +464,9 @@ class Pool:
             work.reread = True
             await self._queue.put(work)
         except AuthFailed as exc:
-            self._abort(exc)
+            self.abort(exc)
         except _ApiDown as down:
-            self._abort(down.error)
+            self.abort(down.error)
         except ApiError as exc:
             self._fail(work, exc)
 

@@ -10,6 +10,9 @@ two thirds of the client stack's overhead (PITFALLS.md). Waits are exponential w
 jitter, ``base_s`` doubling up to ``max_wait_s``; a 429's Retry-After is a floor under the
 wait. ``stop_before_delay`` bounds the whole by ``budget_s`` without overrunning it.
 
+A policy may carry the run's retry budget (``run_budget``, see ``worker.budget``): first
+attempts deposit, retries withdraw, and a retry the budget cannot fund in time is not made.
+
 Waits go through ``sleep`` (``asyncio.sleep`` unless the caller passes its own, e.g. one the
 pool can cut short on SIGTERM). Cancelling the calling task during a wait or an attempt raises
 ``asyncio.CancelledError`` out of ``call`` at once: it is never retried nor turned into an
@@ -23,7 +26,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -41,14 +44,28 @@ T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
 
 
+class RunBudget(Protocol):
+    """The run-wide retry budget a policy may carry (``worker.budget.RetryBudget``)."""
+
+    def on_request(self) -> None: ...
+    def try_retry(self) -> bool: ...
+    def retry_delay(self) -> float: ...
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Bounds of one call's retries. Seconds; ``max_attempts`` counts the first one too."""
+    """Bounds of one call's retries. Seconds; ``max_attempts`` counts the first one too.
+
+    ``run_budget``: one budget shared by every call of a run. Each first attempt deposits,
+    each retry withdraws; when it is spent a retry waits for it, never past ``budget_s`` (the
+    call then gives up with its last error). None: only this call's own bounds apply.
+    """
 
     budget_s: float = 600.0
     base_s: float = 0.5
     max_wait_s: float = 30.0
     max_attempts: int = 1000
+    run_budget: RunBudget | None = None
 
     def __post_init__(self) -> None:
         if self.budget_s <= 0 or self.base_s <= 0 or self.max_wait_s <= 0:
@@ -63,6 +80,10 @@ class RetryPolicy:
         if isinstance(exc, RateLimited) and exc.retry_after is not None:
             delay = max(delay, min(exc.retry_after, self.budget_s))
         return delay
+
+
+class _BudgetSpent(Exception):
+    """The run's retry budget had no retry for this call in time (never retried itself)."""
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -83,6 +104,9 @@ async def call(
     ``on_retry(error, delay_s)`` is called before each wait.
     """
     started = time.monotonic()
+    run_budget = policy.run_budget
+    if run_budget is not None:
+        run_budget.on_request()
     try:
         return await fn(), 1
     except ApiError as exc:
@@ -109,7 +133,18 @@ async def call(
             if exc is not None:
                 on_retry(exc, state.upcoming_sleep)
 
+    async def admitted() -> bool:
+        """One retry from the run's budget, waiting for it (never past this call's budget)."""
+        assert run_budget is not None
+        while not run_budget.try_retry():
+            wait = max(run_budget.retry_delay(), 0.01)
+            if time.monotonic() - started + wait >= policy.budget_s:
+                return False
+            await sleep(wait)
+        return True
+
     attempts = 1
+    last = first
     retrying = AsyncRetrying(
         stop=stop_any(stop_before_delay(remaining), stop_after_attempt(policy.max_attempts - 1)),
         wait=_wait,
@@ -118,8 +153,18 @@ async def call(
         sleep=sleep,
         reraise=True,
     )
-    async for attempt in retrying:
-        with attempt:
-            attempts += 1
-            result = await fn()
+    try:
+        async for attempt in retrying:
+            with attempt:
+                if run_budget is not None and not await admitted():
+                    raise _BudgetSpent
+                attempts += 1
+                try:
+                    result = await fn()
+                except ApiError as exc:
+                    last = exc
+                    raise
+    except _BudgetSpent:
+        raise last from None
     return result, attempts
+
