@@ -77,8 +77,8 @@ def make_row(i: int) -> dict[str, Any]:
         "duration_ms": 40 + i % 17,
         "source": "not a result field",
     }
-    if i % 10 == 3:  # the journal may hold JSON text; the exports carry objects either way
-        row["before"] = json.dumps(row["before"])
+    if i % 10 == 3:  # the journal holds compact JSON text; the exports embed it as it is
+        row["before"] = json.dumps(row["before"], separators=(",", ":"))
     if i % 10 == 5:
         del row["after"]  # a missing key is null
     return row

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
+import orjson
 
 from worker import __version__
 from worker.errors import (
@@ -49,6 +50,15 @@ from worker.errors import (
 from worker.models import Image
 
 DEFAULT_BASE_URL = "https://api.gcore.com"
+_JSON_BODY = {"Content-Type": "application/json"}
+
+
+def _loads(raw: bytes) -> Any:
+    """JSON of an answer: orjson, or json where orjson is stricter (a lone surrogate)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -254,8 +264,8 @@ class Client:
                 method,
                 self.base_url + path,
                 params=params,
-                data=None if body is None else json.dumps(body, separators=(",", ":")),
-                headers={"Content-Type": "application/json"} if body is not None else None,
+                data=None if body is None else orjson.dumps(body),
+                headers=_JSON_BODY if body is not None else None,
                 allow_redirects=False,
             ) as resp:
                 raw = await resp.read()
@@ -265,7 +275,7 @@ class Client:
                 if 200 <= status < 300:
                     self.limiter.success()
                     self.last_ok = sent
-                    return json.loads(raw) if raw else None
+                    return _loads(raw) if raw else None
                 error = classify(status, raw, resp.headers, write=write)
                 if status != 429:
                     self.limiter.success()  # answered: the rate was accepted

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import os
 import sqlite3
 import threading
@@ -38,6 +37,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from worker.errors import BulkTaggerError, JobError
 from worker.log import scrub
@@ -68,15 +69,17 @@ CREATE TABLE IF NOT EXISTS outcomes (
 );
 """
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+def _dumps(value: Any) -> str:
+    # orjson: compact UTF-8 JSON, several times cheaper than json on this hot path
+    return orjson.dumps(value).decode()
 
 
 def _json(value: Any) -> str | None:
-    return None if value is None else _dumps(value)
+    return None if value is None else orjson.dumps(value).decode()
 
 
 def _load(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
+    return None if text is None else orjson.loads(text)
 
 
 def now_iso() -> str:
@@ -474,8 +477,14 @@ class Journal:
         finally:
             conn.close()
 
-    def iter_results(self, run_id: str, chunk: int = 2000) -> Iterator[dict[str, Any]]:
-        """One result per target, in plan order (CONTRACT.md's results line)."""
+    def iter_results(
+        self, run_id: str, chunk: int = 2000, *, raw: bool = False
+    ) -> Iterator[dict[str, Any]]:
+        """One result per target, in plan order (CONTRACT.md's results line).
+
+        ``raw``: ``before``/``after``/``patch`` stay the JSON text the journal holds (the
+        exports embed it as it is instead of decoding and encoding it again)."""
+        load = (lambda text: text) if raw else _load
         conn = self._reader()
         try:
             last = 0
@@ -502,11 +511,11 @@ class Journal:
                         "name": name,
                         "status": status or "planned",
                         "reason": reason if status else (plan_reason or None),
-                        "before": _load(obefore if obefore is not None else before),
-                        "after": _load(after),
+                        "before": load(obefore if obefore is not None else before),
+                        "after": load(after),
                         # an ended target shows what was sent (none for a no-op), a pending
                         # one what the plan would send
-                        "patch": _load(opatch if status else patch),
+                        "patch": load(opatch if status else patch),
                         "attempts": attempts or 0,
                         "http_status": http_status,
                         "lock_wait_s": lock_wait or 0.0,

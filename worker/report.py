@@ -25,10 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, TextIO
 
-from prometheus_client import CollectorRegistry, Gauge, pushadd_to_gateway
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
-from rich.progress import Progress as RichProgress
+import orjson
 
 from worker.log import get_logger
 from worker.models import STATUSES
@@ -80,15 +77,15 @@ _log = get_logger("bulk_tagger.report")
 def _row_values(row: Mapping[str, Any]) -> list[Any]:
     """The row's values in RESULT_FIELDS order; a missing key is None.
 
-    ``before``/``after``/``patch`` given as JSON text (as SQLite may hold them) are decoded,
-    so both exports carry objects whatever the journal stores.
+    ``before``/``after``/``patch`` given as JSON text (as the journal holds them) are
+    embedded as they are (an ``orjson.Fragment``): the exports never decode and encode them
+    again, and both carry objects whatever form the row had.
     """
     values = []
     for name in RESULT_FIELDS:
         value = row.get(name)
-        if name in _OBJECT_FIELDS and isinstance(value, str | bytes):
-            with contextlib.suppress(ValueError):
-                value = json.loads(value)
+        if name in _OBJECT_FIELDS and isinstance(value, bytes):
+            value = value.decode()
         values.append(value)
     return values
 
@@ -97,7 +94,8 @@ def _csv_cell(name: str, value: Any) -> Any:
     if value is None:
         return ""
     if name in _OBJECT_FIELDS:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+        # JSON text as the journal holds it goes in as it is
+        return value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
     return value
 
 
@@ -157,10 +155,17 @@ def write_exports(
         writer = csv.writer(csv_file.file)
         writer.writerow(RESULT_FIELDS)
         write_line = jsonl.file.write
-        dumps = json.JSONEncoder(ensure_ascii=False, default=str).encode
         for row in results:
             values = _row_values(row)
-            write_line(dumps(dict(zip(RESULT_FIELDS, values, strict=True))))
+            line = orjson.dumps(
+                {
+                    # JSON text as the journal holds it: embedded as it is, never decoded
+                    n: orjson.Fragment(v) if n in _OBJECT_FIELDS and isinstance(v, str) else v
+                    for n, v in zip(RESULT_FIELDS, values, strict=True)
+                },
+                default=str,
+            )
+            write_line(line.decode())
             write_line("\n")
             writer.writerow([_csv_cell(n, v) for n, v in zip(RESULT_FIELDS, values, strict=True)])
         summary_file = _AtomicFile(run_dir, "summary.json")
@@ -452,7 +457,7 @@ def format_plan(
 
 
 class Progress:
-    """Live progress of a run: a rich bar on a terminal, else a ``run.progress`` log line.
+    """Live progress of a run: a one-line bar on a terminal, else a ``run.progress`` log line.
 
     ``advance`` is called once per finished target and only bumps counters; ``run`` (a task
     the caller starts and cancels) does the rendering: the bar a few times a second, or one
@@ -477,25 +482,7 @@ class Progress:
         window = max(2, math.ceil(self._WINDOW_S / self._interval) + 1)
         self._samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=window)
         self._samples.append((self._started, 0))
-        self._bar: Any = None
-        self._task_id: Any = None
-        if self._tty:
-            self._bar, self._task_id = self._make_bar(stream)
-
-    @staticmethod
-    def _make_bar(stream: TextIO) -> tuple[Any, Any]:
-        bar = RichProgress(
-            TextColumn("[bold]targets"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TextColumn("ETA {task.fields[eta]}"),
-            TextColumn("{task.fields[failed]}"),
-            console=Console(file=stream, force_terminal=True),
-            auto_refresh=False,
-        )
-        task_id = bar.add_task("targets", total=None, rate="", eta="?", failed="")
-        return bar, task_id
+        self._stream = stream
 
     @property
     def done(self) -> int:
@@ -526,18 +513,26 @@ class Progress:
             eta = max(self._total - self._done, 0) / rate
         return rate, eta
 
+    _BAR_WIDTH = 30
+
+    def _bar_line(self, rate: float, eta: float | None) -> str:
+        total = self._total
+        if total:
+            filled = min(self._BAR_WIDTH, self._BAR_WIDTH * self._done // total)
+            bar = "#" * filled + "-" * (self._BAR_WIDTH - filled)
+            count = f"{self._done:,}/{total:,}"
+        else:
+            bar, count = "?" * 3, f"{self._done:,}/?"
+        failed = f"  {self._failed:,} failed" if self._failed else ""
+        eta_text = "?" if eta is None else _duration_text(eta)
+        return f"targets [{bar}] {count}  {rate:,.1f}/s  ETA {eta_text}{failed}"
+
     def _render(self) -> None:
         rate, eta = self._measure()
-        if self._bar is not None:
-            self._bar.update(
-                self._task_id,
-                completed=self._done,
-                total=self._total,
-                rate=f"{rate:,.1f}/s",
-                eta="?" if eta is None else _duration_text(eta),
-                failed=f"[red]{self._failed:,} failed" if self._failed else "",
-            )
-            self._bar.refresh()
+        if self._tty:
+            # one line, redrawn in place ("\r", erase to the end of the line)
+            self._stream.write("\r" + self._bar_line(rate, eta) + "\x1b[K")
+            self._stream.flush()
         else:
             _log.info(
                 "run.progress",
@@ -550,22 +545,20 @@ class Progress:
 
     async def run(self) -> None:
         """Render until cancelled (the bar a few times a second, a log line every interval)."""
-        if self._bar is not None and not self._closed:
-            self._bar.start()
         while not self._closed:
             await asyncio.sleep(self._interval)
-            self._render()
+            if not self._closed:
+                self._render()
 
     def close(self) -> None:
-        """Render the final state once and stop the bar; later calls do nothing."""
+        """Render the final state once (and end the bar's line); later calls do nothing."""
         if self._closed:
             return
         self._closed = True
-        if self._bar is not None:
-            self._bar.start()  # a no-op if run() started it; else the final bar is drawn once
         self._render()
-        if self._bar is not None:
-            self._bar.stop()
+        if self._tty:
+            self._stream.write("\n")
+            self._stream.flush()
 
 
 # --------------------------------------------------------------------------- metrics
@@ -607,9 +600,12 @@ def push_metrics(
     A failure is logged as ``report.push_failed`` and swallowed.
     """
     try:
+        # imported here: only a run with a Pushgateway pays for it
+        from prometheus_client import CollectorRegistry, Gauge, pushadd_to_gateway
+
         registry = CollectorRegistry()
 
-        def gauge(name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+        def gauge(name: str, doc: str, labels: Sequence[str] = ()) -> Any:
             return Gauge(name, doc, labelnames=tuple(labels), registry=registry)
 
         finished = _timestamp(summary.get("finished_at"))

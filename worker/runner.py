@@ -489,7 +489,7 @@ class Runner:
         )
         run_dir = journal.run_dir
         await asyncio.to_thread(
-            report.write_exports, run_dir, journal.iter_results(self.run_id), summary
+            report.write_exports, run_dir, journal.iter_results(self.run_id, raw=True), summary
         )
         # finished only once the exports exist: a kill while writing them leaves the run
         # resumable, and the resume writes them
@@ -497,9 +497,10 @@ class Runner:
         journal.close()
         out = self.settings.out
         if self.kind == "plan":
+            # counts from the journal: a target named twice is planned once
             out.write(report.format_plan(
-                self.plan_counts, self.plan_reasons, self.samples,
-                max(0, self.plan_counts.get("planned", 0) - len(self.samples)),
+                counts, self.plan_reasons, self.samples,
+                max(0, counts.get("planned", 0) - len(self.samples)),
             ) + "\n")
         if isinstance(self.fatal, BulkTaggerError) and not isinstance(self.fatal, ApiError):
             out.write(f"stopped: {scrub(str(self.fatal))}\n")

@@ -213,6 +213,8 @@ class Expander:
         self.on_retry = on_retry
         self.job_changes = job.changes_model()
         self.page_size = job.options.page_size
+        queries = sum(isinstance(s, spec.QuerySelector) for s in job.targets)
+        self.dedup = queries > 1 or queries < len(job.targets)
 
     async def _read(self, fn: Callable[[], Awaitable[T]]) -> T:
         result, _ = await retry.call(fn, self.policy, on_retry=self.on_retry)
@@ -293,6 +295,11 @@ class Expander:
         """Targets for the images not emitted before, with their file rows' changes added."""
         if not images:
             return []
+        if not self.dedup:
+            # one query and no file: nothing else can name these images (a page shifted
+            # by a concurrent change may repeat one; the journal keeps its first plan)
+            return [Target(project_id, region_id, image.id, self.job_changes, image, source or "")
+                    for image in images]
         seen, rows = stage.claim(project_id, region_id, [image.id for image in images])
         out = []
         job_changes = self.job_changes
