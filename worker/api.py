@@ -59,6 +59,8 @@ def _loads(raw: bytes) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         return json.loads(raw)
+
+
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -210,7 +212,7 @@ class Client:
         self.counts = RequestCounts()
         #: called with each answered request's latency in milliseconds
         self.observe_latency: Callable[[float], None] | None = None
-        #: ``time.monotonic()`` when the last 2xx answer's request was sent (None: never)
+        #: ``time.monotonic()`` when the last 2xx answer came (None: never)
         self.last_ok: float | None = None
         #: set by the first AuthFailed: from then on nothing more is sent
         self.refused: AuthFailed | None = None
@@ -270,11 +272,12 @@ class Client:
             ) as resp:
                 raw = await resp.read()
                 status = resp.status
+                answered = time.monotonic()
                 if self.observe_latency is not None:
-                    self.observe_latency((time.monotonic() - sent) * 1000)
+                    self.observe_latency((answered - sent) * 1000)
                 if 200 <= status < 300:
                     self.limiter.success()
-                    self.last_ok = sent
+                    self.last_ok = answered
                     return _loads(raw) if raw else None
                 error = classify(status, raw, resp.headers, write=write)
                 if status != 429:
