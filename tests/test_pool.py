@@ -408,3 +408,19 @@ async def test_the_feed_is_bounded(sim_factory: SimFactory) -> None:
     # queue of 2 x concurrency, one item in each worker's hands, one waiting to be put
     assert taken_at_first_outcome[0] <= 8 * 2 + 8 + 1
     assert len(record.outcomes) == 600 and not record.twice
+
+
+async def test_stop_cuts_waits_for_a_rate_limiter_slot(sim_factory: SimFactory) -> None:
+    sim = await sim_factory(SimConfig(images=100))
+    items = pending(sim, private_keys(sim, 30))
+    record = Record()
+    async with client_for(sim, rate=4.0) as client:  # one slot every quarter second
+        work = pool(client, record, concurrency=6)
+        runner = asyncio.create_task(work.run(items))
+        await until(lambda: len(record.outcomes) >= 2)
+        stopped = time.monotonic()
+        work.stop()  # five workers hold a target and wait for a slot: they must not send
+        await asyncio.wait_for(runner, 1.0)
+    assert time.monotonic() - stopped < 0.2
+    sent = sim.counters.requests["patch"]
+    assert sent == len(record.outcomes) <= 4

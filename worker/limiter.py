@@ -35,8 +35,10 @@ window the server sees at or below the ceiling.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aiolimiter import AsyncLimiter
 
@@ -248,6 +250,7 @@ class AdaptiveLimiter:
         self.controller = controller
         self.burst_s = burst_s
         self._limiter = AsyncLimiter(*self._shape(controller.rate))
+        self._waiting: set[asyncio.Task[Any]] = set()
 
     def _shape(self, rate: float) -> tuple[float, float]:
         # capacity of at least one request, time period so that capacity/period == rate
@@ -278,11 +281,27 @@ class AdaptiveLimiter:
     async def acquire(self) -> None:
         controller = self.controller
         lim = self._limiter
-        if not lim.has_capacity():
-            controller.on_wait()
+        if lim.has_capacity():
+            if controller.tick():
+                self._retune()
+            await lim.acquire()
+            return
+        controller.on_wait()
         if controller.tick():
             self._retune()
-        await lim.acquire()
+        task = asyncio.current_task()
+        waiting = self._waiting
+        if task is not None:
+            waiting.add(task)
+        try:
+            await lim.acquire()
+        finally:
+            waiting.discard(task)
+
+    def cancel_waiting(self) -> None:
+        """Cancel every task waiting for a slot now (a stopping pool: unsent is not sent)."""
+        for task in list(self._waiting):
+            task.cancel()
 
     def success(self) -> None:
         self.controller.on_success()
@@ -308,4 +327,7 @@ class NoLimiter:
         return None
 
     def throttled(self, sent_at: float | None = None) -> None:
+        return None
+
+    def cancel_waiting(self) -> None:
         return None

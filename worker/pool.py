@@ -12,9 +12,10 @@ as exactly one outcome (data, handed to ``sink``), never an exception.
   re-raises it. So does a retryable error that outlived its budget while the API answered
   nothing at all with a 2xx: the API is unreachable, the run stops (exit 75) and the target
   stays pending for ``--resume``, instead of every target failing one by one.
-- ``stop()`` (a signal) stops taking targets, cuts retry waits and lock waits short; requests
-  in flight finish and keep their outcome (the caller bounds that by its grace period, then
-  cancels ``run``). Targets without an outcome stay pending in the journal for ``--resume``.
+- ``stop()`` (a signal) stops taking targets, cuts retry waits, lock waits and waits for a
+  rate-limiter slot short; requests in flight finish and keep their outcome (the caller
+  bounds that by its grace period, then cancels ``run``). Targets without an outcome stay
+  pending in the journal for ``--resume``.
 
 A PATCH may land without our hearing so (the answer lost after the write, a timeout, a 5xx;
 or a resumed run whose last process died before the outcome was committed). Such a target,
@@ -159,6 +160,7 @@ class Pool:
         self._stopping = True
         for task in [*self._parked, *self._sleepers]:
             task.cancel()
+        self.client.limiter.cancel_waiting()  # not yet sent: stays pending
         if self._feeder is not None:
             self._feeder.cancel()
         # drop what waits in the queue, then wake every idle worker
