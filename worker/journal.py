@@ -372,11 +372,18 @@ class Journal:
             outcomes, self._outcomes = self._outcomes, []
             self._wake.clear()
             if targets or outcomes:
+                # shielded: a cancelled flush must not cancel a commit whose thread has not
+                # started yet (its rows would be lost); the thread lock orders the commits
+                write = asyncio.ensure_future(asyncio.to_thread(self._write, targets, outcomes))
+                write.add_done_callback(self._written)
                 try:
-                    await asyncio.to_thread(self._write, targets, outcomes)
+                    await asyncio.shield(write)
                 except sqlite3.Error as exc:
-                    self._failed = exc
                     raise JournalFailed(f"the journal cannot be written: {exc}") from exc
+
+    def _written(self, write: asyncio.Future[None]) -> None:
+        if not write.cancelled() and isinstance(write.exception(), sqlite3.Error):
+            self._failed = write.exception()
 
     def flush_sync(self) -> None:
         self._check()
