@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import sqlite3
 import zlib
@@ -262,27 +263,46 @@ class Expander:
     async def _pages(
         self, project_id: int, region_id: int, params: list[tuple[str, str]], offset: int = 0
     ) -> AsyncIterator[list[Image]]:
-        """Pages of a region's list from ``offset``, by limit/offset until ``count``."""
+        """Pages of a region's list from ``offset``, by limit/offset until ``count``.
+
+        Once ``count`` says more pages follow, the next one is read while the caller plans
+        this one (one request ahead: the list is not read one round trip at a time).
+        """
         size = self.page_size
         client = self.client
-        while True:
-            try:
-                page, count = await self._read(
-                    lambda o=offset: client.list_images(  # type: ignore[misc]
-                        project_id, region_id, params=params, limit=size, offset=o
-                    )
+
+        def fetch(at: int) -> Awaitable[tuple[list[Image], int | None]]:
+            return self._read(
+                lambda: client.list_images(
+                    project_id, region_id, params=params, limit=size, offset=at
                 )
-            except NotFound as exc:
-                log.warning("selectors.region_not_found", project_id=project_id,
-                            region_id=region_id, error=exc.message)
-                return
-            if page:
-                yield page
-            offset += len(page)
-            if not page or (count is not None and offset >= count) or (
-                count is None and len(page) < size
-            ):
-                return
+            )
+
+        ahead: asyncio.Future[tuple[list[Image], int | None]] | None = None
+        try:
+            while True:
+                try:
+                    page, count = await (ahead if ahead is not None else fetch(offset))
+                except NotFound as exc:
+                    log.warning("selectors.region_not_found", project_id=project_id,
+                                region_id=region_id, error=exc.message)
+                    return
+                ahead = None
+                offset += len(page)
+                more = bool(page) and (
+                    offset < count if count is not None else len(page) >= size
+                )
+                if more and count is not None:
+                    ahead = asyncio.ensure_future(fetch(offset))
+                if page:
+                    yield page
+                if not more:
+                    return
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+                with contextlib.suppress(BaseException):
+                    await ahead
 
     def _emit(
         self,
