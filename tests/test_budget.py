@@ -320,12 +320,11 @@ def test_custom_reason_sets() -> None:
 
 NOT_WIRED = pytest.mark.xfail(
     strict=True,
-    reason="run-level budgets not wired yet: RetryPolicy.run_budget in worker/retry.py and the "
-    "breaker on the pool's observe hook in worker/runner.py (the wiring patch in the report)",
+    reason="circuit breaker not wired yet: the breaker on the pool's observe hook in "
+    "worker/runner.py (the wiring in docs/reliability.md and the report)",
 )
 
 
-@NOT_WIRED
 async def test_retry_call_draws_on_the_run_budget(sim_factory: SimFactory) -> None:
     """40 reads against an API failing 80% of them: the run's budget, not each call, decides
     how many retries reach it."""
@@ -334,8 +333,7 @@ async def test_retry_call_draws_on_the_run_budget(sim_factory: SimFactory) -> No
     ))
     keys = [(i["project_id"], i["region_id"], i["id"]) for i in sim.images()[:40]]
     budget = RetryBudget(ratio=0.1, window_s=60, min_per_s=0.5)  # a reserve of 30 retries
-    policy = RetryPolicy(budget_s=2.0, base_s=0.01, max_wait_s=0.02,
-                         run_budget=budget)  # type: ignore[call-arg]
+    policy = RetryPolicy(budget_s=2.0, base_s=0.01, max_wait_s=0.02, run_budget=budget)
     settings = api.Settings(base_url=sim.url, api_key="test-key-1234")
     async with api.Client.open(settings, NoLimiter()) as client:
 

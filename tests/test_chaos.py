@@ -123,13 +123,8 @@ class _LockAfterLostPatch(Simulator):
 
 # Found by chaos seed 7 (a drop-after storm with mid-run locks): the PATCH landed, its answer
 # was lost, the retry met a lock; after the lock the pool re-read the image, planned nothing
-# left to do, and recorded `unchanged` with the changed image as `before`, so the record
-# denies a change the run made and `undo` never reverts it.
-@pytest.mark.xfail(
-    strict=True,
-    reason="pool._refresh records `unchanged` for a target whose own lost PATCH landed; it "
-    "should record `updated` (verified_by_read) with the original before (docs/reliability.md)",
-)
+# left to do, and recorded `unchanged` with the changed image as `before` (the record denied a
+# change the run made, and `undo` never reverted it). Fixed in the pool (verified_by_read).
 async def test_lost_answer_then_lock_is_recorded_updated() -> None:
     config = SimConfig(images=12, faults=Faults(p_drop_after=1.0, methods=frozenset({"PATCH"})))
     sim = _LockAfterLostPatch(config)
