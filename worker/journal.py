@@ -306,7 +306,8 @@ class Journal:
         if handed is None:
             before_text, patch_text = _json(before), _json(patch)
         else:
-            before_text = handed[1] if before is handed[0] else _json(before)
+            # the state the plan read: NULL here, the target's row has it (reads COALESCE)
+            before_text = None if before is handed[0] else _json(before)
             patch_text = handed[3] if patch is handed[2] else _json(patch)
         error = outcome.error
         self._outcomes.append(

@@ -91,7 +91,7 @@ class Image:
             tags=tags,
             read_only=frozenset(read_only),
             task_id=data.get("task_id") or None,
-            raw=dict(data),
+            raw=data if type(data) is dict else dict(data),
         )
 
     def state(self) -> dict[str, Any]:
