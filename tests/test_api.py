@@ -23,7 +23,7 @@ from worker.errors import (
     Rejected,
     Transient,
 )
-from worker.limiter import AdaptiveLimiter, NoLimiter, RateController
+from worker.limiter import CEILING_SHARE, AdaptiveLimiter, NoLimiter, RateController
 from worker.simulator import Faults, SimConfig, Simulator
 
 SimFactory = Callable[[SimConfig | None], Awaitable[Simulator]]
@@ -371,7 +371,7 @@ async def test_every_answer_reaches_the_limiter(sim_factory: SimFactory) -> None
     assert throttled + missing == 8 and throttled >= 1 and missing >= 3
     assert controller.throttled == throttled
     assert controller.accepted_last_second() == missing  # a 404 is an answer too
-    assert controller.decreases == 1 and controller.rate < 1000.0 * 0.985
+    assert controller.decreases == 1 and controller.rate < 1000.0 * CEILING_SHARE
 
 
 async def test_latency_is_observed_for_each_answer(sim: Simulator) -> None:

@@ -318,11 +318,6 @@ def test_custom_reason_sets() -> None:
 
 # -- wired into the run (see docs/reliability.md: RetryPolicy.run_budget, the pool's observe) --
 
-NOT_WIRED = pytest.mark.xfail(
-    strict=True,
-    reason="circuit breaker not wired yet: the breaker on the pool's observe hook in "
-    "worker/runner.py (the wiring in docs/reliability.md and the report)",
-)
 
 
 async def test_retry_call_draws_on_the_run_budget(sim_factory: SimFactory) -> None:
@@ -357,7 +352,6 @@ class _RejectEveryPatch(Simulator):
         )
 
 
-@NOT_WIRED
 def test_a_run_whose_every_patch_is_rejected_stops_early(tmp_path: Path) -> None:
     config = SimConfig(images=1000)
     thread = SimulatorThread(config)

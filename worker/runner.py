@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from worker import api, report, retry, spec
+from worker.budget import CircuitBreaker, RetryBudget
 from worker.errors import (
     ApiError,
     AuthFailed,
     BulkTaggerError,
+    CircuitOpen,
     Interrupted,
     JobError,
     SafetyLimit,
@@ -126,6 +128,13 @@ class Runner:
         self.samples: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
         self.ctx = RunContext(run_id="", run_date=self.started_at.strftime("%Y-%m-%d"))
         self._body: asyncio.Task[int] | None = None
+        # run-level limits over every call of the run (docs: reliability)
+        options = job.options if job else None
+        percent = options.retry_budget_percent if options else 10.0
+        self.run_budget = RetryBudget(ratio=percent / 100)
+        self.breaker = CircuitBreaker(
+            consecutive=options.stop_after_failures if options else 50
+        )
         self._grace: asyncio.TimerHandle | None = None
         self._finishing = False
 
@@ -149,7 +158,7 @@ class Runner:
         budget = self.job.options.retry_budget_seconds if self.job else 600.0
         return retry.RetryPolicy(
             budget_s=budget, base_s=self.settings.retry_base_s,
-            max_wait_s=self.settings.retry_max_wait_s,
+            max_wait_s=self.settings.retry_max_wait_s, run_budget=self.run_budget,
         )
 
     def _on_retry(self, exc: BaseException, delay: float) -> None:
@@ -202,7 +211,7 @@ class Runner:
                 self.fatal = exc
                 log.error("run.auth_failed", status=exc.status, error=exc.message)
                 code = exc.exit_code
-            except SafetyLimit as exc:
+            except (SafetyLimit, CircuitOpen) as exc:
                 self.fatal = exc
                 code = exc.exit_code
             except ApiError as exc:  # a read that stayed unreachable past the retry budget
@@ -432,6 +441,15 @@ class Runner:
             add_outcome(seq, outcome)
             advance(outcome.status)
 
+        record = self.breaker.record
+
+        def observe(outcome: Outcome) -> None:
+            trip = record(outcome.status, outcome.reason, outcome.http_status)
+            if trip is not None and not pool.stopping:
+                log.error("run.circuit_open", reason=trip.reason, http_status=trip.http_status,
+                          failures=trip.failures, exit_code=trip.exit_code)
+                pool.abort(CircuitOpen(trip.message, exit_code=trip.exit_code))
+
         partial = bool(self.job and self.job.options.on_read_only == "partial")
         lock_timeout = self.job.options.lock_timeout_seconds if self.job else 900.0
         pool = self.pool = Pool(
@@ -443,6 +461,7 @@ class Runner:
             ),
             self.ctx,
             sink,
+            observe=observe,
         )
         ticker = asyncio.create_task(progress.run())
         try:

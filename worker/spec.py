@@ -653,6 +653,10 @@ class Options(BaseModel):
     retry_budget_seconds: float = Field(default=600, gt=0, allow_inf_nan=False)
     on_read_only: Literal["skip", "partial"] = "skip"
     page_size: int = Field(default=1000, ge=1, le=1000)
+    #: retries may add at most this share of the run's requests (over a 10 s window)
+    retry_budget_percent: float = Field(default=10, ge=0, le=100, allow_inf_nan=False)
+    #: stop the run when this many targets in a row fail for the same reason
+    stop_after_failures: int = Field(default=50, ge=1)
 
 
 _NAME = re.compile(r"[a-z0-9-]{1,63}")
