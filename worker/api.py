@@ -283,6 +283,13 @@ class Client:
                 error = classify(status, raw, resp.headers, write=write)
                 if status != 429:
                     self.limiter.success()  # answered: the rate was accepted
+        except aiohttp.ClientConnectorCertificateError as exc:
+            # not transient: retrying cannot make an untrusted certificate trusted
+            raise JobError(
+                f"the TLS certificate of {exc.host} is not trusted ({exc.certificate_error})",
+                field="--base-url",
+                hint="pass --ca-bundle with the CA that signed it (nothing was sent)",
+            ) from None
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             self.counts.transient += 1
             raise Transient(f"{type(exc).__name__}: connection lost or timed out") from None
