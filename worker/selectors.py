@@ -249,14 +249,14 @@ class Expander:
         regions = await self._ids(query.regions, "regions")
         params = query.server_params()
         source = f"query {number}"
+        match = query.matcher()
+        shard = self.shard
         for project_id in projects:
             for region_id in regions:
                 async for page in self._pages(project_id, region_id, params):
-                    matched = [
-                        image for image in page
-                        if query.matches(image)
-                        and (self.shard is None or self.shard.owns(image.id))
-                    ]
+                    matched = page if match is None else [i for i in page if match(i)]
+                    if shard is not None:
+                        matched = [image for image in matched if shard.owns(image.id)]
                     for target in self._emit(stage, project_id, region_id, matched, source):
                         yield target
 

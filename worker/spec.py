@@ -419,6 +419,28 @@ class Query(BaseModel):
             pairs.append(("tag_key_value", json.dumps(self.tag_key_value, separators=(",", ":"))))
         return pairs
 
+    def matcher(self) -> Callable[[Image], bool] | None:
+        """``matches`` as a plain function, or None when the query has no client-side filter
+        (the selectors call it once per listed image: no model attribute lookups there)."""
+        glob, regex = self._glob, self._regex
+        has_tags = dict(self.has_tags)
+        missing = tuple(self.missing_tags)
+        if glob is None and regex is None and not has_tags and not missing:
+            return None
+
+        def match(image: Image) -> bool:
+            if glob is not None and not glob.match(image.name):
+                return False
+            if regex is not None and not regex.search(image.name):
+                return False
+            tags = image.tags
+            for key, value in has_tags.items():
+                if key not in tags or (value != "*" and tags[key] != value):
+                    return False
+            return not any(key in tags for key in missing)
+
+        return match
+
     def matches(self, image: Image) -> bool:
         """The client-side filters: ``name_glob`` (whole name, case-sensitive), ``name_regex``
         (``re.search``), ``has_tags`` (``"*"`` = any value), ``missing_tags``."""
