@@ -316,7 +316,7 @@ def test_custom_reason_sets() -> None:
     assert trip is not None and trip.exit_code == 75
 
 
-# -- wired into the run (see the README's reliability section: RetryPolicy.run_budget, the pool's observe) --
+# -- wired into the run (README, reliability: RetryPolicy.run_budget, the pool's observe) --
 
 
 
