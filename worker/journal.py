@@ -487,11 +487,12 @@ class Journal:
 
     def iter_results(
         self, run_id: str, chunk: int = 2000, *, raw: bool = False
-    ) -> Iterator[dict[str, Any]]:
-        """One result per target, in plan order (CONTRACT.md's results line).
+    ) -> Iterator[Any]:
+        """One result per target, in plan order (CONTRACT.md's results line), as a dict.
 
-        ``raw``: ``before``/``after``/``patch`` stay the JSON text the journal holds (the
-        exports embed it as it is instead of decoding and encoding it again)."""
+        ``raw``: a tuple in ``report.RESULT_FIELDS`` order instead, with ``before``/``after``/
+        ``patch`` as the JSON text the journal holds (the exports embed it as it is instead
+        of decoding and encoding it again)."""
         load = (lambda text: text) if raw else _load
         conn = self._reader()
         try:
@@ -511,7 +512,7 @@ class Journal:
                 for (_seq, p, r, image_id, name, plan_status, plan_reason, plan_detail, before,
                      patch, status, reason, after, opatch, attempts, http_status, lock_wait,
                      duration, error, obefore) in rows:
-                    yield {
+                    result = {
                         "run_id": run_id,
                         "project_id": p,
                         "region_id": r,
@@ -531,6 +532,7 @@ class Journal:
                         "error": error if status else (plan_detail if plan_status != "planned"
                                                        else None),
                     }
+                    yield tuple(result.values()) if raw else result
                 last = rows[-1][0]
         finally:
             conn.close()

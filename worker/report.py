@@ -132,7 +132,9 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def write_exports(
-    run_dir: Path, results: Iterable[Mapping[str, Any]], summary: Mapping[str, Any]
+    run_dir: Path,
+    results: Iterable[Mapping[str, Any] | tuple[Any, ...]],
+    summary: Mapping[str, Any],
 ) -> None:
     """Write ``results.jsonl``, ``results.csv`` and ``summary.json`` into ``run_dir``.
 
@@ -155,19 +157,26 @@ def write_exports(
         writer = csv.writer(csv_file.file)
         writer.writerow(RESULT_FIELDS)
         write_line = jsonl.file.write
+        objects = [i for i, name in enumerate(RESULT_FIELDS) if name in _OBJECT_FIELDS]
+        fragment = orjson.Fragment
+        dumps = orjson.dumps
+        writerow = writer.writerow
         for row in results:
-            values = _row_values(row)
-            line = orjson.dumps(
-                {
+            # a tuple is a row in RESULT_FIELDS order as the journal holds it (its objects
+            # as JSON text): the fast path of a run's own exports
+            values = list(row) if isinstance(row, tuple) else _row_values(row)
+            cells = ["" if v is None else v for v in values]
+            for i in objects:
+                value = values[i]
+                if isinstance(value, str):
                     # JSON text as the journal holds it: embedded as it is, never decoded
-                    n: orjson.Fragment(v) if n in _OBJECT_FIELDS and isinstance(v, str) else v
-                    for n, v in zip(RESULT_FIELDS, values, strict=True)
-                },
-                default=str,
-            )
+                    values[i] = fragment(value)
+                elif value is not None:
+                    cells[i] = dumps(value, default=str).decode()
+            line = dumps(dict(zip(RESULT_FIELDS, values, strict=True)), default=str)
             write_line(line.decode())
             write_line("\n")
-            writer.writerow([_csv_cell(n, v) for n, v in zip(RESULT_FIELDS, values, strict=True)])
+            writerow(cells)
         summary_file = _AtomicFile(run_dir, "summary.json")
         files.append(summary_file)
         json.dump(dict(summary), summary_file.file, indent=2, ensure_ascii=False, default=str)
