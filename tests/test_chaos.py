@@ -5,7 +5,8 @@
 prints a report (also written to ``tests/chaos-report.txt``): targets, faults injected by
 kind, records per target (always 1), state mismatches (always 0). The invariants and the
 fault schedule are described in ``tests/chaos_harness.py``. ``CHAOS_SEEDS`` and
-``CHAOS_IMAGES`` (environment) change the long pass's size.
+``CHAOS_IMAGES`` (environment) change the long pass's size; ``CHAOS_SEED_START`` starts it
+at another seed, so a long pass can be split across processes.
 
 Also here: the bugs chaos found, each pinned by a small deterministic test.
 """
@@ -56,15 +57,17 @@ def test_chaos_short(seed: int, tmp_path: Path) -> None:
 def test_chaos_many(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     seeds = int(os.environ.get("CHAOS_SEEDS", "50"))
     images = int(os.environ.get("CHAOS_IMAGES", "0"))
+    first = int(os.environ.get("CHAOS_SEED_START", "0"))  # to split a long pass across runs
     results: list[ChaosResult] = []
-    for seed in range(seeds):
+    for seed in range(first, first + seeds):
         size = images or 2000 + 500 * (seed % 5)  # 2,000 to 4,000 images
         result = run_scenario(Scenario.build(seed, images=size), tmp_path / str(seed))
         results.append(result)
         with capsys.disabled():
-            print(("\n" if seed == 0 else "") + result.line(), flush=True)
-    report = format_report(results, f"chaos, {seeds} seeds")
-    (HERE / "chaos-report.txt").write_text(report + "\n")
+            print(("\n" if seed == first else "") + result.line(), flush=True)
+    report = format_report(results, f"chaos, {seeds} seeds from seed {first}")
+    name = "chaos-report.txt" if first == 0 else f"chaos-report-{first}.txt"
+    (HERE / name).write_text(report + "\n")
     with capsys.disabled():
         print("\n" + report, flush=True)
     failing = [r for r in results if r.problems]
