@@ -217,6 +217,16 @@ def _check_key(key: object, what: str = "tag key") -> str:
     return key
 
 
+def _check_keys(keys: list[str]) -> list[str]:
+    """A list of tag keys, each checked (an error names its index), duplicates dropped."""
+    for i, key in enumerate(keys):
+        try:
+            _check_key(key)
+        except _Problem as exc:
+            raise _Problem(exc.message, at=(i,)) from None
+    return list(dict.fromkeys(keys))
+
+
 def _check_value(value: object, what: str = "tag value") -> str:
     """A tag value: text, templates allowed, literal parts as the API checks them."""
     if not isinstance(value, str):
@@ -361,12 +371,7 @@ class Query(BaseModel):
     @field_validator("tag_key", "missing_tags")
     @classmethod
     def _keys(cls, value: list[str]) -> list[str]:
-        for i, key in enumerate(value):
-            try:
-                _check_key(key)
-            except _Problem as exc:
-                raise _Problem(exc.message, at=(i,)) from None
-        return list(dict.fromkeys(value))
+        return _check_keys(value)
 
     @field_validator("tag_key_value")
     @classmethod
@@ -593,12 +598,7 @@ class ChangesSpec(BaseModel):
     @field_validator("remove_tags")
     @classmethod
     def _removed(cls, value: list[str]) -> list[str]:
-        for i, key in enumerate(value):
-            try:
-                _check_key(key)
-            except _Problem as exc:
-                raise _Problem(exc.message, at=(i,)) from None
-        return list(dict.fromkeys(value))
+        return _check_keys(value)
 
     @field_validator("rename_tags")
     @classmethod
