@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from worker import spec
 from worker.api import Client, Settings, check_base_url, classify, retry_after_seconds
 from worker.errors import (
     AuthFailed,
@@ -24,6 +25,8 @@ from worker.errors import (
     Transient,
 )
 from worker.limiter import CEILING_SHARE, AdaptiveLimiter, NoLimiter, RateController
+from worker.retry import RetryPolicy
+from worker.selectors import Expander
 from worker.simulator import Faults, SimConfig, Simulator
 
 SimFactory = Callable[[SimConfig | None], Awaitable[Simulator]]
@@ -386,11 +389,18 @@ async def test_latency_is_observed_for_each_answer(sim: Simulator) -> None:
 
 
 # -- reads, pages, and what the client refuses to send -----------------------------------------
-async def test_iter_images_walks_every_page(sim_factory: SimFactory) -> None:
+async def test_the_list_is_walked_page_by_page(sim_factory: SimFactory, tmp_path: Any) -> None:
+    """The selectors' paging (the one loop over limit/offset, one page read ahead) over the
+    client: every image of the region once, in order, in pages of at most ``limit``."""
     sim = await sim_factory(SimConfig(images=300, page_max=7))
     expected = [i["id"] for i in sim.images() if (i["project_id"], i["region_id"]) == (1337, 7)]
+    job = tmp_path / "job.yaml"
+    job.write_text("name: pages\ntargets:\n  - query: {projects: [1337], regions: [7]}\n"
+                   "changes:\n  set_tags: {a: b}\noptions:\n  page_size: 7\n")
     async with await open_client(sim.url) as client:
-        pages = [page async for page in client.iter_images(1337, 7, page_size=7)]
+        expander = Expander(spec.load_job(job, env={}), client,
+                            stage_path=tmp_path / "stage.sqlite", policy=RetryPolicy())
+        pages = [page async for page in expander._pages(1337, 7, [])]
     assert [image.id for page in pages for image in page] == expected
     assert all(len(page) <= 7 for page in pages)
     assert client.counts.by_kind["list"] == len(pages)

@@ -341,28 +341,6 @@ class Client:
         ]
         return images, int(count) if isinstance(count, int) else None
 
-    async def iter_images(
-        self,
-        project_id: int,
-        region_id: int,
-        *,
-        params: list[tuple[str, str]] | None = None,
-        page_size: int = 1000,
-    ) -> AsyncIterator[list[Image]]:
-        """Every page of a region's list, by ``limit``/``offset`` until ``count`` is reached."""
-        offset = 0
-        while True:
-            page, count = await self.list_images(
-                project_id, region_id, params=params, limit=page_size, offset=offset
-            )
-            if page:
-                yield page
-            offset += len(page)
-            if not page or (count is not None and offset >= count) or (
-                count is None and len(page) < page_size
-            ):
-                return
-
     async def get_image(self, project_id: int, region_id: int, image_id: str) -> Image:
         data = await self._request(
             "GET", "get", f"/cloud/v1/images/{project_id}/{region_id}/{image_id}"

@@ -123,7 +123,6 @@ class Runner:
         if job is None and parent_run_id:  # undo: named after the job it undoes
             undone = read_run_info(settings.state_dir / parent_run_id)
             self.job_name = str(undone.get("job_name") or "")
-        self.plan_counts: Counter[str] = Counter()
         self.plan_reasons: Counter[str] = Counter()
         self.samples: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
         self.ctx = RunContext(run_id="", run_date=self.started_at.strftime("%Y-%m-%d"))
@@ -331,7 +330,6 @@ class Runner:
             name = image.name
             if patch is not None and len(self.samples) < self.settings.plan_samples:
                 self.samples.append((name, image.id, before, patch))
-        self.plan_counts[status] += 1
         if reason:
             self.plan_reasons[f"{status}:{reason}"] += 1
         journal.add_target(
@@ -394,7 +392,6 @@ class Runner:
 
     def _record_conflict(self, target: Target, name: str) -> None:
         assert self.journal is not None and target.image is not None
-        self.plan_counts["skipped"] += 1
         self.plan_reasons["skipped:conflict"] += 1
         self.journal.add_target(
             project_id=target.project_id, region_id=target.region_id,

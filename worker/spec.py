@@ -449,15 +449,8 @@ class Query(BaseModel):
     def matches(self, image: Image) -> bool:
         """The client-side filters: ``name_glob`` (whole name, case-sensitive), ``name_regex``
         (``re.search``), ``has_tags`` (``"*"`` = any value), ``missing_tags``."""
-        if self._glob is not None and not self._glob.match(image.name):
-            return False
-        if self._regex is not None and not self._regex.search(image.name):
-            return False
-        tags = image.tags
-        for key, value in self.has_tags.items():
-            if key not in tags or (value != "*" and tags[key] != value):
-                return False
-        return not any(key in tags for key in self.missing_tags)
+        match = self.matcher()
+        return match is None or match(image)
 
 
 class QuerySelector(BaseModel):
