@@ -390,7 +390,7 @@ async def test_latency_is_observed_for_each_answer(sim: Simulator) -> None:
 
 # -- reads, pages, and what the client refuses to send -----------------------------------------
 async def test_the_list_is_walked_page_by_page(sim_factory: SimFactory, tmp_path: Any) -> None:
-    """The selectors' paging (the one loop over limit/offset, one page read ahead) over the
+    """The selectors' paging (the one loop over limit/offset, pages read ahead) over the
     client: every image of the region once, in order, in pages of at most ``limit``."""
     sim = await sim_factory(SimConfig(images=300, page_max=7))
     expected = [i["id"] for i in sim.images() if (i["project_id"], i["region_id"]) == (1337, 7)]
@@ -400,11 +400,44 @@ async def test_the_list_is_walked_page_by_page(sim_factory: SimFactory, tmp_path
     async with await open_client(sim.url) as client:
         expander = Expander(spec.load_job(job, env={}), client,
                             stage_path=tmp_path / "stage.sqlite", policy=RetryPolicy())
-        pages = [page async for page in expander._pages(1337, 7, [])]
+        pages = [page async for _, _, page in expander._pages([(1337, 7, 0)], [])]
     assert [image.id for page in pages for image in page] == expected
     assert all(len(page) <= 7 for page in pages)
     assert client.counts.by_kind["list"] == len(pages)
 
+
+
+@pytest.mark.parametrize("with_count", [True, False])
+async def test_paging_tolerates_a_server_that_pages_by_less_or_sends_no_count(
+    with_count: bool, tmp_path: Any, sim_factory: SimFactory, scripted: Scripted
+) -> None:
+    """A list that caps ``limit`` at 7 when the job asks 50 (with ``count``: the first page's
+    length becomes the step), or sends no ``count`` (one page at a time until a short one):
+    every image of the region once, in order, each offset asked once."""
+    sim = await sim_factory(SimConfig(images=400))
+    region = [i for i in sim.images() if (i["project_id"], i["region_id"]) == (1337, 7)]
+    cap = 7 if with_count else 50
+    asked: list[int] = []
+
+    async def images(request: web.Request) -> web.StreamResponse:
+        offset, limit = int(request.query["offset"]), int(request.query["limit"])
+        asked.append(offset)
+        body: dict[str, Any] = {"results": region[offset:offset + min(limit, cap)]}
+        if with_count:
+            body["count"] = len(region)
+        return web.json_response(body)
+
+    scripted.routes["/cloud/v1/images/1337/7"] = images
+    job = tmp_path / "job.yaml"
+    job.write_text("name: pages\ntargets:\n  - query: {projects: [1337], regions: [7]}\n"
+                   "changes:\n  set_tags: {a: b}\noptions:\n  page_size: 50\n")
+    async with await open_client(scripted.url) as client:
+        expander = Expander(spec.load_job(job, env={}), client,
+                            stage_path=tmp_path / "stage.sqlite", policy=RetryPolicy())
+        ids = [image.id async for _, _, page in expander._pages([(1337, 7, 0)], [])
+               for image in page]
+    assert len(region) > 50 and ids == [i["id"] for i in region]
+    assert sorted(asked) == list(range(0, len(region) + (0 if with_count else 1), cap))
 
 async def test_tags_null_is_never_sent(sim: Simulator) -> None:
     p, r, image_id = private_image(sim)

@@ -11,8 +11,8 @@ from tests.helpers import write_job
 from worker import api, retry, spec
 from worker.limiter import NoLimiter
 from worker.models import Target
-from worker.selectors import Expander, Shard
-from worker.simulator import SimConfig
+from worker.selectors import READ_AHEAD, Expander, Shard
+from worker.simulator import Faults, SimConfig
 
 
 async def expand(
@@ -158,3 +158,23 @@ async def test_shards_are_disjoint_and_complete(sim_factory: Any, tmp_path: Path
     assert seen[0] | seen[1] | seen[2] == everything
     assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
     assert all(len(s) > 100 for s in seen)  # a fair split, not all in one
+
+
+async def test_a_query_reads_pages_ahead_across_regions(sim_factory: Any, tmp_path: Path) -> None:
+    """Up to READ_AHEAD list requests at once (the next regions' first pages while this one's
+    are planned), and still one request per page and every image once."""
+    sim = await sim_factory(SimConfig(images=600, page_max=50, faults=Faults(latency_ms=20)))
+    job = write_job(tmp_path, {
+        "name": "q", "targets": [{"query": {"projects": "all", "regions": "all"}}],
+        "changes": {"set_tags": {"a": "b"}}, "options": {"page_size": 50},
+    })
+    targets, counts = await expand(job, sim.url, tmp_path)
+    images = sim.images()
+    assert sorted(t.image_id for t in targets) == sorted(i["id"] for i in images)
+    per_region: dict[tuple[int, int], int] = {}
+    for i in images:
+        key = (i["project_id"], i["region_id"])
+        per_region[key] = per_region.get(key, 0) + 1
+    assert counts.by_kind["list"] == sum(-(-n // 50) for n in per_region.values())
+    assert sim.counters.max_in_flight == READ_AHEAD
+

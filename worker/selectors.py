@@ -3,7 +3,8 @@
 - Query selectors are expanded page by page through the images list; each page carries the
   images' state, so a query costs one GET per page. ``projects: all`` and ``regions: all``
   expand through their list endpoints. Server-side filters go in the query string, the
-  client-side ones (name_glob, name_regex, has_tags, missing_tags) apply after.
+  client-side ones (name_glob, name_regex, has_tags, missing_tags) apply after. Up to
+  ``READ_AHEAD`` pages are read at once, across regions, while earlier ones are planned.
 - Selector files are read as streams into a small staging SQLite file beside the run (never
   into memory). A row's state is then fetched in bulk: per project and region, where listing
   the region costs fewer requests than one GET per row, the region is listed once and joined
@@ -22,6 +23,7 @@ import contextlib
 import math
 import sqlite3
 import zlib
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,8 @@ T = TypeVar("T")
 _CHUNK = 2000
 #: Below this many rows in a region, one GET a row always beats listing.
 _MIN_ROWS_FOR_LIST = 3
+#: List requests in flight at once while expanding (at most the job's concurrency).
+READ_AHEAD = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +218,7 @@ class Expander:
         self.on_retry = on_retry
         self.job_changes = job.changes_model()
         self.page_size = job.options.page_size
+        self.read_ahead = min(READ_AHEAD, self.concurrency)
         queries = sum(isinstance(s, spec.QuerySelector) for s in job.targets)
         self.dedup = queries > 1 or queries < len(job.targets)
 
@@ -245,64 +250,106 @@ class Expander:
 
     # -- queries ------------------------------------------------------------------------------
     async def _query(self, stage: _Stage, query: Any, number: int) -> AsyncIterator[Target]:
-        projects = await self._ids(query.projects, "projects")
-        regions = await self._ids(query.regions, "regions")
+        projects, regions = await asyncio.gather(
+            self._ids(query.projects, "projects"), self._ids(query.regions, "regions")
+        )
         params = query.server_params()
         source = f"query {number}"
         match = query.matcher()
         shard = self.shard
-        for project_id in projects:
-            for region_id in regions:
-                async for page in self._pages(project_id, region_id, params):
-                    matched = page if match is None else [i for i in page if match(i)]
-                    if shard is not None:
-                        matched = [image for image in matched if shard.owns(image.id)]
-                    for target in self._emit(stage, project_id, region_id, matched, source):
-                        yield target
+        where = dict.fromkeys((p, r, 0) for p in projects for r in regions)
+        async for project_id, region_id, page in self._pages(where, params):
+            matched = page if match is None else [i for i in page if match(i)]
+            if shard is not None:
+                matched = [image for image in matched if shard.owns(image.id)]
+            for target in self._emit(stage, project_id, region_id, matched, source):
+                yield target
 
     async def _pages(
-        self, project_id: int, region_id: int, params: list[tuple[str, str]], offset: int = 0
-    ) -> AsyncIterator[list[Image]]:
-        """Pages of a region's list from ``offset``, by limit/offset until ``count``.
+        self, regions: Iterable[tuple[int, int, int]], params: list[tuple[str, str]]
+    ) -> AsyncIterator[tuple[int, int, list[Image]]]:
+        """``(project_id, region_id, page)`` for each distinct ``(project_id, region_id,
+        offset)`` of ``regions``: that region's list from ``offset``, by limit/offset until
+        ``count``.
 
-        Once ``count`` says more pages follow, the next one is read while the caller plans
-        this one (one request ahead: the list is not read one round trip at a time).
+        Up to ``read_ahead`` list requests are in flight at once (the list is not read one
+        round trip at a time): once a region's ``count`` is known its next pages are asked,
+        then the next regions' first pages. Pages come out in the order they were asked.
+        Tolerant of a server that pages by fewer than ``limit`` (the first page's length is
+        then the step) and of one that sends no ``count`` (one page at a time, until a short
+        one).
         """
         size = self.page_size
         client = self.client
+        todo = iter(regions)
+        flight: deque[tuple[int, int, int, asyncio.Future[tuple[list[Image], int | None]]]]
+        flight = deque()
+        # a region being read: [next offset to ask, where its list ends, step]; ``open_``
+        # holds the ones with pages left to ask, in the order their first page came back
+        state: dict[tuple[int, int], list[int]] = {}
+        open_: deque[tuple[int, int]] = deque()
+        gone: set[tuple[int, int]] = set()
 
-        def fetch(at: int) -> Awaitable[tuple[list[Image], int | None]]:
+        def fetch(p: int, r: int, at: int) -> Awaitable[tuple[list[Image], int | None]]:
             return self._read(
-                lambda: client.list_images(
-                    project_id, region_id, params=params, limit=size, offset=at
-                )
+                lambda: client.list_images(p, r, params=params, limit=size, offset=at)
             )
 
-        ahead: asyncio.Future[tuple[list[Image], int | None]] | None = None
+        def ask() -> None:
+            while len(flight) < self.read_ahead:
+                if open_:
+                    (p, r), region = open_[0], state[open_[0]]
+                    at = region[0]
+                    region[0] += region[2]
+                    if region[0] >= region[1]:
+                        open_.popleft()
+                else:
+                    nxt = next(todo, None)
+                    if nxt is None:
+                        return
+                    p, r, at = nxt
+                flight.append((p, r, at, asyncio.ensure_future(fetch(p, r, at))))
+
+        def arrived(key: tuple[int, int], at: int, n: int, count: int | None) -> None:
+            end = count if count is not None else at + n + (1 if n >= size else 0)
+            region = state.get(key)
+            if region is None:  # its first page: the step is what the server pages by
+                region = state[key] = [at + n, 0, n if 0 < n < size and at + n < end else size]
+            was_open = region[0] < region[1]
+            region[1] = end  # the latest page's word on the list's length
+            if region[0] < end and not was_open:
+                open_.append(key)
+            elif was_open and region[0] >= end:
+                open_.remove(key)
+
         try:
-            while True:
+            ask()
+            while flight:
+                p, r, at, future = flight.popleft()
+                key = (p, r)
                 try:
-                    page, count = await (ahead if ahead is not None else fetch(offset))
+                    page, count = await future
                 except NotFound as exc:
-                    log.warning("selectors.region_not_found", project_id=project_id,
-                                region_id=region_id, error=exc.message)
-                    return
-                ahead = None
-                offset += len(page)
-                more = bool(page) and (
-                    offset < count if count is not None else len(page) >= size
-                )
-                if more and count is not None:
-                    ahead = asyncio.ensure_future(fetch(offset))
+                    if key not in gone:
+                        gone.add(key)
+                        log.warning("selectors.region_not_found", project_id=p, region_id=r,
+                                    error=exc.message)
+                        with contextlib.suppress(ValueError):
+                            open_.remove(key)
+                    ask()
+                    continue
+                if key in gone:
+                    continue
+                arrived(key, at, len(page), count)
+                ask()
                 if page:
-                    yield page
-                if not more:
-                    return
+                    yield p, r, page
         finally:
-            if ahead is not None:
-                ahead.cancel()
+            for *_, future in flight:
+                future.cancel()
+            for *_, future in flight:
                 with contextlib.suppress(BaseException):
-                    await ahead
+                    await future
 
     def _emit(
         self,
@@ -363,7 +410,7 @@ class Expander:
             return  # listing the rest costs more than a GET a row (the first page is used)
         if count is not None and len(first) >= count:
             return
-        async for page in self._pages(project_id, region_id, [], offset=len(first)):
+        async for _, _, page in self._pages([(project_id, region_id, len(first))], []):
             for target in self._join_page(stage, project_id, region_id, page):
                 yield target
 
