@@ -91,6 +91,27 @@ def expected_row(i: int) -> dict[str, Any]:
     return {name: row.get(name) for name in RESULT_FIELDS}
 
 
+
+def test_csv_cells_a_spreadsheet_would_run_as_formulas_are_neutralised(tmp_path: Path) -> None:
+    """An image name (set by anyone who may name images) such as ``=HYPERLINK(...)`` must not
+    run when an operator opens results.csv: the cell gets a leading apostrophe (OWASP's CSV
+    injection advice); results.jsonl keeps the name exactly; other cells are untouched."""
+    names = ['=HYPERLINK("http://x","y")', "+1+2", "-3", "@SUM(A1)", "\tx", "plain", "a-b=c"]
+    rows = []
+    for i, name in enumerate(names):
+        row = make_row(4 * i)  # updated: no error text
+        row["name"] = name
+        rows.append(row)
+    write_exports(tmp_path, rows, sample_summary())
+    with (tmp_path / "results.csv").open(newline="", encoding="utf-8") as f:
+        cells = [dict(zip(RESULT_FIELDS, r, strict=True)) for r in list(csv.reader(f))[1:]]
+    assert [c["name"] for c in cells] == [
+        "'" + n if n[0] in "=+-@\t" else n for n in names
+    ]
+    assert all(json.loads(c["patch"]) == rows[0]["patch"] for c in cells)  # JSON cells as they were
+    lines = (tmp_path / "results.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["name"] for line in lines] == names
+
 def sample_summary(**overrides: Any) -> dict[str, Any]:
     latency = LatencyStats()
     for ms in (10, 20, 30, 40, 1000):

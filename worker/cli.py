@@ -246,8 +246,6 @@ def undo(undone: str, **kw: Any) -> None:
 @_common
 def report(run_id: str, fmt: str, export: bool, **kw: Any) -> None:
     """Print or re-export RUN_ID's report (from its journal)."""
-    import csv
-
     from worker import report as rep
     from worker.journal import Journal, read_run_info
 
@@ -266,18 +264,12 @@ def report(run_id: str, fmt: str, export: bool, **kw: Any) -> None:
             click.echo(rep.format_summary(summary))
         elif fmt == "json":
             click.echo(json.dumps(summary, indent=2))
-        elif fmt == "jsonl":
-            for row in journal.iter_results(run_id):
-                sys.stdout.write(json.dumps(row, separators=(",", ":")) + "\n")
         else:
-            writer = csv.writer(sys.stdout)
-            writer.writerow(rep.RESULT_FIELDS)
-            for row in journal.iter_results(run_id):
-                writer.writerow([
-                    json.dumps(row[k], separators=(",", ":"))
-                    if isinstance(row[k], dict) else row[k]
-                    for k in rep.RESULT_FIELDS
-                ])
+            if fmt == "csv":
+                sys.stdout.write(",".join(rep.RESULT_FIELDS) + "\r\n")
+            which = 0 if fmt == "jsonl" else 1
+            for row in journal.iter_results(run_id, raw=True):
+                sys.stdout.write(rep.export_lines(row)[which])
     finally:
         journal.close()
 

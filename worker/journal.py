@@ -42,7 +42,7 @@ import orjson
 
 from worker.errors import BulkTaggerError, JobError
 from worker.log import scrub
-from worker.models import Changes, Outcome
+from worker.models import RESULT_FIELDS, Changes, Outcome
 
 SCHEMA_VERSION = 1
 
@@ -512,27 +512,19 @@ class Journal:
                 for (_seq, p, r, image_id, name, plan_status, plan_reason, plan_detail, before,
                      patch, status, reason, after, opatch, attempts, http_status, lock_wait,
                      duration, error, obefore) in rows:
-                    result = {
-                        "run_id": run_id,
-                        "project_id": p,
-                        "region_id": r,
-                        "image_id": image_id,
-                        "name": name,
-                        "status": status or "planned",
-                        "reason": reason if status else (plan_reason or None),
-                        "before": load(obefore if obefore is not None else before),
-                        "after": load(after),
+                    result = (
+                        run_id, p, r, image_id, name,
+                        status or "planned",
+                        reason if status else (plan_reason or None),
+                        load(obefore if obefore is not None else before),
+                        load(after),
                         # an ended target shows what was sent (none for a no-op), a pending
                         # one what the plan would send
-                        "patch": load(opatch if status else patch),
-                        "attempts": attempts or 0,
-                        "http_status": http_status,
-                        "lock_wait_s": lock_wait or 0.0,
-                        "duration_ms": duration or 0,
-                        "error": error if status else (plan_detail if plan_status != "planned"
-                                                       else None),
-                    }
-                    yield tuple(result.values()) if raw else result
+                        load(opatch if status else patch),
+                        attempts or 0, http_status, lock_wait or 0.0, duration or 0,
+                        error if status else (plan_detail if plan_status != "planned" else None),
+                    )
+                    yield result if raw else dict(zip(RESULT_FIELDS, result, strict=True))
                 last = rows[-1][0]
         finally:
             conn.close()

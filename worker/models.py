@@ -193,6 +193,12 @@ class RunContext:
     run_date: str
 
 
+#: Keys of a results.jsonl line, in order; also the columns of results.csv (CONTRACT.md).
+RESULT_FIELDS: tuple[str, ...] = (
+    "run_id", "project_id", "region_id", "image_id", "name", "status", "reason", "before",
+    "after", "patch", "attempts", "http_status", "lock_wait_s", "duration_ms", "error",
+)
+
 #: Final statuses of a target; ``planned`` is a plan-only record (``bulk-tagger plan``).
 STATUSES: tuple[str, ...] = ("updated", "unchanged", "skipped", "failed", "planned")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import csv
 import json
 import math
 import os
@@ -28,26 +27,7 @@ from typing import IO, Any, TextIO
 import orjson
 
 from worker.log import get_logger
-from worker.models import STATUSES
-
-#: Keys of a results.jsonl line, in order; also the columns of results.csv (CONTRACT.md).
-RESULT_FIELDS: tuple[str, ...] = (
-    "run_id",
-    "project_id",
-    "region_id",
-    "image_id",
-    "name",
-    "status",
-    "reason",
-    "before",
-    "after",
-    "patch",
-    "attempts",
-    "http_status",
-    "lock_wait_s",
-    "duration_ms",
-    "error",
-)
+from worker.models import RESULT_FIELDS, STATUSES
 
 #: Result fields that hold objects: JSON objects in results.jsonl, compact JSON text in the CSV.
 _OBJECT_FIELDS = frozenset({"before", "after", "patch"})
@@ -90,13 +70,50 @@ def _row_values(row: Mapping[str, Any]) -> list[Any]:
     return values
 
 
-def _csv_cell(name: str, value: Any) -> Any:
-    if value is None:
-        return ""
-    if name in _OBJECT_FIELDS:
-        # JSON text as the journal holds it goes in as it is
-        return value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
-    return value
+#: A CSV cell starting with one of these is a formula to a spreadsheet (OWASP's "CSV
+#: injection"): an image name such as ``=HYPERLINK(...)`` is written ``'=HYPERLINK(...)``.
+_FORMULA_START = frozenset("=+-@\t\r")
+_SCALARS = frozenset({int, float, bool})
+_OBJECT_INDEXES = tuple(i for i, name in enumerate(RESULT_FIELDS) if name in _OBJECT_FIELDS)
+
+
+def _csv_text(text: str) -> str:
+    """One CSV cell as ``csv.writer``'s excel dialect writes it (quoted when it holds a quote,
+    a comma or a line break), a would-be formula neutralised first."""
+    if text and text[0] in _FORMULA_START:
+        text = "'" + text
+    if '"' in text or "," in text or "\n" in text or "\r" in text:
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def export_lines(row: tuple[Any, ...] | Mapping[str, Any]) -> tuple[str, str]:
+    """A result's ``results.jsonl`` line and ``results.csv`` line, each with its line end.
+
+    ``row``: a dict, or a tuple in RESULT_FIELDS order. ``before``/``after``/``patch`` given
+    as JSON text (as the journal holds them) are embedded as they are: never decoded and
+    encoded again. In the CSV they are compact JSON text, None an empty cell.
+    """
+    values = list(row) if isinstance(row, tuple) else _row_values(row)
+    cells = []
+    for value in values:
+        if value is None:
+            cells.append("")
+        elif type(value) is str:
+            cells.append(_csv_text(value))
+        elif type(value) in _SCALARS:
+            cells.append(str(value))
+        elif isinstance(value, Mapping | list):
+            cells.append(_csv_text(orjson.dumps(value, default=str).decode()))
+        else:
+            cells.append(str(value))
+    for i in _OBJECT_INDEXES:
+        value = values[i]
+        if isinstance(value, str):
+            values[i] = orjson.Fragment(value)
+    line = orjson.dumps(dict(zip(RESULT_FIELDS, values, strict=True)), default=str,
+                        option=orjson.OPT_APPEND_NEWLINE)
+    return line.decode(), ",".join(cells) + "\r\n"
 
 
 class _AtomicFile:
@@ -141,7 +158,8 @@ def write_exports(
     ``results`` is consumed once, row by row (memory stays flat for any number of rows). Each
     row becomes one JSON object a line, keys in RESULT_FIELDS order (other keys are left out,
     missing ones are null), and one CSV row with the same columns (``before``/``after``/
-    ``patch`` as compact JSON text, None as an empty cell). Each file is written to a temp
+    ``patch`` as compact JSON text, None as an empty cell, a text a spreadsheet would run as
+    a formula led by an apostrophe: see ``export_lines``). Each file is written to a temp
     file in ``run_dir`` and renamed into place, results first and ``summary.json`` last, so a
     reader never sees half a file and a present summary means the exports are complete. Files
     are mode 0600. On an error no temp file is left and earlier exports stay as they were.
@@ -154,29 +172,12 @@ def write_exports(
         files.append(jsonl)
         csv_file = _AtomicFile(run_dir, "results.csv", newline="")
         files.append(csv_file)
-        writer = csv.writer(csv_file.file)
-        writer.writerow(RESULT_FIELDS)
-        write_line = jsonl.file.write
-        objects = [i for i, name in enumerate(RESULT_FIELDS) if name in _OBJECT_FIELDS]
-        fragment = orjson.Fragment
-        dumps = orjson.dumps
-        writerow = writer.writerow
+        csv_file.file.write(",".join(RESULT_FIELDS) + "\r\n")
+        write_jsonl, write_csv = jsonl.file.write, csv_file.file.write
         for row in results:
-            # a tuple is a row in RESULT_FIELDS order as the journal holds it (its objects
-            # as JSON text): the fast path of a run's own exports
-            values = list(row) if isinstance(row, tuple) else _row_values(row)
-            cells = ["" if v is None else v for v in values]
-            for i in objects:
-                value = values[i]
-                if isinstance(value, str):
-                    # JSON text as the journal holds it: embedded as it is, never decoded
-                    values[i] = fragment(value)
-                elif value is not None:
-                    cells[i] = dumps(value, default=str).decode()
-            line = dumps(dict(zip(RESULT_FIELDS, values, strict=True)), default=str)
-            write_line(line.decode())
-            write_line("\n")
-            writerow(cells)
+            jsonl_line, csv_line = export_lines(row)
+            write_jsonl(jsonl_line)
+            write_csv(csv_line)
         summary_file = _AtomicFile(run_dir, "summary.json")
         files.append(summary_file)
         json.dump(dict(summary), summary_file.file, indent=2, ensure_ascii=False, default=str)

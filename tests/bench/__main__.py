@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated scenarios of a,b,c,d,e,f,j (default: all)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every image and row count (e.g. 0.1 to iterate)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds of bulk-tagger and the floor in (a) and (b) (default 3)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where results go")
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = scenarios.Sizes()
     if args.scale != 1.0:
         sizes = sizes.scaled(args.scale)
+    if args.rounds is not None:
+        sizes.rounds = max(1, args.rounds)
     started = time.monotonic()
 
     def progress(text: str) -> None:
