@@ -248,6 +248,7 @@ def report(run_id: str, fmt: str, export: bool, **kw: Any) -> None:
     """Print or re-export RUN_ID's report (from its journal)."""
     from worker import report as rep
     from worker.journal import Journal, read_run_info
+    from worker.models import RESULT_FIELDS
 
     _setup_logs(kw)
     run_dir = kw["state_dir"] / run_id
@@ -266,7 +267,7 @@ def report(run_id: str, fmt: str, export: bool, **kw: Any) -> None:
             click.echo(json.dumps(summary, indent=2))
         else:
             if fmt == "csv":
-                sys.stdout.write(",".join(rep.RESULT_FIELDS) + "\r\n")
+                sys.stdout.write(",".join(RESULT_FIELDS) + "\r\n")
             which = 0 if fmt == "jsonl" else 1
             for row in journal.iter_results(run_id, raw=True):
                 sys.stdout.write(rep.export_lines(row)[which])

@@ -203,7 +203,9 @@ RESULT_FIELDS: tuple[str, ...] = (
 STATUSES: tuple[str, ...] = ("updated", "unchanged", "skipped", "failed", "planned")
 
 
-@dataclass(frozen=True, slots=True)
+# not frozen (made once a target, never changed): a frozen dataclass's __init__ costs
+# about three times as much, and this is on every target's path
+@dataclass(slots=True)
 class Outcome:
     """How one target ended: one record per target per run (the results.jsonl line)."""
 

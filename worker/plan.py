@@ -101,7 +101,9 @@ class TemplateGap(Exception):
     """A template names something the image or run does not have, or renders invalid."""
 
 
-@dataclass(frozen=True, slots=True)
+# not frozen (made once a target, never changed): a frozen dataclass's __init__ costs
+# about three times as much, and this is on every target's path
+@dataclass(slots=True)
 class Plan:
     """What to send to one image: a merge-patch body, or None with the reason it is a no-op.
 
