@@ -362,6 +362,14 @@ def test_sigterm_stops_within_the_grace_period_and_resume_finishes(
     assert done["exit_code"] == 1 and done["counts"]["planned"] == 0
     assert done["counts"]["failed"] == 1
     assert done["counts"]["updated"] + done["counts"]["unchanged"] == len(rows) - 1
+    # the summary is the run's, not the last process's: both processes' requests, the run's
+    # first start, the time both ran
+    served = sim.call(lambda: dict(sim.sim.counters.requests))
+    assert done["processes"] == 2 and "processes" not in stopped
+    assert done["started_at"] == stopped["started_at"]
+    assert done["requests"]["patch"] == served["patch"] > stopped["requests"]["patch"] > 0
+    assert done["requests"]["total"] == sum(served.values())
+    assert done["duration_s"] > stopped["duration_s"]
     initial = {k: v for k, v in images(sim).items()}
     assert all(image["tags"].get("wave") == ("w7", False) for image in initial.values()
                if targeted(image))

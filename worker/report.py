@@ -283,8 +283,14 @@ def build_summary(
     requests: Mapping[str, int],
     latency: LatencyStats,
     extra: Mapping[str, Any] | None = None,
+    earlier: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """summary.json's content (CONTRACT.md), ``extra``'s keys added last (they win).
+
+    ``earlier``: the summary the run's earlier process left (this one resumed it). Its
+    requests are added to these, its ``duration_s`` to this process's (``duration_s`` is the
+    time the run's processes ran, gaps between them left out), its ``started_at`` kept, and
+    ``processes`` counts them. Latency percentiles are this process's alone.
 
     ``counts`` has every status of models.STATUSES (0 where none), plus any other status it
     was given. ``requests`` has every field of REQUEST_FIELDS (0 where missing) plus any other
@@ -293,6 +299,15 @@ def build_summary(
     those the API did not refuse with a 429, per second of the run.
     """
     duration = max((finished_at - started_at).total_seconds(), 0.0)
+    processes = 1
+    if earlier:
+        merged = dict(requests)
+        for name, value in (earlier.get("requests") or {}).items():
+            if name != "total" and isinstance(value, int):
+                merged[name] = merged.get(name, 0) + value
+        requests = merged
+        duration += float(earlier.get("duration_s") or 0.0)
+        processes += int(earlier.get("processes") or 1)
     all_counts = {status: int(counts.get(status, 0)) for status in STATUSES}
     all_counts.update({k: int(v) for k, v in counts.items() if k not in all_counts})
     reqs = {name: int(requests.get(name, 0)) for name in REQUEST_FIELDS}
@@ -300,10 +315,11 @@ def build_summary(
     if "total" not in requests:
         reqs["total"] = sum(v for k, v in reqs.items() if k not in _NOT_KINDS)
     useful = max(reqs["total"] - reqs["rate_limited"], 0)
+    first_start = (earlier or {}).get("started_at") or _iso_utc(started_at)
     summary: dict[str, Any] = {
         "run_id": run_id,
         "job": job,
-        "started_at": _iso_utc(started_at),
+        "started_at": first_start,
         "finished_at": _iso_utc(finished_at),
         "duration_s": round(duration, 3),
         "exit_code": exit_code,
@@ -312,6 +328,8 @@ def build_summary(
         "rate_per_second": round(useful / duration, 2) if duration > 0 else 0.0,
         "latency_ms": latency.percentiles(),
     }
+    if processes > 1:
+        summary["processes"] = processes
     if extra:
         summary.update(extra)
     return summary

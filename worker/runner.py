@@ -118,6 +118,8 @@ class Runner:
         self.resumed = False
         self.fatal: BaseException | None = None
         self.started_at = datetime.now(UTC)
+        #: the summary of the process this one resumes (requests and time are added up)
+        self.earlier: dict[str, Any] | None = None
         self.run_id = ""
         self.job_name = job.name if job else ""
         if job is None and parent_run_id:  # undo: named after the job it undoes
@@ -278,6 +280,13 @@ class Runner:
         self.ctx = RunContext(run_id=run_id, run_date=self.started_at.strftime("%Y-%m-%d"))
         journal = Journal(settings.state_dir / run_id)
         if self.resumed:
+            info = journal.run_info()
+            # what the earlier process recorded (none if it was killed before its end): the
+            # summary adds this process to it; templates keep the run's first date
+            self.earlier = info.get("summary") or None
+            with contextlib.suppress(TypeError, ValueError):
+                first = datetime.fromisoformat(str(info.get("started_at")))
+                self.ctx = RunContext(run_id=run_id, run_date=first.strftime("%Y-%m-%d"))
             journal.reopen_run()
             log.info("run.resumed", run_id=run_id, counts=journal.counts())
         else:
@@ -501,7 +510,7 @@ class Runner:
         summary = report.build_summary(
             run_id=self.run_id, job=self.job_name, started_at=self.started_at,
             finished_at=finished, exit_code=code, counts=counts, requests=requests,
-            latency=self.latency, extra=extra,
+            latency=self.latency, extra=extra, earlier=self.earlier,
         )
         run_dir = journal.run_dir
         await asyncio.to_thread(
