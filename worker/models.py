@@ -73,8 +73,8 @@ class Image:
             tag_list = data.get("tags_v2") or []
         tags: dict[str, str] = {}
         read_only: set[str] = set()
-        if isinstance(tag_list, Mapping):  # tolerate a plain {key: value} object
-            tags = {str(k): str(v) for k, v in tag_list.items()}
+        if type(tag_list) is not list and isinstance(tag_list, Mapping):
+            tags = {str(k): str(v) for k, v in tag_list.items()}  # a plain {key: value}
         else:
             for tag in tag_list:
                 key = str(tag.get("key"))
