@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every image and row count (e.g. 0.1 to iterate)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="rounds of bulk-tagger and the floor in (a) and (b) (default 3)")
+                        help="rounds of bulk-tagger and the floor in (a) and (b) (default 5)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where results go")
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args(argv)

@@ -54,7 +54,7 @@ class Sizes:
     f_rows: int = 5_000
     j_images: int = 10_000
     #: (a) and (b): rounds of bulk-tagger and the floor, alternating (the median pair counts)
-    rounds: int = 3
+    rounds: int = 5
 
     def scaled(self, factor: float) -> Sizes:
         """Every count times ``factor`` (at least 10); the latency and the rounds stay."""
