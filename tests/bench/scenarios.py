@@ -173,20 +173,25 @@ def _sdk(label: str, rate: float | None = None) -> Callable[[str], Run]:
 
 
 # -- a, b: bulk-tagger beside the floor, in interleaved rounds -----------------------------------
+Contender = tuple[str, int, Callable[[int], Callable[[str], Run]]]
+
+
 def _rounds(
-    scenario: str, sizes: Sizes, wd: Path, images: int, progress: Callable[[str], None],
-    **sim: Any,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """``sizes.rounds`` of bulk-tagger then the floor, alternating, so that both see the same
-    spells of a noisy machine; each pair's ratio is taken, and the median of those."""
-    bts, floors = [], []
+    scenario: str, sizes: Sizes, progress: Callable[[str], None],
+    contenders: list[Contender], **sim: Any,
+) -> list[dict[str, dict[str, Any]]]:
+    """``sizes.rounds`` rounds of every contender in turn (``(name, images, start for round
+    k)``), so that all see the same spells of a noisy machine; each round's ratios are taken,
+    and the median of those. One dict of rows by name a round."""
+    rounds = []
     for k in range(1, sizes.rounds + 1):
         tag = f" #{k}" if sizes.rounds > 1 else ""
-        for name, start, dest in (("bulk-tagger", _bt(f"bulk-tagger-{k}", wd), bts),
-                                  ("floor", _floor("floor"), floors)):
+        row: dict[str, dict[str, Any]] = {}
+        for name, images, start in contenders:
             progress(f"{scenario}: {name} on {images} images (round {k} of {sizes.rounds})")
-            dest.append(measure(name + tag, images, start, **sim))
-    return bts, floors
+            row[name] = measure(name + tag, images, start(k), **sim)
+        rounds.append(row)
+    return rounds
 
 
 def _paired(
@@ -201,62 +206,62 @@ def _paired(
 
 def scenario_a(sizes: Sizes, progress: Callable[[str], None]) -> dict[str, Any]:
     n, n_sdk = sizes.a_images, sizes.a_sdk_images
-    rows: list[dict[str, Any]] = []
-    fixed: dict[str, float] = {}
     with workdir() as wd:
-        # the fixed cost of each process (start-up, imports, the run's record): no images
-        for name, start in (("bulk-tagger", _bt("bt-empty", wd)), ("floor", _floor("floor")),
-                            ("sdk", _sdk("sdk"))):
-            progress(f"a: {name} with no images (fixed cost)")
-            empty = measure(f"{name} (0 images)", 0, start, arrivals=False)
-            fixed[name] = empty["cpu_s"]
-            rows.append(empty)
-        bts, floors = _rounds("a", sizes, wd, n, progress, arrivals=False)
-        progress(f"a: sdk on {n_sdk} images")
-        sdk = measure("sdk", n_sdk, _sdk("sdk"), arrivals=False)
-    for row in [*bts, *floors, sdk]:
-        name = row["label"].split(" #")[0]
-        row["fixed_cpu_s"] = fixed[name]
-        row["net_cpu_per_update_ms"] = (
-            round((row["cpu_s"] - fixed[name]) / row["updated"] * 1000, 4)
-            if row["updated"] else None
-        )
-    rows += [row for pair in zip(bts, floors, strict=True) for row in pair] + [sdk]
-    bt_net = statistics.median(r["net_cpu_per_update_ms"] for r in bts)
-    bt_gross = statistics.median(r["cpu_per_update_ms"] for r in bts)
+        # each round: the fixed cost of each process (start-up, imports, the run's record:
+        # no images), then the work
+        rounds = _rounds("a", sizes, progress, [
+            ("bulk-tagger (0 images)", 0, lambda k: _bt(f"bt-empty-{k}", wd)),
+            ("floor (0 images)", 0, lambda k: _floor("floor")),
+            ("sdk (0 images)", 0, lambda k: _sdk("sdk")),
+            ("bulk-tagger", n, lambda k: _bt(f"bulk-tagger-{k}", wd)),
+            ("floor", n, lambda k: _floor("floor")),
+            ("sdk", n_sdk, lambda k: _sdk("sdk")),
+        ], arrivals=False)
+    for r in rounds:
+        for name in ("bulk-tagger", "floor", "sdk"):
+            row, fixed = r[name], r[f"{name} (0 images)"]["cpu_s"]
+            row["fixed_cpu_s"] = fixed
+            row["net_cpu_per_update_ms"] = (
+                round((row["cpu_s"] - fixed) / row["updated"] * 1000, 4)
+                if row["updated"] else None
+            )
+
+    def ratios(a: str, b: str, key: str) -> list[float]:
+        return [r[a][key] / r[b][key] for r in rounds]
+
     checks = [
         _paired("a: CPU/update bulk-tagger / floor (gross, same images)",
-                [b["cpu_per_update_ms"] / f["cpu_per_update_ms"]
-                 for b, f in zip(bts, floors, strict=True)],
-                "<=", 1.5),
+                ratios("bulk-tagger", "floor", "cpu_per_update_ms"), "<=", 1.5),
         _paired("a: CPU/update bulk-tagger / floor (net of fixed cost)",
-                [b["net_cpu_per_update_ms"] / f["net_cpu_per_update_ms"]
-                 for b, f in zip(bts, floors, strict=True)],
-                "<=", 1.5, "informative: the target is the gross figure"),
-        check("a: CPU/update SDK / bulk-tagger (net of fixed cost)",
-              sdk["net_cpu_per_update_ms"] / bt_net, ">=", 10.0,
-              f"the SDK ran {n_sdk} images, bulk-tagger {n}: per-image CPU net of each "
-              f"one's no-image run (bulk-tagger: the median of its rounds, {bt_net:.3f} ms)"),
-        check("a: CPU/update SDK / bulk-tagger (gross)",
-              sdk["cpu_per_update_ms"] / bt_gross, ">=", 10.0,
-              "informative: unequal image counts"),
+                ratios("bulk-tagger", "floor", "net_cpu_per_update_ms"), "<=", 1.5,
+                "informative: the target is the gross figure"),
+        _paired("a: CPU/update SDK / bulk-tagger (net of fixed cost)",
+                ratios("sdk", "bulk-tagger", "net_cpu_per_update_ms"), ">=", 10.0,
+                f"the SDK ran {n_sdk} images, bulk-tagger {n}: per-image CPU net of each "
+                "one's no-image run in the same round"),
+        _paired("a: CPU/update SDK / bulk-tagger (gross)",
+                ratios("sdk", "bulk-tagger", "cpu_per_update_ms"), ">=", 10.0,
+                "informative: unequal image counts"),
     ]
     return {"scenario": "a", "title": "CPU: no latency, no limit",
             "params": {"images": n, "sdk_images": n_sdk, "concurrency": CONCURRENCY,
                        "rounds": sizes.rounds},
-            "rows": rows, "checks": checks}
+            "rows": [row for r in rounds for row in r.values()], "checks": checks}
 
 
 def scenario_b(sizes: Sizes, progress: Callable[[str], None]) -> dict[str, Any]:
     n, lat = sizes.b_images, sizes.b_latency_ms
     with workdir() as wd:
-        bts, floors = _rounds("b", sizes, wd, n, progress, latency_ms=lat)
+        rounds = _rounds("b", sizes, progress, [
+            ("bulk-tagger", n, lambda k: _bt(f"bulk-tagger-{k}", wd)),
+            ("floor", n, lambda k: _floor("floor")),
+        ], latency_ms=lat)
         progress(f"b: sdk on {sizes.b_sdk_images} images, {lat:g} ms answers")
         sdk = measure("sdk", sizes.b_sdk_images, _sdk("sdk"), latency_ms=lat)
-    rows = [row for pair in zip(bts, floors, strict=True) for row in pair] + [sdk]
-    pairs = list(zip(bts, floors, strict=True))
+    rows = [row for r in rounds for row in r.values()] + [sdk]
+    pairs = [(r["bulk-tagger"], r["floor"]) for r in rounds]
     plans = ", ".join(f"{b['span_s'] - b['apply_span_s']:.2f} of {b['span_s']:.2f} s"
-                      for b in bts)
+                      for b, _ in pairs)
     checks = [
         _paired("b: throughput bulk-tagger / floor (updates per second of server-seen span)",
                 [b["throughput_per_s"] / f["throughput_per_s"] for b, f in pairs], ">=", 0.90),
