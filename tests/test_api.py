@@ -394,17 +394,22 @@ async def test_the_list_is_walked_page_by_page(sim_factory: SimFactory, tmp_path
     client: every image of the region once, in order, in pages of at most ``limit``."""
     sim = await sim_factory(SimConfig(images=300, page_max=7))
     expected = [i["id"] for i in sim.images() if (i["project_id"], i["region_id"]) == (1337, 7)]
+    pages, lists = await region_pages(sim.url, tmp_path, page_size=7)
+    assert [image.id for page in pages for image in page] == expected
+    assert all(len(page) <= 7 for page in pages)
+    assert lists == len(pages)
+
+
+async def region_pages(url: str, tmp_path: Any, *, page_size: int) -> tuple[list[Any], int]:
+    """The pages the selectors read of region 1337/7 at ``url``, and the list GETs sent."""
     job = tmp_path / "job.yaml"
     job.write_text("name: pages\ntargets:\n  - query: {projects: [1337], regions: [7]}\n"
-                   "changes:\n  set_tags: {a: b}\noptions:\n  page_size: 7\n")
-    async with await open_client(sim.url) as client:
+                   f"changes:\n  set_tags: {{a: b}}\noptions:\n  page_size: {page_size}\n")
+    async with await open_client(url) as client:
         expander = Expander(spec.load_job(job, env={}), client,
                             stage_path=tmp_path / "stage.sqlite", policy=RetryPolicy())
         pages = [page async for _, _, page in expander._pages([(1337, 7, 0)], [])]
-    assert [image.id for page in pages for image in page] == expected
-    assert all(len(page) <= 7 for page in pages)
-    assert client.counts.by_kind["list"] == len(pages)
-
+    return pages, client.counts.by_kind["list"]
 
 
 @pytest.mark.parametrize("with_count", [True, False])
@@ -428,14 +433,8 @@ async def test_paging_tolerates_a_server_that_pages_by_less_or_sends_no_count(
         return web.json_response(body)
 
     scripted.routes["/cloud/v1/images/1337/7"] = images
-    job = tmp_path / "job.yaml"
-    job.write_text("name: pages\ntargets:\n  - query: {projects: [1337], regions: [7]}\n"
-                   "changes:\n  set_tags: {a: b}\noptions:\n  page_size: 50\n")
-    async with await open_client(scripted.url) as client:
-        expander = Expander(spec.load_job(job, env={}), client,
-                            stage_path=tmp_path / "stage.sqlite", policy=RetryPolicy())
-        ids = [image.id async for _, _, page in expander._pages([(1337, 7, 0)], [])
-               for image in page]
+    pages, _ = await region_pages(scripted.url, tmp_path, page_size=50)
+    ids = [image.id for page in pages for image in page]
     assert len(region) > 50 and ids == [i["id"] for i in region]
     assert sorted(asked) == list(range(0, len(region) + (0 if with_count else 1), cap))
 
