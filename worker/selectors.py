@@ -338,7 +338,8 @@ class Expander:
                             open_.remove(key)
                     ask()
                     continue
-                if key in gone:
+                if key in gone:  # a page of a region that vanished meanwhile
+                    ask()
                     continue
                 arrived(key, at, len(page), count)
                 ask()
