@@ -178,3 +178,24 @@ async def test_a_query_reads_pages_ahead_across_regions(sim_factory: Any, tmp_pa
     assert counts.by_kind["list"] == sum(-(-n // 50) for n in per_region.values())
     assert sim.counters.max_in_flight == READ_AHEAD
 
+
+
+async def test_a_region_the_api_does_not_know_is_skipped_and_the_rest_expanded(
+    sim_factory: Any, tmp_path: Path
+) -> None:
+    """A 404 on a region's list (a typo in regions:, a region closed) skips that region with a
+    warning; the regions before and after it, read ahead around it, still come out whole."""
+    sim = await sim_factory(SimConfig(images=300, page_max=20))
+    job = write_job(tmp_path, {
+        "name": "q", "targets": [{"query": {"projects": [1337], "regions": [7, 999, 76]}}],
+        "changes": {"set_tags": {"a": "b"}}, "options": {"page_size": 20},
+    })
+    targets, counts = await expand(job, sim.url, tmp_path)
+    wanted = [i["id"] for i in sim.images()
+              if i["project_id"] == 1337 and i["region_id"] in (7, 76)]
+    assert len(wanted) > 40
+    assert sorted(t.image_id for t in targets) == sorted(wanted)
+    assert counts.by_kind["list"] == sum(
+        -(-sum(1 for i in sim.images() if (i["project_id"], i["region_id"]) == (1337, r)) // 20)
+        for r in (7, 76)
+    ) + 1  # the one 404
