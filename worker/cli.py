@@ -279,7 +279,7 @@ def report(run_id: str, fmt: str, export: bool, **kw: Any) -> None:
         summary = info.get("summary") or {"run_id": run_id, "job": info.get("job_name"),
                                           "counts": journal.counts(), "exit_code": None}
         if export:
-            rep.write_exports(run_dir, journal.iter_results(run_id), summary)
+            rep.write_exports(run_dir, journal.iter_results(run_id, raw=True), summary)
         if fmt == "summary":
             click.echo(rep.format_summary(summary))
         elif fmt == "json":

@@ -57,9 +57,8 @@ _log = get_logger("bulk_tagger.report")
 def _row_values(row: Mapping[str, Any]) -> list[Any]:
     """The row's values in RESULT_FIELDS order; a missing key is None.
 
-    ``before``/``after``/``patch`` given as JSON text (as the journal holds them) are
-    embedded as they are (an ``orjson.Fragment``): the exports never decode and encode them
-    again, and both carry objects whatever form the row had.
+    ``before``/``after``/``patch`` given as JSON bytes become text: ``export_lines`` embeds
+    JSON text as it is, so both exports carry objects whatever form the row had.
     """
     values = []
     for name in RESULT_FIELDS:

@@ -277,16 +277,15 @@ class Runner:
             raise JobError(f"run {run_id} exists already", field="--run-id",
                            hint="pass --resume to continue it, or choose another id")
         self.run_id = run_id
-        self.ctx = RunContext(run_id=run_id, run_date=self.started_at.strftime("%Y-%m-%d"))
         journal = Journal(settings.state_dir / run_id)
+        run_started = self.started_at
         if self.resumed:
             info = journal.run_info()
             # what the earlier process recorded (none if it was killed before its end): the
             # summary adds this process to it; templates keep the run's first date
             self.earlier = info.get("summary") or None
             with contextlib.suppress(TypeError, ValueError):
-                first = datetime.fromisoformat(str(info.get("started_at")))
-                self.ctx = RunContext(run_id=run_id, run_date=first.strftime("%Y-%m-%d"))
+                run_started = datetime.fromisoformat(str(info.get("started_at")))
             journal.reopen_run()
             log.info("run.resumed", run_id=run_id, counts=journal.counts())
         else:
@@ -298,6 +297,7 @@ class Runner:
                 options=options, parent_run_id=self.parent_run_id, shard=shard,
             )
             log.info("run.started", run_id=run_id, kind=kind, job=self.job_name)
+        self.ctx = RunContext(run_id=run_id, run_date=run_started.strftime("%Y-%m-%d"))
         self.journal = journal
 
     async def _phases(self, client: api.Client) -> int:

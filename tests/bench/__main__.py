@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from . import report, scenarios
-from .harness import machine
+from .harness import ROOT, machine
 
 ORDER = ("a", "b", "c", "d", "f", "j", "e")
-ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -53,7 +53,7 @@ class Sizes:
     e_rows: tuple[int, ...] = (100_000, 1_000_000)
     f_rows: int = 5_000
     j_images: int = 10_000
-    #: (a) and (b): rounds of bulk-tagger and the floor, alternating (the median pair counts)
+    #: (a) and (b): rounds of every contender in turn (the median of per-round ratios counts)
     rounds: int = 5
 
     def scaled(self, factor: float) -> Sizes:
@@ -172,7 +172,7 @@ def _sdk(label: str, rate: float | None = None) -> Callable[[str], Run]:
     return lambda url: contenders.sdk(label, url, concurrency=CONCURRENCY, rate=rate)
 
 
-# -- a, b: bulk-tagger beside the floor, in interleaved rounds -----------------------------------
+# -- a, b: every contender once a round, in rounds ----------------------------------------------
 Contender = tuple[str, int, Callable[[int], Callable[[str], Run]]]
 
 
