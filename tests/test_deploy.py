@@ -6,8 +6,9 @@ semantic assertions on the parsed YAML that mirror what the API server would che
 schemas do not (enum values, podFailurePolicy rule order) and what our worker relies on
 (exit codes, grace, the key as a file, the state on a volume).
 
-The wheel test builds the project and installs it into a fresh virtualenv (dependencies come
-from pip's cache or the configured index); deselect it with `-k "not wheel"` when offline.
+The wheel test builds the project as the Dockerfile does and installs it into a fresh
+virtualenv (dependencies come from pip's cache or the configured index), then runs the simulator
+and the demo job from it; deselect it with `-k "not wheel"` when offline.
 """
 
 from __future__ import annotations
@@ -543,8 +544,21 @@ def test_dockerfile_user_matches_the_pod_security_context() -> None:
 # --- the wheel ---------------------------------------------------------------------------------
 
 
+def worker_modules() -> list[str]:
+    """Every module of the source tree's worker/ package, as dotted names."""
+    names = []
+    for path in sorted((ROOT / "worker").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
 @pytest.mark.timeout(300)
 def test_wheel_installs_into_fresh_venv_and_runs(tmp_path: Path) -> None:
+    """The wheel built as the Dockerfile builds it (pyproject.toml, README.md and worker/ only)
+    holds every module of worker/, and the installed console script serves the simulator and
+    runs the demo job against it (both need worker.simulator, which a fixed package list once
+    left out)."""
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy2(ROOT / "pyproject.toml", src)
@@ -555,6 +569,7 @@ def test_wheel_installs_into_fresh_venv_and_runs(tmp_path: Path) -> None:
     )
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
     env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV"}}
+    env.pop("BULK_TAGGER_STATE_DIR", None)
 
     built = run([*pip, "wheel", "--no-deps", str(src), "-w", str(tmp_path / "dist")], env=env)
     assert built.returncode == 0, built.stderr
@@ -565,14 +580,76 @@ def test_wheel_installs_into_fresh_venv_and_runs(tmp_path: Path) -> None:
     assert made.returncode == 0, made.stderr
     assert "include-system-site-packages = false" in (venv / "pyvenv.cfg").read_text()
     python = venv / "bin" / "python"
-    # The outer pip installs into the new venv; its dependencies resolve from scratch there.
+    # The outer pip installs into the new venv; its dependencies resolve from scratch there
+    # (from pip's cache when warm, else from the index).
     installed = run(
         [*pip, "--python", str(python), "install", "-q", "--no-compile", str(wheel)], env=env
     )
     assert installed.returncode == 0, installed.stderr
+    cli = str(venv / "bin" / "bulk-tagger")
+    away = tmp_path / "cwd"  # not the source tree: imports resolve to the venv only
+    away.mkdir()
 
-    result = run([str(venv / "bin" / "bulk-tagger"), "--help"], cwd=tmp_path, env=env, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert "Usage:" in result.stdout
-    where = run([str(python), "-c", "import worker; print(worker.__file__)"], cwd=tmp_path, env=env)
-    assert where.stdout.strip().startswith(str(venv)), where.stdout
+    for cmd in ([cli, "--help"], [str(python), "-m", "worker", "--help"]):
+        result = run(cmd, cwd=away, env=env, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert "Usage:" in result.stdout
+
+    # Every module of worker/ imports, each from the installed wheel (worker.__main__ is found,
+    # not imported: importing it runs the CLI; `python -m worker` below runs it).
+    modules = worker_modules()
+    assert "worker.simulator.server" in modules
+    probe = (
+        "import importlib, importlib.util, json, sys\n"
+        "print(json.dumps({m: importlib.util.find_spec(m).origin if m.endswith('__main__')\n"
+        "                  else importlib.import_module(m).__file__ for m in sys.argv[1:]}))"
+    )
+    imported = run([str(python), "-c", probe, *modules], cwd=away, env=env, timeout=60)
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    files = json.loads(imported.stdout)
+    assert sorted(files) == sorted(modules)
+    outside = {m: f for m, f in files.items() if not str(f).startswith(str(venv))}
+    assert not outside, outside
+
+    # `bulk-tagger simulate` serves the API: a list request answers with images.
+    server = subprocess.Popen(
+        [cli, "simulate", "--port", "0", "--images", "5", "--log-format", "json"],
+        cwd=away, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert line.startswith("simulator listening on "), line + server.stderr.read()
+        base = line.split()[-1]
+        images = _sim_list(base)
+        assert images["count"] == len(images["results"]) > 0, images
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+    assert server.returncode == 0
+
+    # The README's demo, from the wheel.
+    demo = run(
+        [cli, "run", str(ROOT / "jobs" / "demo.yaml"), "--simulate",
+         "--state-dir", str(tmp_path / "runs"), "--log-format", "json"],
+        cwd=away, env=env, timeout=120,
+    )  # fmt: skip
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["exit_code"] == 0
+    assert summary["counts"].get("updated", 0) > 0, summary["counts"]
+
+
+def _sim_list(base: str) -> Any:
+    """The first page of images of the simulator's first project and region."""
+    import urllib.request
+
+    def get(path: str) -> Any:
+        req = urllib.request.Request(base + path, headers={"Authorization": "APIKey test"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    project = get("/cloud/v1/projects")["results"][0]["id"]
+    region = get("/cloud/v1/regions")["results"][0]["id"]
+    return get(f"/cloud/v1/images/{project}/{region}?visibility=private")
