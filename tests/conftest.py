@@ -5,14 +5,19 @@
 - ``sim_factory``: ``await sim_factory(SimConfig(...))`` starts another; all are stopped after.
 - ``sim_thread``: a ``SimulatorThread`` (its own loop in a daemon thread) for tests that run the
   CLI as a subprocess; read or change its state with ``sim_thread.call(sim_thread.sim.image, ...)``.
+- ``log_stream``: worker.log configured to write JSON lines into a StringIO (read them with
+  ``helpers.events``); structlog's configuration restored after.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
+import structlog
 
+from worker import log
 from worker.simulator import SimConfig, Simulator, SimulatorThread
 
 SimFactory = Callable[[SimConfig | None], Awaitable[Simulator]]
@@ -42,3 +47,12 @@ async def sim(sim_factory: SimFactory) -> Simulator:
 def sim_thread() -> Iterator[SimulatorThread]:
     with SimulatorThread(SimConfig()) as thread:
         yield thread
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    saved = structlog.get_config()
+    stream = io.StringIO()
+    log.configure("json", stream=stream)
+    yield stream
+    structlog.configure(**saved)

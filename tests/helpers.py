@@ -1,7 +1,8 @@
-"""Small helpers shared by tests that run the real CLI against a simulator."""
+"""Small helpers shared by tests: running the real CLI against a simulator, reading its output."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -43,3 +44,9 @@ def results(run_dir: Path) -> list[dict[str, Any]]:
 
 def summary(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def events(stream: io.StringIO, name: str) -> list[dict[str, Any]]:
+    """The JSON log lines in ``stream`` (see the ``log_stream`` fixture) whose event is ``name``."""
+    lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+    return [e for e in lines if e["event"] == name]

@@ -2,56 +2,31 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
-import io
 import json
 import math
 import random
 import re
-import socket
 import stat
-import threading
 import tracemalloc
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
-from prometheus_client.parser import text_string_to_metric_families
 
-from worker import log
 from worker.report import (
     RESULT_FIELDS,
     LatencyStats,
-    Progress,
     build_summary,
     format_change,
     format_plan,
     format_summary,
-    push_metrics,
     write_exports,
 )
 
 T0 = datetime(2024, 5, 1, 2, 0, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def log_stream() -> Iterator[io.StringIO]:
-    """worker.log configured to write JSON lines into a StringIO; structlog restored after."""
-    saved = structlog.get_config()
-    stream = io.StringIO()
-    log.configure("json", stream=stream)
-    yield stream
-    structlog.configure(**saved)
-
-
-def events(stream: io.StringIO, name: str) -> list[dict[str, Any]]:
-    lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
-    return [e for e in lines if e["event"] == name]
 
 
 # --------------------------------------------------------------------------- exports
@@ -407,205 +382,3 @@ def test_format_plan_counts_reasons_samples_and_more() -> None:
     assert text.index("img-a (1)") < text.index("img-b (2)")
     assert lines[-1] == "... and 1,198 more changes"
     assert "more changes" not in format_plan(counts, {}, samples, 0)
-
-
-# --------------------------------------------------------------------------- progress
-
-
-async def wait_for(check: Any, limit_s: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit_s
-    while not check():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
-async def test_progress_logs_structured_lines_off_a_tty(log_stream: io.StringIO) -> None:
-    out = io.StringIO()
-    progress = Progress(stream=out, tty=None, interval_s=0.02)  # a StringIO is not a tty
-    task = asyncio.create_task(progress.run())
-    try:
-        await wait_for(lambda: events(log_stream, "run.progress"))
-        first = events(log_stream, "run.progress")[0]
-        assert first["done"] == 0 and first["total"] is None and first["eta_s"] is None
-        progress.set_total(10)
-        for status in ("updated", "failed", "updated", "skipped"):
-            progress.advance(status)
-        await wait_for(lambda: events(log_stream, "run.progress")[-1]["done"] == 4)
-        line = events(log_stream, "run.progress")[-1]
-        assert line["total"] == 10 and line["failed"] == 1
-        assert line["rate"] > 0 and line["eta_s"] is not None and line["eta_s"] >= 0
-        assert line["level"] == "info"
-        for _ in range(6):
-            progress.advance("updated")
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-    progress.close()
-    progress.close()  # once only
-    final = events(log_stream, "run.progress")[-1]
-    assert (final["done"], final["total"], final["failed"]) == (10, 10, 1)
-    assert final["eta_s"] in (0.0, None)
-    assert [e["done"] for e in events(log_stream, "run.progress")].count(10) >= 1
-    assert out.getvalue() == ""  # off a tty, nothing but log lines
-
-
-async def test_progress_draws_a_bar_on_a_tty(log_stream: io.StringIO) -> None:
-    out = io.StringIO()
-    progress = Progress(stream=out, tty=True)
-    progress.set_total(None)
-    task = asyncio.create_task(progress.run())
-    try:
-        for _ in range(7):
-            progress.advance("updated")
-        progress.advance("failed")
-        progress.set_total(8)
-        await wait_for(lambda: "8/8" in out.getvalue())
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-    progress.close()
-    text = out.getvalue()
-    assert "8/8" in text and "1 failed" in text and "/s" in text
-    assert events(log_stream, "run.progress") == []  # on a tty, the bar instead of log lines
-
-
-def test_progress_close_without_run_draws_the_final_state(log_stream: io.StringIO) -> None:
-    out = io.StringIO()
-    bar = Progress(stream=out, tty=True)
-    bar.set_total(3)
-    for _ in range(3):
-        bar.advance("updated")
-    bar.close()
-    assert "3/3" in out.getvalue()
-    lines = Progress(stream=io.StringIO(), tty=False)
-    lines.advance("failed")
-    lines.close()
-    final = events(log_stream, "run.progress")
-    assert [(e["done"], e["failed"], e["total"]) for e in final] == [(1, 1, None)]
-
-
-def test_progress_rejects_a_bad_interval() -> None:
-    with pytest.raises(ValueError, match="interval_s"):
-        Progress(stream=io.StringIO(), interval_s=0)
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-class Gateway:
-    """A local HTTP server that records requests, as a Pushgateway would receive them."""
-
-    def __init__(self, status: int = 200) -> None:
-        self.requests: list[tuple[str, str, str, str]] = []
-        gateway = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _record(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length).decode()
-                gateway.requests.append(
-                    (self.command, self.path, self.headers.get("Content-Type", ""), body)
-                )
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            do_POST = do_PUT = do_DELETE = _record
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-
-    def __enter__(self) -> Gateway:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
-
-
-def families(body: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    return {
-        f.name: [(s.labels, s.value) for s in f.samples]
-        for f in text_string_to_metric_families(body)
-    }
-
-
-def test_push_metrics_success(log_stream: io.StringIO) -> None:
-    summary = sample_summary(exit_code=0)
-    with Gateway() as gw:
-        push_metrics(gw.url, "nightly-owner-tags", summary, success=True)
-    assert len(gw.requests) == 1
-    method, path, content_type, body = gw.requests[0]
-    assert (method, path) == ("POST", "/metrics/job/nightly-owner-tags")
-    assert content_type.startswith("text/plain")
-    got = families(body)
-    finished = datetime.fromisoformat(summary["finished_at"]).timestamp()
-    assert got["bulk_tagger_last_success_timestamp_seconds"] == [({}, finished)]
-    assert got["bulk_tagger_last_completion_timestamp_seconds"] == [({}, finished)]
-    assert got["bulk_tagger_duration_seconds"] == [({}, 100.0)]
-    assert got["bulk_tagger_exit_code"] == [({}, 0.0)]
-    assert dict((lb["status"], v) for lb, v in got["bulk_tagger_targets"]) == {
-        "updated": 900,
-        "unchanged": 50,
-        "skipped": 0,
-        "failed": 3,
-        "planned": 0,
-    }
-    assert dict((lb["kind"], v) for lb, v in got["bulk_tagger_requests_total"]) == {
-        "list": 10,
-        "get": 5,
-        "patch": 1000,
-        "task": 5,
-    }
-    assert got["bulk_tagger_rate_limited"] == [({}, 20.0)]
-    assert got["bulk_tagger_retries"] == [({}, 40.0)]
-    assert all("job" not in lb and "instance" not in lb for f in got.values() for lb, _ in f)
-    assert events(log_stream, "report.pushed")[0]["success"] is True
-
-
-def test_push_metrics_failed_run_leaves_last_success_alone(log_stream: io.StringIO) -> None:
-    with Gateway() as gw:
-        push_metrics(
-            gw.url,
-            "nightly-owner-tags",
-            sample_summary(),
-            success=False,
-            grouping_key={"shard": "2"},
-        )
-    method, path, _, body = gw.requests[0]
-    assert (method, path) == ("POST", "/metrics/job/nightly-owner-tags/shard/2")
-    got = families(body)
-    assert "bulk_tagger_last_success_timestamp_seconds" not in got
-    assert "bulk_tagger_last_completion_timestamp_seconds" in got
-    assert got["bulk_tagger_exit_code"] == [({}, 1.0)]
-
-
-def test_push_metrics_dead_url_logs_and_returns(log_stream: io.StringIO) -> None:
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    push_metrics(
-        f"http://user:hunter22@127.0.0.1:{port}", "j", sample_summary(), success=True, timeout_s=2
-    )
-    warnings = events(log_stream, "report.push_failed")
-    assert len(warnings) == 1
-    assert warnings[0]["level"] == "warning" and warnings[0]["job"] == "j"
-    assert warnings[0]["url"] == f"http://127.0.0.1:{port}"
-    assert "hunter22" not in log_stream.getvalue()
-
-
-def test_push_metrics_gateway_error_logs_and_returns(log_stream: io.StringIO) -> None:
-    with Gateway(status=500) as gw:
-        push_metrics(gw.url, "j", sample_summary(), success=True)
-    assert len(gw.requests) == 1
-    assert len(events(log_stream, "report.push_failed")) == 1
-    assert events(log_stream, "report.pushed") == []

@@ -1,15 +1,15 @@
-"""The report stage: exports of the journal, the summary, progress and Pushgateway metrics.
+"""The report stage: exports of the journal, the summary and the plan's text.
 
 The journal is the truth; this module turns its rows into what a person reads
-(``format_summary``, ``format_plan``, a progress bar) and what machines scrape
-(``results.jsonl``, ``results.csv``, ``summary.json``, Prometheus gauges). It keeps no
+(``format_summary``, ``format_plan``) and what machines read (``results.jsonl``,
+``results.csv``, ``summary.json``; the progress bar is in ``worker.progress``, the
+Pushgateway metrics in ``worker.metrics``). It keeps no
 module-level state and nothing here grows with the number of targets: rows are streamed,
 latencies go into a fixed histogram. Units: seconds unless a name says ``_ms``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import json
@@ -17,12 +17,10 @@ import math
 import os
 import re
 import tempfile
-import time
-import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, TextIO
+from typing import IO, Any
 
 import orjson
 
@@ -478,213 +476,3 @@ def format_plan(
     if more > 0:
         lines.append(f"... and {more:,} more changes")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """Live progress of a run: a one-line bar on a terminal, else a ``run.progress`` log line.
-
-    ``advance`` is called once per finished target and only bumps counters; ``run`` (a task
-    the caller starts and cancels) does the rendering: the bar a few times a second, or one
-    structured line (done, total, rate, failed, eta_s) every ``interval_s``. The rate is
-    measured over the last minute or so (targets per second). ``close`` renders the final
-    state once and stops the bar.
-    """
-
-    _TTY_REFRESH_S = 0.25
-    _WINDOW_S = 60.0
-
-    def __init__(self, *, stream: TextIO, tty: bool | None = None, interval_s: float = 5.0) -> None:
-        if interval_s <= 0:
-            raise ValueError(f"interval_s must be > 0, not {interval_s!r}")
-        self._tty = stream.isatty() if tty is None else tty
-        self._interval = self._TTY_REFRESH_S if self._tty else interval_s
-        self._done = 0
-        self._failed = 0
-        self._total: int | None = None
-        self._closed = False
-        self._started = time.monotonic()
-        window = max(2, math.ceil(self._WINDOW_S / self._interval) + 1)
-        self._samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=window)
-        self._samples.append((self._started, 0))
-        self._stream = stream
-
-    @property
-    def done(self) -> int:
-        return self._done
-
-    @property
-    def failed(self) -> int:
-        return self._failed
-
-    def set_total(self, total: int | None) -> None:
-        """How many targets the run has; None while the selectors are still streaming."""
-        self._total = total
-
-    def advance(self, status: str) -> None:
-        """Count one finished target (O(1): nothing is rendered here)."""
-        self._done += 1
-        if status == "failed":
-            self._failed += 1
-
-    def _measure(self) -> tuple[float, float | None]:
-        """(rate per second, ETA in seconds or None), updating the rate window."""
-        now = time.monotonic()
-        self._samples.append((now, self._done))
-        t0, d0 = self._samples[0]
-        rate = (self._done - d0) / (now - t0) if now > t0 else 0.0
-        eta = None
-        if self._total is not None and rate > 0:
-            eta = max(self._total - self._done, 0) / rate
-        return rate, eta
-
-    _BAR_WIDTH = 30
-
-    def _bar_line(self, rate: float, eta: float | None) -> str:
-        total = self._total
-        if total:
-            filled = min(self._BAR_WIDTH, self._BAR_WIDTH * self._done // total)
-            bar = "#" * filled + "-" * (self._BAR_WIDTH - filled)
-            count = f"{self._done:,}/{total:,}"
-        else:
-            bar, count = "?" * 3, f"{self._done:,}/?"
-        failed = f"  {self._failed:,} failed" if self._failed else ""
-        eta_text = "?" if eta is None else _duration_text(eta)
-        return f"targets [{bar}] {count}  {rate:,.1f}/s  ETA {eta_text}{failed}"
-
-    def _render(self) -> None:
-        rate, eta = self._measure()
-        if self._tty:
-            # one line, redrawn in place ("\r", erase to the end of the line)
-            self._stream.write("\r" + self._bar_line(rate, eta) + "\x1b[K")
-            self._stream.flush()
-        else:
-            _log.info(
-                "run.progress",
-                done=self._done,
-                total=self._total,
-                rate=round(rate, 2),
-                failed=self._failed,
-                eta_s=None if eta is None else round(eta, 1),
-            )
-
-    async def run(self) -> None:
-        """Render until cancelled (the bar a few times a second, a log line every interval)."""
-        while not self._closed:
-            await asyncio.sleep(self._interval)
-            if not self._closed:
-                self._render()
-
-    def close(self) -> None:
-        """Render the final state once (and end the bar's line); later calls do nothing."""
-        if self._closed:
-            return
-        self._closed = True
-        self._render()
-        if self._tty:
-            self._stream.write("\n")
-            self._stream.flush()
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def _safe_url(url: str) -> str:
-    """The URL without any user:password part, for log lines."""
-    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        parts = parts._replace(netloc=netloc)
-    return urllib.parse.urlunsplit(parts)
-
-
-def _timestamp(text: Any) -> float:
-    if isinstance(text, str):
-        with contextlib.suppress(ValueError):
-            return datetime.fromisoformat(text).timestamp()
-    return time.time()
-
-
-def push_metrics(
-    url: str,
-    job: str,
-    summary: Mapping[str, Any],
-    *,
-    success: bool,
-    timeout_s: float = 10,
-    grouping_key: Mapping[str, str] | None = None,
-) -> None:
-    """Push the run's gauges to a Prometheus Pushgateway at ``url``; never raises.
-
-    Synchronous (run it with ``asyncio.to_thread``). The group is ``/metrics/job/<job>`` (so
-    the ``job`` label is the job's name), plus ``grouping_key`` (e.g. ``{"shard": "2"}``
-    for the shards of an Indexed Job, which would otherwise replace each other's metrics).
-    Uses POST (pushadd): gauges of this run replace the same-named ones of the group, others
-    stay, so a failed run (``success=False``, no last-success gauge) keeps the last success.
-    A failure is logged as ``report.push_failed`` and swallowed.
-    """
-    try:
-        # imported here: only a run with a Pushgateway pays for it
-        from prometheus_client import CollectorRegistry, Gauge, pushadd_to_gateway
-
-        registry = CollectorRegistry()
-
-        def gauge(name: str, doc: str, labels: Sequence[str] = ()) -> Any:
-            return Gauge(name, doc, labelnames=tuple(labels), registry=registry)
-
-        finished = _timestamp(summary.get("finished_at"))
-        if success:
-            gauge(
-                "bulk_tagger_last_success_timestamp_seconds",
-                "When the job last finished with every target handled (Unix time)",
-            ).set(finished)
-        gauge(
-            "bulk_tagger_last_completion_timestamp_seconds",
-            "When the job last finished, successfully or not (Unix time)",
-        ).set(finished)
-        gauge("bulk_tagger_duration_seconds", "Duration of the last run").set(
-            float(summary.get("duration_s") or 0.0)
-        )
-        gauge("bulk_tagger_exit_code", "Exit code of the last run").set(
-            int(summary.get("exit_code") or 0)
-        )
-        targets = gauge("bulk_tagger_targets", "Targets of the last run by status", ["status"])
-        for status, n in (summary.get("counts") or {}).items():
-            targets.labels(status=status).set(n)
-        reqs: Mapping[str, int] = summary.get("requests") or {}
-        by_kind = gauge("bulk_tagger_requests_total", "Requests of the last run by kind", ["kind"])
-        for kind, n in reqs.items():
-            if kind not in _NOT_KINDS:
-                by_kind.labels(kind=kind).set(n)
-        gauge("bulk_tagger_rate_limited", "429 answers in the last run").set(
-            reqs.get("rate_limited", 0)
-        )
-        gauge("bulk_tagger_retries", "Retried attempts in the last run").set(reqs.get("retries", 0))
-        gauge("bulk_tagger_lock_waits", "Targets that waited for a task lock").set(
-            reqs.get("lock_waits", 0)
-        )
-        gauge("bulk_tagger_rate_per_second", "Achieved useful requests per second").set(
-            float(summary.get("rate_per_second") or 0.0)
-        )
-        latency = gauge(
-            "bulk_tagger_request_latency_seconds",
-            "Request latency quantiles of the last run",
-            ["quantile"],
-        )
-        for name, q in (("p50", "0.5"), ("p95", "0.95"), ("p99", "0.99")):
-            ms = (summary.get("latency_ms") or {}).get(name, 0.0)
-            latency.labels(quantile=q).set(float(ms) / 1000)
-        pushadd_to_gateway(
-            url,
-            job=job,
-            registry=registry,
-            grouping_key=dict(grouping_key) if grouping_key else None,
-            timeout=timeout_s,
-        )
-    except Exception as exc:  # metrics must never fail a run
-        _log.warning("report.push_failed", url=_safe_url(url), job=job, error=repr(exc))
-    else:
-        _log.info("report.pushed", url=_safe_url(url), job=job, success=success)

@@ -39,9 +39,11 @@ from worker.errors import (
 from worker.journal import Journal, find_resumable, make_private_dir, read_run_info
 from worker.limiter import AdaptiveLimiter, RateController
 from worker.log import get_logger, scrub
+from worker.metrics import push_metrics
 from worker.models import Changes, Outcome, RunContext, Target
 from worker.plan import inverse_patch, plan_changes, shows
 from worker.pool import Pool, PoolSettings
+from worker.progress import Progress
 from worker.selectors import Expander, Shard
 
 log = get_logger("bulk_tagger.run")
@@ -434,7 +436,7 @@ class Runner:
     async def _apply(self, client: api.Client) -> None:
         journal = self.journal
         assert journal is not None
-        progress = report.Progress(stream=self.settings.progress)
+        progress = Progress(stream=self.settings.progress)
         planned, _ = journal.plan_counts()
         pending = planned - sum(
             n for status, n in journal.counts().items() if status != "planned"
@@ -535,7 +537,7 @@ class Runner:
         log.info("run.finished", run_id=self.run_id, exit_code=code, counts=counts)
         if self.settings.pushgateway and self.kind != "plan":
             await asyncio.to_thread(
-                report.push_metrics, self.settings.pushgateway, self.job_name, summary,
+                push_metrics, self.settings.pushgateway, self.job_name, summary,
                 success=code == 0,
             )
         return code

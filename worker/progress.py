@@ -1,0 +1,119 @@
+"""Live progress of a run: a bar on a terminal, else a periodic ``run.progress`` log line."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import time
+from typing import TextIO
+
+from worker.log import get_logger
+from worker.report import _duration_text
+
+_log = get_logger("bulk_tagger.report")
+
+
+class Progress:
+    """Live progress of a run: a one-line bar on a terminal, else a ``run.progress`` log line.
+
+    ``advance`` is called once per finished target and only bumps counters; ``run`` (a task
+    the caller starts and cancels) does the rendering: the bar a few times a second, or one
+    structured line (done, total, rate, failed, eta_s) every ``interval_s``. The rate is
+    measured over the last minute or so (targets per second). ``close`` renders the final
+    state once and stops the bar.
+    """
+
+    _TTY_REFRESH_S = 0.25
+    _WINDOW_S = 60.0
+
+    def __init__(self, *, stream: TextIO, tty: bool | None = None, interval_s: float = 5.0) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be > 0, not {interval_s!r}")
+        self._tty = stream.isatty() if tty is None else tty
+        self._interval = self._TTY_REFRESH_S if self._tty else interval_s
+        self._done = 0
+        self._failed = 0
+        self._total: int | None = None
+        self._closed = False
+        self._started = time.monotonic()
+        window = max(2, math.ceil(self._WINDOW_S / self._interval) + 1)
+        self._samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=window)
+        self._samples.append((self._started, 0))
+        self._stream = stream
+
+    @property
+    def done(self) -> int:
+        return self._done
+
+    @property
+    def failed(self) -> int:
+        return self._failed
+
+    def set_total(self, total: int | None) -> None:
+        """How many targets the run has; None while the selectors are still streaming."""
+        self._total = total
+
+    def advance(self, status: str) -> None:
+        """Count one finished target (O(1): nothing is rendered here)."""
+        self._done += 1
+        if status == "failed":
+            self._failed += 1
+
+    def _measure(self) -> tuple[float, float | None]:
+        """(rate per second, ETA in seconds or None), updating the rate window."""
+        now = time.monotonic()
+        self._samples.append((now, self._done))
+        t0, d0 = self._samples[0]
+        rate = (self._done - d0) / (now - t0) if now > t0 else 0.0
+        eta = None
+        if self._total is not None and rate > 0:
+            eta = max(self._total - self._done, 0) / rate
+        return rate, eta
+
+    _BAR_WIDTH = 30
+
+    def _bar_line(self, rate: float, eta: float | None) -> str:
+        total = self._total
+        if total:
+            filled = min(self._BAR_WIDTH, self._BAR_WIDTH * self._done // total)
+            bar = "#" * filled + "-" * (self._BAR_WIDTH - filled)
+            count = f"{self._done:,}/{total:,}"
+        else:
+            bar, count = "?" * 3, f"{self._done:,}/?"
+        failed = f"  {self._failed:,} failed" if self._failed else ""
+        eta_text = "?" if eta is None else _duration_text(eta)
+        return f"targets [{bar}] {count}  {rate:,.1f}/s  ETA {eta_text}{failed}"
+
+    def _render(self) -> None:
+        rate, eta = self._measure()
+        if self._tty:
+            # one line, redrawn in place ("\r", erase to the end of the line)
+            self._stream.write("\r" + self._bar_line(rate, eta) + "\x1b[K")
+            self._stream.flush()
+        else:
+            _log.info(
+                "run.progress",
+                done=self._done,
+                total=self._total,
+                rate=round(rate, 2),
+                failed=self._failed,
+                eta_s=None if eta is None else round(eta, 1),
+            )
+
+    async def run(self) -> None:
+        """Render until cancelled (the bar a few times a second, a log line every interval)."""
+        while not self._closed:
+            await asyncio.sleep(self._interval)
+            if not self._closed:
+                self._render()
+
+    def close(self) -> None:
+        """Render the final state once (and end the bar's line); later calls do nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        self._render()
+        if self._tty:
+            self._stream.write("\n")
+            self._stream.flush()
