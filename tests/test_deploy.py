@@ -359,8 +359,6 @@ def test_nightly_state_volume_is_read_write_once() -> None:
 
 
 def test_sample_job_is_valid(tmp_path: Path) -> None:
-    if not (ROOT / "worker" / "spec.py").exists():
-        pytest.skip("worker/spec.py (the job file parser) is not written yet")
     job = tmp_path / "job.yaml"
     job.write_text(find("ConfigMap")["data"]["job.yaml"])
     result = run([sys.executable, "-m", "worker", "validate", str(job)], cwd=ROOT, timeout=60)

@@ -1,0 +1,128 @@
+"""The entry points: ``load_job`` reads and checks a job file; ``iter_rows`` streams a selector
+file's rows; ``check_selector_files`` reads them all through."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import TextIO
+
+from pydantic import (
+    ValidationError,
+)
+
+from worker.errors import JobError
+from worker.spec.checks import _kind
+from worker.spec.csv_rows import _csv_rows
+from worker.spec.json_rows import _json_list_rows, _jsonl_rows
+from worker.spec.models import _EXTENSIONS, FileSelector, Job
+from worker.spec.rows import Row, _Rows
+from worker.spec.source import _parse_json, _parse_yaml
+from worker.spec.translate import _translate
+
+
+def _read_bytes(path: Path, display: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise JobError("no such file", file=display) from None
+    except IsADirectoryError:
+        raise JobError("is a folder, not a file", file=display) from None
+    except PermissionError:
+        raise JobError("not readable (permission denied)", file=display) from None
+    except OSError as exc:
+        raise JobError(f"cannot read: {exc.strerror or exc}", file=display) from None
+
+
+def _decode(data: bytes, display: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise JobError("is not UTF-8 text", file=display, line=line) from None
+
+
+def load_job(path: str | Path, *, env: Mapping[str, str] | None = None) -> Job:
+    """Read, parse and check a job file; selector files are checked to exist, not read.
+
+    ``env`` (default ``os.environ``) supplies ``GCORE_CLOUD_PROJECT_ID`` /
+    ``GCORE_CLOUD_REGION_ID`` for queries that leave ``projects`` / ``regions`` out.
+    """
+    display = str(path)
+    job_path = Path(path)
+    suffix = job_path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".json"):
+        raise JobError(
+            "a job file must be YAML or JSON",
+            file=display,
+            hint="name it .yaml, .yml or .json",
+        )
+    data = _read_bytes(job_path, display)
+    text = _decode(data, display)
+    if not text.strip():
+        raise JobError("the job file is empty", file=display, hint="see jobs/demo.yaml")
+    try:
+        parse = _parse_json if suffix == ".json" else _parse_yaml
+        tree, lines = parse(text, display)
+    except RecursionError:
+        raise JobError("is nested too deeply to read", file=display) from None
+    if tree is None:
+        raise JobError("the job file is empty", file=display, hint="see jobs/demo.yaml")
+    if not isinstance(tree, dict):
+        raise JobError(
+            f"a job must be a mapping of name, targets, changes and options, not {_kind(tree)}",
+            file=display,
+            line=1,
+        )
+    context = {
+        "env": os.environ if env is None else env,
+        "base": job_path.parent,
+        "display_base": os.path.dirname(display),
+        "check_files": True,
+    }
+    try:
+        job = Job.model_validate(tree, context=context)
+    except ValidationError as exc:
+        raise _translate(exc, display, lines) from None
+    job._path = job_path.resolve()
+    job._sha256 = hashlib.sha256(data).hexdigest()
+    return job
+
+
+_READERS: dict[str, Callable[[TextIO, _Rows], Iterator[Row]]] = {
+    "csv": _csv_rows,
+    "json": _json_list_rows,
+    "jsonl": _jsonl_rows,
+}
+
+
+def iter_rows(
+    job: Job, selector: FileSelector, *, env: Mapping[str, str] | None = None
+) -> Iterator[Row]:
+    """The rows of a selector file, streamed (flat memory whatever the size).
+
+    Raises JobError (file, line, field) at the first bad row; rows before it have been yielded.
+    ``env`` (default ``os.environ``) supplies project/region IDs that rows leave out.
+    """
+    rows = _Rows(job, selector, os.environ if env is None else env)
+    reader = _READERS[selector.format or _EXTENSIONS.get(selector.path.suffix.lower(), "csv")]
+    try:
+        fh = open(selector.path, encoding="utf-8-sig", newline="")  # noqa: SIM115
+    except FileNotFoundError:
+        rows.fail("no such file", None, hint=f"named by the job's target file: {selector.file}")
+    except IsADirectoryError:
+        rows.fail("is a folder, not a file", None)
+    except OSError as exc:
+        rows.fail(f"cannot read: {exc.strerror or exc}", None)
+    with fh:
+        yield from reader(fh, rows)
+
+
+def check_selector_files(job: Job, *, env: Mapping[str, str] | None = None) -> dict[str, int]:
+    """Read every selector file through, checking every row; rows per file (as the job names it)."""
+    counts: dict[str, int] = {}
+    for selector in job.file_selectors:
+        counts[selector.file] = sum(1 for _ in iter_rows(job, selector, env=env))
+    return counts
