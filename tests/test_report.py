@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 
+from worker.exports import write_exports
+from worker.models import RESULT_FIELDS
 from worker.report import (
-    RESULT_FIELDS,
     LatencyStats,
     build_summary,
     format_change,
     format_plan,
     format_summary,
-    write_exports,
 )
 
 T0 = datetime(2024, 5, 1, 2, 0, 0, tzinfo=UTC)

@@ -265,6 +265,7 @@ def undo(undone: str, **kw: Any) -> None:
 @_common
 def report(run_id: str, fmt: str, export: bool, **kw: Any) -> None:
     """Print or re-export RUN_ID's report (from its journal)."""
+    from worker import exports
     from worker import report as rep
     from worker.journal import Journal, read_run_info
     from worker.models import RESULT_FIELDS
@@ -279,7 +280,7 @@ def report(run_id: str, fmt: str, export: bool, **kw: Any) -> None:
         summary = info.get("summary") or {"run_id": run_id, "job": info.get("job_name"),
                                           "counts": journal.counts(), "exit_code": None}
         if export:
-            rep.write_exports(run_dir, journal.iter_results(run_id, raw=True), summary)
+            exports.write_exports(run_dir, journal.iter_results(run_id, raw=True), summary)
         if fmt == "summary":
             click.echo(rep.format_summary(summary))
         elif fmt == "json":
@@ -289,7 +290,7 @@ def report(run_id: str, fmt: str, export: bool, **kw: Any) -> None:
                 sys.stdout.write(",".join(RESULT_FIELDS) + "\r\n")
             which = 0 if fmt == "jsonl" else 1
             for row in journal.iter_results(run_id, raw=True):
-                sys.stdout.write(rep.export_lines(row)[which])
+                sys.stdout.write(exports.export_lines(row)[which])
     finally:
         journal.close()
 

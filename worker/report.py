@@ -1,34 +1,24 @@
-"""The report stage: exports of the journal, the summary and the plan's text.
+"""The report stage: the summary, latency percentiles and the plan's text.
 
-The journal is the truth; this module turns its rows into what a person reads
-(``format_summary``, ``format_plan``) and what machines read (``results.jsonl``,
-``results.csv``, ``summary.json``; the progress bar is in ``worker.progress``, the
-Pushgateway metrics in ``worker.metrics``). It keeps no
-module-level state and nothing here grows with the number of targets: rows are streamed,
-latencies go into a fixed histogram. Units: seconds unless a name says ``_ms``.
+The journal is the truth; this module turns it into what a person reads (``format_summary``,
+``format_plan``) and summary.json's content (``build_summary``); the exports (results.jsonl,
+results.csv, summary.json on disk) are in ``worker.exports``, the progress bar in
+``worker.progress``, the Pushgateway metrics in ``worker.metrics``. It keeps no module-level
+state and nothing here grows with the number of targets: latencies go into a fixed histogram.
+Units: seconds unless a name says ``_ms``.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import orjson
-
-from worker.log import get_logger
-from worker.models import RESULT_FIELDS, STATUSES
-
-#: Result fields that hold objects: JSON objects in results.jsonl, compact JSON text in the CSV.
-_OBJECT_FIELDS = frozenset({"before", "after", "patch"})
+from worker.models import STATUSES
 
 #: The request counters of summary.json (CONTRACT.md); the first four are request kinds.
 REQUEST_KINDS: tuple[str, ...] = ("list", "get", "patch", "task")
@@ -44,148 +34,6 @@ EXIT_MEANINGS: dict[int, str] = {
     4: "the API refused the credentials; the run stopped at once",
     75: "interrupted or the API unreachable past the retry budget; `--resume` goes on",
 }
-
-_BUFFER = 1 << 18
-_log = get_logger("bulk_tagger.report")
-
-
-# --------------------------------------------------------------------------- exports
-
-
-def _row_values(row: Mapping[str, Any]) -> list[Any]:
-    """The row's values in RESULT_FIELDS order; a missing key is None.
-
-    ``before``/``after``/``patch`` given as JSON bytes become text: ``export_lines`` embeds
-    JSON text as it is, so both exports carry objects whatever form the row had.
-    """
-    values = []
-    for name in RESULT_FIELDS:
-        value = row.get(name)
-        if name in _OBJECT_FIELDS and isinstance(value, bytes):
-            value = value.decode()
-        values.append(value)
-    return values
-
-
-#: A CSV cell starting with one of these is a formula to a spreadsheet (OWASP's "CSV
-#: injection"): an image name such as ``=HYPERLINK(...)`` is written ``'=HYPERLINK(...)``.
-_FORMULA_START = frozenset("=+-@\t\r")
-_SCALARS = frozenset({int, float, bool})
-_OBJECT_INDEXES = tuple(i for i, name in enumerate(RESULT_FIELDS) if name in _OBJECT_FIELDS)
-
-
-def _csv_text(text: str) -> str:
-    """One CSV cell as ``csv.writer``'s excel dialect writes it (quoted when it holds a quote,
-    a comma or a line break), a would-be formula neutralised first."""
-    if text and text[0] in _FORMULA_START:
-        text = "'" + text
-    if '"' in text or "," in text or "\n" in text or "\r" in text:
-        return '"' + text.replace('"', '""') + '"'
-    return text
-
-
-def export_lines(row: tuple[Any, ...] | Mapping[str, Any]) -> tuple[str, str]:
-    """A result's ``results.jsonl`` line and ``results.csv`` line, each with its line end.
-
-    ``row``: a dict, or a tuple in RESULT_FIELDS order. ``before``/``after``/``patch`` given
-    as JSON text (as the journal holds them) are embedded as they are: never decoded and
-    encoded again. In the CSV they are compact JSON text, None an empty cell.
-    """
-    values = list(row) if isinstance(row, tuple) else _row_values(row)
-    cells = []
-    for value in values:
-        if value is None:
-            cells.append("")
-        elif type(value) is str:
-            cells.append(_csv_text(value))
-        elif type(value) in _SCALARS:
-            cells.append(str(value))
-        elif isinstance(value, Mapping | list):
-            cells.append(_csv_text(orjson.dumps(value, default=str).decode()))
-        else:
-            cells.append(str(value))
-    for i in _OBJECT_INDEXES:
-        value = values[i]
-        if isinstance(value, str):
-            values[i] = orjson.Fragment(value)
-    line = orjson.dumps(dict(zip(RESULT_FIELDS, values, strict=True)), default=str,
-                        option=orjson.OPT_APPEND_NEWLINE)
-    return line.decode(), ",".join(cells) + "\r\n"
-
-
-class _AtomicFile:
-    """A temp file in ``directory`` (mode 0600) that replaces ``target`` only on commit."""
-
-    def __init__(self, directory: Path, target: str, *, newline: str | None = None) -> None:
-        self.path = directory / target
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target}.", suffix=".tmp")
-        self.tmp = Path(tmp)
-        self.file: IO[str] = open(  # noqa: SIM115 (closed in commit/discard)
-            fd, "w", encoding="utf-8", newline=newline, buffering=_BUFFER
-        )
-
-    def commit(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.chmod(self.tmp, 0o600)
-        os.replace(self.tmp, self.path)
-
-    def discard(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_exports(
-    run_dir: Path,
-    results: Iterable[Mapping[str, Any] | tuple[Any, ...]],
-    summary: Mapping[str, Any],
-) -> None:
-    """Write ``results.jsonl``, ``results.csv`` and ``summary.json`` into ``run_dir``.
-
-    ``results`` is consumed once, row by row (memory stays flat for any number of rows). Each
-    row becomes one JSON object a line, keys in RESULT_FIELDS order (other keys are left out,
-    missing ones are null), and one CSV row with the same columns (``before``/``after``/
-    ``patch`` as compact JSON text, None as an empty cell, a text a spreadsheet would run as
-    a formula led by an apostrophe: see ``export_lines``). Each file is written to a temp
-    file in ``run_dir`` and renamed into place, results first and ``summary.json`` last, so a
-    reader never sees half a file and a present summary means the exports are complete. Files
-    are mode 0600. On an error no temp file is left and earlier exports stay as they were.
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    files: list[_AtomicFile] = []
-    try:
-        jsonl = _AtomicFile(run_dir, "results.jsonl")
-        files.append(jsonl)
-        csv_file = _AtomicFile(run_dir, "results.csv", newline="")
-        files.append(csv_file)
-        csv_file.file.write(",".join(RESULT_FIELDS) + "\r\n")
-        write_jsonl, write_csv = jsonl.file.write, csv_file.file.write
-        for row in results:
-            jsonl_line, csv_line = export_lines(row)
-            write_jsonl(jsonl_line)
-            write_csv(csv_line)
-        summary_file = _AtomicFile(run_dir, "summary.json")
-        files.append(summary_file)
-        json.dump(dict(summary), summary_file.file, indent=2, ensure_ascii=False, default=str)
-        summary_file.file.write("\n")
-        for f in files:
-            f.commit()
-        files.clear()
-        _fsync_dir(run_dir)
-    finally:
-        for f in files:
-            f.discard()
 
 
 # --------------------------------------------------------------------------- latency

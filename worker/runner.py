@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from worker import api, report, retry, spec
+from worker import api, exports, report, retry, spec
 from worker.budget import CircuitBreaker, RetryBudget
 from worker.errors import (
     ApiError,
@@ -516,7 +516,7 @@ class Runner:
         )
         run_dir = journal.run_dir
         await asyncio.to_thread(
-            report.write_exports, run_dir, journal.iter_results(self.run_id, raw=True), summary
+            exports.write_exports, run_dir, journal.iter_results(self.run_id, raw=True), summary
         )
         # finished only once the exports exist: a kill while writing them leaves the run
         # resumable, and the resume writes them
