@@ -44,6 +44,7 @@ from worker.models import Changes, Outcome, RunContext, Target
 from worker.plan import inverse_patch, plan_changes, shows
 from worker.pool import Pool, PoolSettings
 from worker.progress import Progress
+from worker.runlock import RunHeld, RunLock, held_message, is_held
 from worker.selectors import Expander, Shard
 
 log = get_logger("bulk_tagger.run")
@@ -111,6 +112,7 @@ class Runner:
         self.job = job
         self.parent_run_id = parent_run_id
         self.journal: Journal | None = None
+        self.run_lock: RunLock | None = None  # held from before the journal opens to the end
         self.client: api.Client | None = None
         self.pool: Pool | None = None
         self.latency = report.LatencyStats()
@@ -182,6 +184,11 @@ class Runner:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+            self._release()
+
+    def _release(self) -> None:
+        if self.run_lock is not None:
+            self.run_lock.release()
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self.signals += 1
@@ -272,12 +279,27 @@ class Runner:
                         f"run {found} was made from another version of this job file",
                         field="--resume",
                     )
-                run_id, self.resumed = found, True
+                # taken before anything is written or sent: a second --resume of the same
+                # run refuses here (exit 75) instead of starting a parallel new run
+                self._lock_run(found)
+                finished = read_run_info(settings.state_dir / found).get("exit_code")
+                if run_id is None and finished not in (None, 75):
+                    self._release()  # its holder finished it meanwhile: the next is new
+                    self.run_lock = None
+                else:
+                    run_id, self.resumed = found, True
         if run_id is None:
             run_id = new_run_id(self.job_name, settings.shard, kind)
         elif not self.resumed and (settings.state_dir / run_id / "journal.sqlite").exists():
             raise JobError(f"run {run_id} exists already", field="--run-id",
                            hint="pass --resume to continue it, or choose another id")
+        if self.kind == "undo" and self.parent_run_id:
+            holder = is_held(settings.state_dir / self.parent_run_id)
+            if holder is not None:  # its record is still being written: undo it later
+                raise RunHeld(held_message(self.parent_run_id, holder))
+        if self.run_lock is None:
+            make_private_dir(settings.state_dir / run_id)
+            self._lock_run(run_id)
         self.run_id = run_id
         journal = Journal(settings.state_dir / run_id)
         run_started = self.started_at
@@ -301,6 +323,12 @@ class Runner:
             log.info("run.started", run_id=run_id, kind=kind, job=self.job_name)
         self.ctx = RunContext(run_id=run_id, run_date=run_started.strftime("%Y-%m-%d"))
         self.journal = journal
+
+    def _lock_run(self, run_id: str) -> None:
+        command = f"bulk-tagger {self.kind}" + (" --resume" if self.settings.resume else "")
+        self.run_lock = RunLock.acquire(
+            self.settings.state_dir / run_id, run_id=run_id, command=command
+        )
 
     async def _phases(self, client: api.Client) -> int:
         journal = self.journal
@@ -522,6 +550,7 @@ class Runner:
         # resumable, and the resume writes them
         journal.finish_run(code, summary)
         journal.close()
+        self._release()
         out = self.settings.out
         if self.kind == "plan":
             # counts from the journal: a target named twice is planned once

@@ -1,0 +1,170 @@
+"""One owner per run (README: "One owner per run"), with the real CLI against a simulator.
+
+- Two ``--resume`` processes started at the same moment on one interrupted run: exactly one
+  works it, the other exits 75 within 2 s naming the holder, and has not even opened a
+  connection (each process talks to the simulator through its own counting TCP relay); no
+  image is PATCHed twice beyond those in flight when the first process stopped.
+- A SIGKILLed holder releases the run: a ``--resume`` right after it proceeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import test_resume
+from tests.test_resume import (
+    JOB,
+    Cli,
+    applying,
+    committed,
+    results,
+    run_args,
+    run_cli,
+    settled_counters,
+    summary,
+    the_run,
+    wait_until,
+    write_job,
+)
+from worker.runlock import is_held
+from worker.simulator import SimulatorThread
+
+fresh_sim = test_resume.fresh_sim  # the fixture, shared
+
+
+class Relay:
+    """A loopback TCP relay to the simulator that counts the connections made through it."""
+
+    def __init__(self, port: int) -> None:
+        self.target = ("127.0.0.1", port)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.connections = 0
+        self.bytes_in = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with client, socket.create_connection(self.target) as upstream:
+            back = threading.Thread(target=self._pipe, args=(upstream, client, False))
+            back.start()
+            self._pipe(client, upstream, True)
+            back.join()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if counted:
+                    with self._lock:
+                        self.bytes_in += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.fixture
+def relays() -> Iterator[Callable[[SimulatorThread], Relay]]:
+    made: list[Relay] = []
+
+    def make(sim: SimulatorThread) -> Relay:
+        relay = Relay(int(sim.url.rsplit(":", 1)[1].split("/")[0]))
+        made.append(relay)
+        return relay
+
+    yield make
+    for relay in made:
+        relay.close()
+
+
+def test_two_resumes_at_once_one_works_the_run_the_other_refuses(
+    tmp_path: Path, fresh_sim: Callable[..., SimulatorThread],
+    relays: Callable[[SimulatorThread], Relay],
+) -> None:
+    sim = fresh_sim(images=2000, latency_ms=20.0)
+    job = write_job(tmp_path, {**JOB, "options": {"concurrency": 4}})
+    state = tmp_path / "state"
+    first = Cli.start(tmp_path, "first", *run_args(job, sim, state, "--grace-seconds", "5"))
+    wait_until(lambda: applying(state), first, step_s=0.02)
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.wait() == 75, first.text()
+    run_dir = the_run(state)
+    assert is_held(run_dir) is None, "the stopped process let go of the run"
+    at_stop = committed(state)
+    patched_at_stop, _ = settled_counters(sim)
+    in_flight = {k for k in patched_at_stop if k not in at_stop}
+    left = summary(run_dir)["counts"]["planned"]
+    assert left > 100, "targets left for the resumes"
+
+    relay_a, relay_b = relays(sim), relays(sim)
+    args = ["run", job, "--state-dir", state, "--resume", "--grace-seconds", "5"]
+    a = Cli.start(tmp_path, "a", *args, "--base-url", relay_a.url)
+    b = Cli.start(tmp_path, "b", *args, "--base-url", relay_b.url)
+    started = time.monotonic()
+    # the one that lost: exits 75 within 2 s of its start, naming the holder
+    while a.running() and b.running():
+        assert time.monotonic() - started < 30, a.text() + b.text()
+        time.sleep(0.01)
+    took = time.monotonic() - started
+    loser, winner, lost_relay = (a, b, relay_a) if not a.running() else (b, a, relay_b)
+    assert loser.wait() == 75, loser.text()
+    assert took <= 2.0, f"the refused process took {took:.2f} s"
+    print(f"refused after {took:.2f} s")
+    err = loser.err.read_text()
+    assert f"run {run_dir.name} is locked" in err and f"pid {winner.proc.pid}" in err, err
+    assert "Traceback" not in err
+    assert winner.running(), "the other works the run meanwhile"
+    assert winner.wait() == 0, winner.text()
+    assert lost_relay.connections == 0 and lost_relay.bytes_in == 0, "it sent nothing"
+
+    assert the_run(state) == run_dir, "no parallel new run"
+    rows = results(run_dir)
+    assert len(rows) == len({r["image_id"] for r in rows})
+    assert summary(run_dir)["counts"]["planned"] == 0
+    patches, _ = settled_counters(sim)
+    twice = {k for k, n in patches.items() if n > 1}
+    assert twice <= in_flight, f"PATCHed twice: {sorted(twice - in_flight)[:5]}"
+
+
+def test_a_sigkilled_holder_releases_the_run(
+    tmp_path: Path, fresh_sim: Callable[..., SimulatorThread]
+) -> None:
+    sim = fresh_sim(images=2000, latency_ms=10.0)
+    job = write_job(tmp_path, {**JOB, "options": {"concurrency": 4}})
+    state = tmp_path / "state"
+    first = Cli.start(tmp_path, "first", *run_args(job, sim, state))
+    wait_until(lambda: applying(state), first, step_s=0.02)
+    holder = is_held(the_run(state))
+    assert holder is not None and holder.pid == first.proc.pid
+    assert holder.host == socket.gethostname() and holder.since.endswith("Z")
+    first.proc.send_signal(signal.SIGKILL)
+    assert first.wait() == -signal.SIGKILL
+    run_dir = the_run(state)
+    assert (run_dir / "run.lock").exists() and is_held(run_dir) is None
+
+    second = run_cli(tmp_path, "second", *run_args(job, sim, state, "--resume"))
+    assert second.proc.returncode == 0, second.text()
+    assert any(e["event"] == "run.resumed" for e in second.events())
+    assert summary(run_dir)["counts"]["planned"] == 0
