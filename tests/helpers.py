@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 CLI = [sys.executable, "-m", "worker"]
@@ -50,3 +52,15 @@ def events(stream: io.StringIO, name: str) -> list[dict[str, Any]]:
     """The JSON log lines in ``stream`` (see the ``log_stream`` fixture) whose event is ``name``."""
     lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
     return [e for e in lines if e["event"] == name]
+
+
+def need(name: str) -> str:
+    """The path of a Prometheus binary; skips (fails under CI) when it is not installed."""
+    path = shutil.which(name)
+    if path is None:
+        why = (f"{name} is not installed (Debian: apt-get install prometheus-pushgateway "
+               "prometheus; .ci/run installs them)")
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    return path

@@ -1,7 +1,8 @@
 """Deployment artefacts: the Dockerfile, the Kubernetes manifests in jobs/k8s, the wheel.
 
 Offline checks only (no Docker engine, no cluster): `kubernetes-validate --strict` against the
-bundled schemas of the oldest Kubernetes we support and the newest it knows, hadolint, and
+bundled schemas of the oldest Kubernetes we support and the newest it knows, `promtool` on the
+PrometheusRule's alerts (a custom resource, which those schemas do not cover), hadolint, and
 semantic assertions on the parsed YAML that mirror what the API server would check but the
 schemas do not (enum values, podFailurePolicy rule order) and what our worker relies on
 (exit codes, grace, the key as a file, the state on a volume).
@@ -24,6 +25,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.helpers import need
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "jobs" / "k8s"
@@ -49,13 +52,25 @@ def load_docs(path: Path) -> list[Doc]:
         return [d for d in yaml.safe_load_all(f) if d]
 
 
-def manifest_files() -> list[Path]:
+def is_custom(doc: Doc) -> bool:
+    """A custom resource (an operator's kind, e.g. PrometheusRule): no schema in
+    kubernetes-validate, whose --strict bundles only Kubernetes' own."""
+    group = str(doc["apiVersion"]).rpartition("/")[0]
+    return "." in group and not group.endswith(".k8s.io")
+
+
+def all_manifest_files() -> list[Path]:
     """Every Kubernetes manifest (the Kustomization is kustomize's, not the API server's)."""
     return sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
 
 
+def manifest_files() -> list[Path]:
+    """The manifests of Kubernetes' own kinds (a file holds one sort or the other)."""
+    return [p for p in all_manifest_files() if not any(map(is_custom, load_docs(p)))]
+
+
 def all_docs() -> list[Doc]:
-    return [d for p in manifest_files() for d in load_docs(p)]
+    return [d for p in all_manifest_files() for d in load_docs(p)]
 
 
 def find(kind: str, name: str | None = None) -> Doc:
@@ -152,8 +167,11 @@ def test_every_manifest_passes_kubernetes_validate_strict() -> None:
     assert result.returncode == 0, out
     assert "ERROR" not in out
     assert "WARN" not in out, "a manifest has no schema: misspelt kind or apiVersion?"
-    expected = len(all_docs()) * len(K8S_VERSIONS)
+    expected = sum(len(load_docs(p)) for p in manifest_files()) * len(K8S_VERSIONS)
     assert out.count(" passed for resource ") == expected, out
+    custom = [p for p in all_manifest_files() if p not in manifest_files()]
+    assert [d["kind"] for p in custom for d in load_docs(p)] == ["PrometheusRule"]
+    assert all(is_custom(d) for p in custom for d in load_docs(p)), "one sort a file"
 
 
 def test_kubernetes_validate_rejects_a_misspelt_field(tmp_path: Path) -> None:
@@ -180,6 +198,38 @@ def test_kustomize_build_renders_valid_manifests(tmp_path: Path) -> None:
     result = kubernetes_validate([str(tmp_path / "rendered.yaml")])
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count(" passed for resource ") == 3 * len(K8S_VERSIONS)
+
+
+# --- the alerts: a PrometheusRule ------------------------------------------------------------
+
+
+def test_prometheus_rule_passes_promtool_and_its_alerts_fire(tmp_path: Path) -> None:
+    """kubernetes-validate has no schema for the operator's kind: its shape is checked here,
+    its rule group by `promtool check rules` (expressions, durations, templates) and
+    `promtool test rules` (tests/prometheus/rules_test.yaml: each alert fires when it should,
+    and one not before)."""
+    promtool = need("promtool")
+    rule = find("PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(rule) == {"apiVersion", "kind", "metadata"} | {"spec"}
+    assert set(rule["spec"]) == {"groups"}
+    assert rule["metadata"]["labels"]["app.kubernetes.io/name"] == "bulk-tagger"
+    (tmp_path / "full.yaml").write_text(yaml.safe_dump(rule["spec"]))
+    checked = run([promtool, "check", "rules", str(tmp_path / "full.yaml")], timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    alerts = [r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert f"SUCCESS: {len(alerts)} rules found" in checked.stdout
+    bare = yaml.safe_load(yaml.safe_dump(rule["spec"]))
+    for group in bare["groups"]:
+        for r in group["rules"]:
+            r.pop("annotations", None)  # the unit tests compare labels only
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(bare))
+    shutil.copy(ROOT / "tests" / "prometheus" / "rules_test.yaml", tmp_path / "rules_test.yaml")
+    tested = run([promtool, "test", "rules", "rules_test.yaml"], cwd=tmp_path, timeout=60)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    cases = yaml.safe_load((tmp_path / "rules_test.yaml").read_text())["tests"]
+    fired = {c["alertname"] for t in cases for c in t["alert_rule_test"] if c.get("exp_alerts")}
+    assert fired == set(alerts), "every alert has a case where it fires"
 
 
 # --- the CronJob -------------------------------------------------------------------------------

@@ -99,6 +99,20 @@ class LatencyStats:
                 return min(max(middle, self.min_ms), self.max_ms)
         return self.max_ms  # unreachable: the buckets hold every sample
 
+    def count_at_most(self, ms: float) -> int:
+        """How many samples are at or below ``ms`` milliseconds, to the buckets' 2%: the
+        samples of the bucket holding ``ms`` count when ``ms`` is past its middle."""
+        if ms >= self.max_ms:
+            return self.count
+        if ms < self.min_ms:
+            return 0
+        index = 0
+        if ms > _MIN_MS:
+            index = min(int(math.log(ms / _MIN_MS) / _LOG_BASE), _BUCKETS - 1)
+        if not index or ms >= _MIN_MS * _BASE ** (index + 0.5):
+            index += 1
+        return sum(self._buckets[:index])
+
     def percentiles(self) -> dict[str, float]:
         """``{"p50", "p95", "p99"}`` in milliseconds (3 decimals); 0.0 each when empty."""
         return {

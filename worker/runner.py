@@ -567,7 +567,8 @@ class Runner:
         if self.settings.pushgateway and self.kind != "plan":
             await asyncio.to_thread(
                 push_metrics, self.settings.pushgateway, self.job_name, summary,
-                success=code == 0,
+                success=code == 0, latency=self.latency,
+                shard=(shard.index, shard.count) if (shard := self.settings.shard) else None,
             )
         return code
 
