@@ -23,6 +23,8 @@ from worker.errors import JobError
 from worker.journal import (
     Journal,
     JournalFailed,
+    changes_from_json,
+    changes_to_json,
     find_resumable,
     make_private_dir,
     read_run_info,
@@ -175,6 +177,16 @@ async def test_a_full_batch_is_committed_without_waiting_for_the_interval(tmp_pa
         await journal.stop_writer()  # commits the rest
         assert committed(journal) == 8
         journal.close()
+
+
+def test_changes_keep_their_literal_flag_through_the_journal() -> None:
+    """Undo's values come back from the journal (resume, a lock's re-plan) still literal."""
+    literal = Changes.from_patch({"tags": {"v": "{image.name}", "gone": None}, "name": "a{b}"})
+    assert literal.literal
+    back = changes_from_json(changes_to_json(literal))
+    assert back == literal and back.literal
+    assert not changes_from_json(changes_to_json(CHANGES)).literal
+    assert "literal" not in changes_to_json(CHANGES)
 
 
 def test_add_outcome_does_no_io(tmp_path: Path) -> None:

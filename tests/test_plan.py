@@ -12,15 +12,13 @@ from hypothesis import strategies as st
 from worker.models import Changes, Image, RunContext
 from worker.plan import (
     Plan,
-    TemplateGap,
     apply_patch,
     inverse_patch,
     plan_changes,
-    render,
     shows,
-    template_problem,
     touched,
 )
+from worker.templates import render
 
 CTX = RunContext(run_id="run-42", run_date="2024-05-06")
 
@@ -76,55 +74,6 @@ def test_status_follows_patch_and_reason() -> None:
 # --- templates -----------------------------------------------------------------------------
 
 
-def test_render_fills_every_kind_of_placeholder() -> None:
-    image = make_image({"team": "core"})
-    text = "{image.name}/{image.os_distro}-{tags.team}@{run.date}#{run.id}"
-    assert render(text, image, CTX) == "ubuntu-22/ubuntu-core@2024-05-06#run-42"
-
-
-def test_render_formats_numbers_and_booleans_like_json() -> None:
-    image = make_image(is_baremetal=True)
-    assert render("{image.min_disk}-{image.is_baremetal}", image, CTX) == "3-true"
-
-
-def test_render_literal_and_escaped_braces() -> None:
-    image = make_image()
-    assert render("plain", image, CTX) == "plain"
-    assert render("{{x}}-{image.name}", image, CTX) == "{x}-ubuntu-22"
-
-
-@pytest.mark.parametrize(
-    ("template", "words"),
-    [
-        ("{image.description}", "'description' is missing"),
-        ("{image.architecture}", "'architecture' is null"),
-        ("{image.tags}", "not a single value"),
-        ("{tags.owner}", "no tag 'owner'"),
-        ("{run.when}", "unknown placeholder"),
-        ("{name}", "unknown placeholder"),
-        ("{image.}", "unknown placeholder"),
-        ("a{image.name", "unclosed"),
-        ("a}b", "lone"),
-    ],
-)
-def test_render_gap_says_what_is_missing(template: str, words: str) -> None:
-    image = make_image(architecture=None)
-    with pytest.raises(TemplateGap, match=words.replace("{", r"\{").replace(".", r"\.")):
-        render(template, image, CTX)
-
-
-def test_template_problem_checks_syntax_only() -> None:
-    assert template_problem("plain") is None
-    assert template_problem("{image.anything}-{tags.k}-{run.id}-{{") is None
-    assert "unknown placeholder" in (template_problem("{run.time}") or "")
-    assert "unclosed" in (template_problem("{image.name") or "")
-
-
-def test_image_ids_fall_back_to_the_image_attributes() -> None:
-    image = Image.from_api({"id": "i-9", "name": "n", "tags": []}, project_id=5, region_id=6)
-    assert render("{image.project_id}/{image.region_id}/{image.id}", image, CTX) == "5/6/i-9"
-
-
 def test_template_gap_fails_the_target() -> None:
     plan = plan_changes(make_image(), Changes(set_tags={"owner": "{tags.team}"}), CTX)
     assert plan.patch is None
@@ -147,12 +96,12 @@ def test_rendered_tag_value_must_be_a_valid_tag() -> None:
 
 
 def test_rendered_enum_field_must_be_allowed() -> None:
-    image = make_image(wanted="maybe")
-    plan = plan_changes(image, Changes(set_fields={"ssh_key": "{image.wanted}"}), CTX)
+    image = make_image(description="maybe")
+    plan = plan_changes(image, Changes(set_fields={"ssh_key": "{image.description}"}), CTX)
     assert plan.reason == "template"
     assert "allow, deny, required" in (plan.detail or "")
-    image = make_image(wanted="deny")
-    plan = plan_changes(image, Changes(set_fields={"ssh_key": "{image.wanted}"}), CTX)
+    image = make_image(description="deny")
+    plan = plan_changes(image, Changes(set_fields={"ssh_key": "{image.description}"}), CTX)
     assert plan.patch == {"ssh_key": "deny"}
 
 
@@ -167,10 +116,33 @@ def test_unknown_field_and_bad_boolean_fail() -> None:
     plan = plan_changes(make_image(), Changes(set_fields={"colour": "red"}), CTX)
     assert plan.status == "failed"
     assert "not a settable field" in (plan.detail or "")
-    plan = plan_changes(make_image(), Changes(set_fields={"is_baremetal": "yes"}), CTX)
+    plan = plan_changes(make_image(), Changes(set_fields={"is_baremetal": "maybe"}), CTX)
     assert plan.status == "failed"
-    plan = plan_changes(make_image(), Changes(set_fields={"is_baremetal": "TRUE"}), CTX)
-    assert plan.patch == {"is_baremetal": True}
+    assert "true/false, yes/no or 1/0" in (plan.detail or "")
+    # the one text rule (worker.templates.bool_from_text), as the job file reads it
+    for text in ("TRUE", "yes", " 1 "):
+        plan = plan_changes(make_image(), Changes(set_fields={"is_baremetal": text}), CTX)
+        assert plan.patch == {"is_baremetal": True}
+
+
+def test_literal_changes_are_sent_as_they_are() -> None:
+    """Undo's changes (Changes.from_patch) restore values an image held: never rendered."""
+    image = make_image({"v": "new", "w": "x"}, name="renamed")
+    patch = {"tags": {"v": "{image.name}", "w": "{{a}}", "u": "a{b", "x": None}, "name": "}{"}
+    plan = plan_changes(image, Changes.from_patch(patch), CTX)
+    assert plan.patch == {
+        "tags": {"v": "{image.name}", "w": "{{a}}", "u": "a{b"},
+        "name": "}{",
+    }
+    # the same text as a template is rendered (or refused)
+    plan = plan_changes(image, Changes(set_tags={"v": "{image.name}"}), CTX)
+    assert plan.patch == {"tags": {"v": "renamed"}}
+    assert plan_changes(image, Changes(set_tags={"u": "a{b"}), CTX).reason == "template"
+
+
+def test_literal_and_template_changes_do_not_merge() -> None:
+    with pytest.raises(ValueError, match="literal"):
+        Changes(set_tags={"a": "b"}).merged(Changes.from_patch({"tags": {"c": "d"}}))
 
 
 # --- set_tags ------------------------------------------------------------------------------

@@ -17,14 +17,17 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from worker.journal import read_run_info
+from worker.models import tag_problem
 from worker.simulator import SimConfig, SimulatorThread
 
 Key = tuple[int, int, str]
@@ -100,16 +103,22 @@ def patch_image(sim: SimulatorThread, key: Key, body: dict[str, Any]) -> None:
         assert answer.status == 200
 
 
-def committed_outcomes(run_dir: Path) -> int:
+def journal_value(run_dir: Path, sql: str) -> int:
+    """One number read from ``run_dir``'s journal while its run goes on (0 until there is one)."""
     uri = f"{(run_dir / 'journal.sqlite').resolve().as_uri()}?mode=ro"
     try:
         conn = sqlite3.connect(uri, uri=True, timeout=5)
         try:
-            return int(conn.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0])
+            row = conn.execute(sql).fetchone()
+            return int(row[0] or 0) if row else 0
         finally:
             conn.close()
     except sqlite3.OperationalError:
         return 0
+
+
+def committed_outcomes(run_dir: Path) -> int:
+    return journal_value(run_dir, "SELECT COUNT(*) FROM outcomes")
 
 
 @pytest.fixture
@@ -308,3 +317,116 @@ def test_a_resumed_undo_still_skips_images_changed_since(
     assert images(sim)[pending] == between, "a change made since must be left alone"
     row = next(r for r in results(state / "u1") if key_of(r) == pending)
     assert (row["status"], row["reason"]) == ("skipped", "conflict")
+
+
+# -- values that look like templates: restored as they were ------------------------------------
+# Tag values and names that hold braces, escapes, placeholders and unicode. Undo restores them as
+# literal text (Changes.literal): never rendered, not when first planned, not when replayed from
+# the journal on resume, not when planned again after a task lock.
+TRICKY = ["{", "}", "{{", "}}", "a{b}", "{{x}}", "}{", "{image.name}", "{tags.team}",
+          "{run.id}", "{{run.date}}", "{image.nmae}", "é{ü}", "日本{", "🙂}}"]  # fmt: skip
+_ALPHABET = st.sampled_from([*"ab.:-_$é日🙂", "{", "}", "{{", "}}", "{image.name}", "{run.id}"])
+tag_texts = st.one_of(
+    st.sampled_from(TRICKY), st.lists(_ALPHABET, min_size=1, max_size=6).map("".join)
+).filter(lambda text: tag_problem(text) is None)
+
+
+def escaped(text: str) -> str:
+    """``text`` as a template that renders it exactly."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+@st.composite
+def literal_cases(draw: st.DrawFn) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Images (name and tags) and a job's changes, all full of braces."""
+    found = []
+    for _ in range(6):
+        tags = draw(st.dictionaries(st.sampled_from(["v", "w", "team", "legacy", "keep"]),
+                                    tag_texts, min_size=1, max_size=5))
+        found.append({"name": draw(tag_texts), "tags": tags})
+    changes = {
+        "set_tags": {"v": escaped(draw(tag_texts)), "w": "{image.name}-{{w}}"},
+        "remove_tags": ["legacy"],
+        "rename_tags": {"team": "owner"},
+        "set": {"name": escaped(draw(tag_texts)) + "-v2"},
+    }
+    return found, changes
+
+
+def wait_for(proc: subprocess.Popen[bytes], check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not check():
+        assert proc.poll() is None, f"{what}: the process ended ({proc.returncode})"
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+@settings(max_examples=2, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@example(case=(
+    [{"name": "{image.name}", "tags": {"v": "a{b}", "team": "{{x}}", "legacy": "}{"}},
+     {"name": "n{{", "tags": {"v": "{run.id}", "w": "é{ü}", "keep": "{tags.team}"}},
+     {"name": "日本}}", "tags": {"team": "{image.nmae}", "v": "{{run.date}}"}},
+     {"name": "{", "tags": {"legacy": "{", "w": "}"}},
+     {"name": "}", "tags": {"v": "🙂}}", "w": "{{"}},
+     {"name": "plain", "tags": {"v": "{tags.v}", "team": "t"}}],
+    {"set_tags": {"v": "new", "w": "{image.name}-{{w}}"}, "remove_tags": ["legacy"],
+     "rename_tags": {"team": "owner"}, "set": {"name": "x{{y}}-v2"}},
+))  # fmt: skip
+@given(case=literal_cases())
+def test_property_undo_restores_brace_values_exactly_through_kill_resume_and_locks(
+    tmp_path_factory: pytest.TempPathFactory,
+    case: tuple[list[dict[str, Any]], dict[str, Any]],
+) -> None:
+    """Run, then undo: every image is exactly as before. The undo meets task locks: two images
+    locked until its plan is done (it waits, reads them again and plans again from the
+    changes it holds), two locked until after it is SIGKILLed (the resumed undo replays their
+    changes from the journal, waits for the lock and plans again)."""
+    found, changes = case
+    tmp = tmp_path_factory.mktemp("literal")
+    with SimulatorThread(SimConfig(images=0)) as sim:
+        for image in found:
+            sim.call(sim.sim.add_image, 1337, 7, name=image["name"], tags=image["tags"])
+        before = images(sim)
+        job = tmp / "job.yaml"
+        job.write_text(yaml.safe_dump({
+            "name": "literal-test", "changes": changes,
+            "targets": [{"query": {"projects": [1337], "regions": [7]}}],
+        }, sort_keys=False))  # fmt: skip
+        state = tmp / "state"
+        run = cli(tmp, "run", "run", job, "--base-url", sim.url, "--state-dir", state,
+                  "--run-id", "r1")
+        assert run.returncode == 0, said(tmp, "run")
+        updated = [key_of(r) for r in results(state / "r1") if r["status"] == "updated"]
+        assert len(updated) == len(found), results(state / "r1")
+        assert images(sim) != before
+
+        now_tasks = [sim.call(sim.sim.lock_image, *k, None) for k in updated[:2]]
+        later_tasks = [sim.call(sim.sim.lock_image, *k, None) for k in updated[2:4]]
+        u1 = state / "u1"
+        first = cli(tmp, "undo1", *undo_args(sim, state, "r1", "--run-id", "u1",
+                                             "--lock-poll-seconds", "0.05"), wait=False)
+        try:
+            wait_for(first, lambda: journal_value(u1, "SELECT plan_done FROM run") == 1,
+                     "the undo's plan is committed")
+            for task in now_tasks:
+                sim.call(sim.sim.end_task, task)
+            wait_for(first, lambda: committed_outcomes(u1) == len(found) - 2,
+                     "every image but the two still locked is undone")
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait(30)
+        assert read_run_info(u1)["exit_code"] is None
+        for task in later_tasks:
+            sim.call(sim.sim.end_task, task)
+
+        second = cli(tmp, "undo2", *undo_args(sim, state, "r1", "--resume",
+                                              "--lock-poll-seconds", "0.05"))
+        assert second.returncode == 0, said(tmp, "undo2")
+        final = images(sim)
+        wrong = {k: (final[k], image) for k, image in before.items() if final[k] != image}
+        assert not wrong, wrong
+        rows = {key_of(r): r for r in results(u1)}
+        assert all(r["status"] == "updated" for r in rows.values()), rows
+        for k in updated[:4]:
+            assert rows[k]["lock_wait_s"] > 0, rows[k]

@@ -98,6 +98,8 @@ def changes_to_json(changes: Changes) -> str:
         data["replace_tags"] = dict(changes.replace_tags)
     if changes.set_fields:
         data["set_fields"] = dict(changes.set_fields)
+    if changes.literal:
+        data["literal"] = True  # undo's values: sent as they are, never rendered
     return _dumps(data)
 
 
@@ -111,6 +113,7 @@ def changes_from_json(text: str | None) -> Changes:
         rename_tags=data.get("rename_tags", {}),
         replace_tags=data.get("replace_tags"),
         set_fields=data.get("set_fields", {}),
+        literal=data.get("literal", False) is True,
     )
 
 

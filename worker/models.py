@@ -20,6 +20,16 @@ SETTABLE_FIELDS: tuple[str, ...] = (
     "is_baremetal",
 )
 
+#: The fields of an image (the API's reference page, required and optional), which a template
+#: may read as ``{image.<field>}``. ``tags`` is left out: a tag is ``{tags.<key>}``.
+IMAGE_FIELDS: tuple[str, ...] = (
+    "architecture", "created_at", "creator_task_id", "description", "disk_format",
+    "display_order", "gpu_driver", "gpu_driver_type", "gpu_driver_version", "hw_firmware_type",
+    "hw_machine_type", "id", "is_baremetal", "min_disk", "min_ram", "name", "os_distro",
+    "os_type", "os_version", "project_id", "region", "region_id", "size", "ssh_key", "status",
+    "task_id", "updated_at", "visibility",
+)  # fmt: skip
+
 #: Values the worker may send (the reference page). Responses may carry others (the SDK's
 #: ``i440``, future values): those are kept as plain strings, never refused.
 ENUMS: dict[str, tuple[str, ...]] = {
@@ -109,7 +119,13 @@ class Changes:
     """What to do to an image. ``replace_tags`` excludes the three other tag changes.
 
     ``set_fields`` holds the settable fields (see SETTABLE_FIELDS); string values and tag
-    values may hold templates (``{image.name}``, ``{tags.owner}``, ``{run.date}``, ``{run.id}``).
+    values may hold templates (``{image.name}``, ``{tags.owner}``, ``{run.date}``, ``{run.id}``;
+    see worker.templates) -- unless ``literal``.
+
+    ``literal``: every value is text to send exactly as it is, never a template. Undo's changes
+    are literal (``from_patch``): they restore values an image held, which may hold braces. The
+    journal keeps the flag with the changes, so a resumed undo and a re-plan after a task lock
+    read the values as the first plan did.
     """
 
     set_tags: Mapping[str, str] = field(default_factory=dict)
@@ -117,6 +133,18 @@ class Changes:
     rename_tags: Mapping[str, str] = field(default_factory=dict)
     replace_tags: Mapping[str, str] | None = None
     set_fields: Mapping[str, str | bool] = field(default_factory=dict)
+    literal: bool = False
+
+    @classmethod
+    def from_patch(cls, patch: Mapping[str, Any]) -> Changes:
+        """The literal changes that send ``patch`` (a merge patch: a null tag is removed)."""
+        tags = patch.get("tags") or {}
+        return cls(
+            set_tags={k: v for k, v in tags.items() if v is not None},
+            remove_tags=tuple(k for k, v in tags.items() if v is None),
+            set_fields={k: v for k, v in patch.items() if k != "tags"},
+            literal=True,
+        )
 
     def is_empty(self) -> bool:
         return not (
@@ -128,7 +156,11 @@ class Changes:
         )
 
     def merged(self, row: Changes) -> Changes:
-        """These changes with a row's added; where both name the same key, the row wins."""
+        """These changes with a row's added; where both name the same key, the row wins.
+
+        Both must be templates or both literal: one flag holds for all the values."""
+        if row.literal is not self.literal:
+            raise ValueError("cannot merge literal changes with templates")
         if row.is_empty():
             return self
         if self.is_empty():
@@ -140,6 +172,7 @@ class Changes:
             return Changes(
                 replace_tags=replace,
                 set_fields={**self.set_fields, **row.set_fields},
+                literal=self.literal,
             )
         set_tags = {k: v for k, v in self.set_tags.items() if k not in row_keys}
         set_tags.update(row.set_tags)
@@ -161,6 +194,7 @@ class Changes:
             remove_tags=remove,
             rename_tags=rename,
             set_fields={**self.set_fields, **row.set_fields},
+            literal=self.literal,
         )
 
 

@@ -6,20 +6,14 @@ lock, on the re-read image); undo builds its patch with ``inverse_patch`` and ch
 
 Templates
     Tag values (``set_tags``, ``replace_tags``) and string fields (``set``) may hold
-    placeholders; tag keys never do.
+    placeholders (worker.templates: the grammar, ``render``); tag keys never do. Changes marked
+    ``literal`` (undo's, ``Changes.from_patch``) are sent as they are: never rendered, never
+    checked again (they are values an image held).
 
-    ``{image.<field>}``  any top-level field of the image as the API returned it (``image.raw``);
-                         strings as they are, numbers as written, booleans as ``true``/``false``.
-                         A missing or null field, or one holding a list or an object, is a gap.
-    ``{tags.<key>}``     the value of a *current* tag (before this plan's changes); a gap if absent.
-    ``{run.date}``       the run's UTC date, ``YYYY-MM-DD``.      ``{run.id}``: the run's id.
-
-    Text around placeholders is literal; ``{{`` and ``}}`` stand for literal braces. Any other
-    ``{...}``, an unclosed ``{`` or a lone ``}`` is an error (``template_problem`` says so up
-    front, for the job-file check). A rendered tag value must still be a valid tag value
-    (``worker.models.tag_problem``); a rendered enum field must be one of its allowed values; a
-    rendered ``name`` must not be empty. Any of these failing fails the target: status
-    ``failed``, reason ``template``, a detail naming the change and why.
+    A rendered tag value must still be a valid tag value (``worker.models.tag_problem``); a
+    rendered enum field must be one of its allowed values; a rendered ``name`` must not be
+    empty. A gap or any of these failing fails the target: status ``failed``, reason
+    ``template``, a detail naming the change and why.
 
 Tag changes (evaluated on a working copy of the current tags, in this order)
     1. ``replace_tags`` {k: v}: the exact set of writable tags. Every current writable key not
@@ -48,7 +42,7 @@ Tag changes (evaluated on a working copy of the current tags, in this order)
 
 Fields (``set``: name, os_type, ssh_key, hw_firmware_type, hw_machine_type, is_baremetal)
     Sent when different from the image's value; a missing field counts as different.
-    ``is_baremetal`` must be a boolean (the strings ``true``/``false`` are accepted).
+    ``is_baremetal`` must be a boolean, or text by ``templates.bool_from_text``'s one rule.
 
 Outcome (``Plan``)
     ``planned``    a patch to send.
@@ -64,22 +58,19 @@ Outcome (``Plan``)
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from worker.models import ENUMS, SETTABLE_FIELDS, Changes, Image, RunContext, tag_problem
+from worker.templates import BOOL_TEXT_FORMS, TemplateGap, bool_from_text, render
 
 __all__ = [
     "Plan",
-    "TemplateGap",
     "apply_patch",
     "inverse_patch",
     "plan_changes",
-    "render",
     "shows",
-    "template_problem",
     "touched",
 ]
 
@@ -95,10 +86,6 @@ _STATUS_OF_REASON = {
     TEMPLATE: "failed",
 }
 _SETTABLE = frozenset(SETTABLE_FIELDS)
-
-
-class TemplateGap(Exception):
-    """A template names something the image or run does not have, or renders invalid."""
 
 
 # not frozen (made once a target, never changed): a frozen dataclass's __init__ costs
@@ -123,123 +110,7 @@ class Plan:
         return _STATUS_OF_REASON.get(self.reason or UNCHANGED, "failed")
 
 
-# --- templates ---------------------------------------------------------------------------
-
-# A compiled template: literal text (kind None) and placeholders (kind "image"/"tags"/"run").
-_Part = tuple[str | None, str]
-_RUN_NAMES = frozenset({"date", "id"})
-
-
-@dataclass(frozen=True, slots=True)
-class _Compiled:
-    parts: tuple[_Part, ...]
-    error: str | None
-
-
-def _parse(value: str) -> _Compiled:
-    parts: list[_Part] = []
-    literal: list[str] = []
-    i, n = 0, len(value)
-    while i < n:
-        ch = value[i]
-        if ch == "{":
-            if value.startswith("{{", i):
-                literal.append("{")
-                i += 2
-                continue
-            end = value.find("}", i + 1)
-            if end < 0:
-                return _Compiled((), f"unclosed '{{' at position {i} (write '{{{{' for a brace)")
-            body = value[i + 1 : end]
-            kind, dot, name = body.partition(".")
-            ok = (
-                bool(dot and name)
-                and "{" not in body
-                and (kind in ("image", "tags") or (kind == "run" and name in _RUN_NAMES))
-            )
-            if not ok:
-                return _Compiled(
-                    (),
-                    f"unknown placeholder '{{{body}}}': use {{image.<field>}}, {{tags.<key>}}, "
-                    "{run.date} or {run.id} (write '{{' and '}}' for literal braces)",
-                )
-            if literal:
-                parts.append((None, "".join(literal)))
-                literal = []
-            parts.append((kind, name))
-            i = end + 1
-        elif ch == "}":
-            if value.startswith("}}", i):
-                literal.append("}")
-                i += 2
-                continue
-            return _Compiled((), f"lone '}}' at position {i} (write '}}}}' for a brace)")
-        else:
-            literal.append(ch)
-            i += 1
-    if literal:
-        parts.append((None, "".join(literal)))
-    return _Compiled(tuple(parts), None)
-
-
-@functools.lru_cache(maxsize=4096)
-def _compile(value: str) -> _Compiled:
-    # Jobs hold a handful of distinct templates, rendered once per image: parse each once.
-    return _parse(value)
-
-
-def _has_braces(value: str) -> bool:
-    return "{" in value or "}" in value
-
-
-def template_problem(value: str) -> str | None:
-    """Why ``value`` is not a well-formed template (for the job-file check), or None."""
-    if not _has_braces(value):
-        return None
-    return _compile(value).error
-
-
-def _image_field(image: Image, name: str) -> str:
-    raw = image.raw
-    value = raw.get(name)
-    if value is None and name in ("id", "project_id", "region_id") and name not in raw:
-        value = getattr(image, name)
-    if value is None:
-        missing = "is null" if name in raw else "is missing"
-        raise TemplateGap(f"{{image.{name}}}: the image's field {name!r} {missing}")
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    raise TemplateGap(
-        f"{{image.{name}}}: the image's field {name!r} holds a {type(value).__name__}, "
-        "not a single value"
-    )
-
-
-def render(value: str, image: Image, ctx: RunContext) -> str:
-    """``value`` with its placeholders filled from ``image`` and ``ctx``; raises TemplateGap."""
-    if not _has_braces(value):
-        return value
-    compiled = _compile(value)
-    if compiled.error is not None:
-        raise TemplateGap(compiled.error)
-    out: list[str] = []
-    for kind, name in compiled.parts:
-        if kind is None:
-            out.append(name)
-        elif kind == "tags":
-            tag = image.tags.get(name)
-            if tag is None:
-                raise TemplateGap(f"{{tags.{name}}}: the image has no tag {name!r}")
-            out.append(tag)
-        elif kind == "image":
-            out.append(_image_field(image, name))
-        else:
-            out.append(ctx.run_date if name == "date" else ctx.run_id)
-    return "".join(out)
+# --- rendering ---------------------------------------------------------------------------
 
 
 def _render_tag_values(
@@ -262,11 +133,10 @@ def _render_field(name: str, template: object, image: Image, ctx: RunContext) ->
     if name not in _SETTABLE:
         raise TemplateGap(f"set {name!r}: not a settable field ({', '.join(SETTABLE_FIELDS)})")
     if name == "is_baremetal":
-        if isinstance(template, bool):
-            return template
-        if isinstance(template, str) and template.lower() in ("true", "false"):
-            return template.lower() == "true"
-        raise TemplateGap(f"set 'is_baremetal': {template!r} is not true or false")
+        flag = bool_from_text(template)
+        if flag is None:
+            raise TemplateGap(f"set 'is_baremetal': {template!r} is not {BOOL_TEXT_FORMS}")
+        return flag
     if not isinstance(template, str):
         raise TemplateGap(f"set {name!r}: {template!r} is not a string")
     try:
@@ -304,17 +174,25 @@ def plan_changes(image: Image, changes: Changes, ctx: RunContext, *, partial: bo
     has_tag_changes = bool(
         replace is not None or changes.set_tags or changes.remove_tags or changes.rename_tags
     )
-    try:
-        sets = _render_tag_values("set_tags", changes.set_tags, image, ctx)
-        replace_values = (
-            _render_tag_values("replace_tags", replace, image, ctx) if replace is not None else None
-        )
-        fields = {
-            name: _render_field(name, value, image, ctx)
-            for name, value in changes.set_fields.items()
-        }
-    except TemplateGap as gap:
-        return Plan(None, TEMPLATE, str(gap))
+    sets: Mapping[str, str]
+    replace_values: Mapping[str, str] | None
+    fields: Mapping[str, str | bool]
+    if changes.literal:
+        sets, replace_values, fields = changes.set_tags, replace, changes.set_fields
+    else:
+        try:
+            sets = _render_tag_values("set_tags", changes.set_tags, image, ctx)
+            replace_values = (
+                _render_tag_values("replace_tags", replace, image, ctx)
+                if replace is not None
+                else None
+            )
+            fields = {
+                name: _render_field(name, value, image, ctx)
+                for name, value in changes.set_fields.items()
+            }
+        except TemplateGap as gap:
+            return Plan(None, TEMPLATE, str(gap))
 
     patch: dict[str, Any] = {}
     problems: list[str] = []

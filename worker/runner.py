@@ -86,16 +86,6 @@ def new_run_id(name: str, shard: Shard | None, kind: str = "run") -> str:
     return f"{name}{middle}-{stamp}-{secrets.token_hex(2)}{suffix}"
 
 
-def changes_from_patch(patch: Mapping[str, Any]) -> Changes:
-    """A merge patch expressed as changes (for undo's inverse patches)."""
-    tags = patch.get("tags") or {}
-    return Changes(
-        set_tags={k: v for k, v in tags.items() if v is not None},
-        remove_tags=tuple(k for k, v in tags.items() if v is None),
-        set_fields={k: v for k, v in patch.items() if k != "tags"},
-    )
-
-
 class Runner:
     """One command's run. ``await Runner(...).execute()`` returns the exit code."""
 
@@ -410,7 +400,7 @@ class Runner:
                         raise
                     image = None
             inverse = inverse_patch(before, patch)
-            target = Target(p, r, image_id, changes_from_patch(inverse), image, "undo")
+            target = Target(p, r, image_id, Changes.from_patch(inverse), image, "undo")
             if image is not None and not shows(image.state(), patch):
                 self._record_conflict(target, name)
                 return

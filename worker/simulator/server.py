@@ -187,6 +187,14 @@ class Simulator:
             raise KeyError((project_id, region_id, image_id)) from exc
         return self.store.lock(i, seconds, end_state=end_state, set_tags=set_tags)
 
+    def end_task(self, task_id: str) -> None:
+        """End a RUNNING task now, as if its time had come (a lock taken for ever, too)."""
+        self.store.settle()
+        try:
+            self.store.finish_now(task_id)
+        except ApiFault as exc:
+            raise KeyError(task_id) from exc
+
     def set_faults(self, **changes: Any) -> None:
         """Change some ``Faults`` fields; a new ``seed`` reseeds, a new rate refills the bucket."""
         self.faults = self.faults.replace(**changes)

@@ -411,7 +411,15 @@ class Store:
         now = self._clock()
         while due and due[0][0] <= now:
             deadline, task_id = heapq.heappop(due)
-            self._finish(self.tasks[task_id], time.time() - (now - deadline))
+            task = self.tasks[task_id]
+            if task.state == "RUNNING":  # not ended early (finish_now)
+                self._finish(task, time.time() - (now - deadline))
+
+    def finish_now(self, task_id: str) -> None:
+        """End a RUNNING task at once (its ``end_state``, its ``set_tags``); an ended one stays."""
+        task = self.task(task_id)
+        if task.state == "RUNNING":
+            self._finish(task, time.time())
 
     def _finish(self, task: Task, wall: float) -> None:
         task.state = task.end_state
