@@ -27,6 +27,8 @@ import pytest
 import yaml
 
 from tests.helpers import need
+from worker import defaults
+from worker.errors import ExitCode
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "jobs" / "k8s"
@@ -35,10 +37,10 @@ DOCKERFILE = ROOT / "Dockerfile"
 # Oldest version the manifests target (podFailurePolicy, backoffLimitPerIndex and
 # podReplacementPolicy on by default) and the newest the installed package bundles.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
-WORKER_DEFAULT_GRACE_S = 20
+WORKER_DEFAULT_GRACE_S = defaults.GRACE_S
 APP_UID = 10001
-EXIT_FAIL_AT_ONCE = (2, 3, 4)
-EXIT_RESUME = 75
+EXIT_FAIL_AT_ONCE = (ExitCode.BAD_INPUT, ExitCode.SAFETY_LIMIT, ExitCode.AUTH_FAILED)
+EXIT_RESUME = ExitCode.INTERRUPTED
 POLICY_ACTIONS = {"FailJob", "FailIndex", "Ignore", "Count"}
 
 Doc = dict[str, Any]

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from worker import __version__
+from worker import __version__, defaults
 from worker.errors import (
     ApiError,
     AuthFailed,
@@ -324,7 +324,7 @@ class Client:
         region_id: int,
         *,
         params: list[tuple[str, str]] | None = None,
-        limit: int = 1000,
+        limit: int = defaults.PAGE_SIZE,
         offset: int = 0,
     ) -> tuple[list[Image], int | None]:
         """One page: the images and the API's ``count`` of all matches (None if absent)."""

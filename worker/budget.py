@@ -28,6 +28,9 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from worker import defaults
+from worker.errors import ExitCode
+
 Clock = Callable[[], float]
 
 #: Failure reasons that mean "the API is not answering": the run stops with 75 (resume later).
@@ -37,9 +40,6 @@ TRANSIENT_REASONS: frozenset[str] = frozenset({"unreachable", "rate_limited"})
 IGNORED_REASONS: frozenset[str] = frozenset({"not_found", "lock_timeout"})
 #: Statuses that count as a target going well.
 OK_STATUSES: frozenset[str] = frozenset({"updated", "unchanged", "skipped"})
-
-EXIT_UNREACHABLE = 75
-EXIT_FAILED = 1
 
 
 def _positive(name: str, value: float, hint: str) -> None:
@@ -58,7 +58,7 @@ class RetryBudget:
     def __init__(
         self,
         *,
-        ratio: float = 0.1,
+        ratio: float = defaults.RETRY_BUDGET_PERCENT / 100,
         window_s: float = 10.0,
         min_per_s: float = 10.0,
         bins: int = 10,
@@ -156,7 +156,7 @@ class Trip:
     reason: str
     http_status: int | None
     failures: int
-    exit_code: int
+    exit_code: ExitCode
     message: str
 
 
@@ -189,7 +189,7 @@ class CircuitBreaker:
     def __init__(
         self,
         *,
-        consecutive: int = 50,
+        consecutive: int = defaults.STOP_AFTER_FAILURES,
         window_s: float = 60.0,
         failure_ratio: float = 0.9,
         min_failures: int = 100,
@@ -232,8 +232,8 @@ class CircuitBreaker:
         self._counted = 0
         self._failures = 0
 
-    def _exit_code(self, reason: str) -> int:
-        return EXIT_UNREACHABLE if reason in self.transient else EXIT_FAILED
+    def _exit_code(self, reason: str) -> ExitCode:
+        return ExitCode.INTERRUPTED if reason in self.transient else ExitCode.FAILED
 
     def record(
         self, status: str, reason: str | None, http_status: int | None = None

@@ -20,12 +20,10 @@ from typing import Any, TypeVar
 
 import click
 
-from worker.errors import BulkTaggerError, JobError
+from worker import defaults
+from worker.errors import BulkTaggerError, ExitCode, JobError
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-INTERNAL_ERROR = 70
-
 
 def _common(fn: F) -> F:
     """Options every command takes."""
@@ -54,26 +52,28 @@ def _api(fn: F) -> F:
                      help="Extra CA certificates (PEM) to trust."),
         click.option("--allow-insecure-http", is_flag=True,
                      help="Allow plain http to a host other than loopback."),
-        click.option("--concurrency", type=click.IntRange(1, 1024), default=None,
+        click.option("--concurrency", type=click.IntRange(1, defaults.MAX_CONCURRENCY),
+                     default=None,
                      help="Requests in flight at most (overrides the job's option)."),
         click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Requests per second at most, all kinds together."),
-        click.option("--grace-seconds", type=click.FloatRange(min=0), default=20.0,
+        click.option("--grace-seconds", type=click.FloatRange(min=0), default=defaults.GRACE_S,
                      show_default=True, help="On SIGTERM, how long in-flight work may finish."),
         click.option("--pushgateway", envvar="BULK_TAGGER_PUSHGATEWAY", default=None,
                      help="Prometheus Pushgateway URL for the run's metrics."),
         click.option("--resume", is_flag=True,
                      help="Continue the latest unfinished run of this job (or --run-id's)."),
-        click.option("--resume-within", default="24h", show_default=True,
+        click.option("--resume-within", default=f"{defaults.RESUME_WITHIN_HOURS}h",
+                     show_default=True,
                      help="How old an unfinished run --resume may continue (e.g. 90m, 24h)."),
         click.option("--run-id", default=None, help="Name the run (or the run to resume)."),
         # knobs for tests and benchmarks: how fast retries and task-lock polls go
         click.option("--retry-base-seconds", type=click.FloatRange(min=0, min_open=True),
-                     default=0.5, hidden=True),
+                     default=defaults.RETRY_BASE_S, hidden=True),
         click.option("--retry-max-wait-seconds", type=click.FloatRange(min=0, min_open=True),
-                     default=30.0, hidden=True),
+                     default=defaults.RETRY_MAX_WAIT_S, hidden=True),
         click.option("--lock-poll-seconds", type=click.FloatRange(min=0, min_open=True),
-                     default=1.0, hidden=True),
+                     default=defaults.LOCK_POLL_S, hidden=True),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -84,7 +84,8 @@ def _job_options(fn: F) -> F:
     options = [
         click.option("--simulate", is_flag=True,
                      help="Start the local API in-process with demo images; no key needed."),
-        click.option("--simulate-images", type=click.IntRange(0), default=60, show_default=True,
+        click.option("--simulate-images", type=click.IntRange(0),
+                     default=defaults.SIMULATE_IMAGES, show_default=True,
                      help="How many demo images --simulate serves."),
         click.option("--shard", default=None,
                      help="I/N: take shard I of N (else JOB_COMPLETION_INDEX and "
@@ -154,7 +155,8 @@ def _settings(kw: dict[str, Any], *, simulate: bool = False) -> Any:
         api.check_base_url(base_url, allow_insecure_http=kw["allow_insecure_http"])
     return RunSettings(
         state_dir=kw["state_dir"], api=api_settings, simulate=simulate,
-        simulate_images=kw.get("simulate_images", 60), concurrency=kw["concurrency"],
+        simulate_images=kw.get("simulate_images", defaults.SIMULATE_IMAGES),
+        concurrency=kw["concurrency"],
         rate=kw["rate"], run_id=kw["run_id"], resume=kw["resume"],
         resume_within=_duration(kw["resume_within"]), shard=_shard(kw.get("shard")),
         max_changes=kw.get("max_changes"), grace_s=kw["grace_seconds"],
@@ -298,7 +300,8 @@ def report(run_id: str, fmt: str, export: bool, **kw: Any) -> None:
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8080, show_default=True)
-@click.option("--images", type=click.IntRange(0), default=60, show_default=True)
+@click.option("--images", type=click.IntRange(0), default=defaults.SIMULATE_IMAGES,
+              show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--api-key", default=None, help="Accept only this key (default: any key).")
 @click.option("--page-max", type=click.IntRange(1), default=1000, show_default=True)
@@ -338,17 +341,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:
-        sys.exit(130)
+        sys.exit(ExitCode.ABORTED)
     except click.ClickException as exc:
         exc.show()
-        sys.exit(2)
+        sys.exit(ExitCode.BAD_INPUT)
     except BulkTaggerError as exc:
         from worker.log import scrub
 
         click.echo(f"error: {scrub(str(exc))}", err=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        sys.exit(75)
     except Exception as exc:
         if os.environ.get("BULK_TAGGER_DEBUG"):
             raise
@@ -359,6 +360,6 @@ def main(argv: list[str] | None = None) -> None:
             "(set BULK_TAGGER_DEBUG=1 for the traceback, and please report it)",
             err=True,
         )
-        sys.exit(INTERNAL_ERROR)
+        sys.exit(ExitCode.INTERNAL)
 
 

@@ -1,9 +1,10 @@
-"""One exception tree for bulk-tagger.
+"""The exit codes and one exception tree for bulk-tagger.
+
+``ExitCode`` is the one place the process's exit codes are written (README, "Exit codes").
 
     BulkTaggerError                 what aborts a command (exit_code says how it ends)
     ├── JobError          (2)       bad command line, job or selector file (file, line, field)
     ├── SafetyLimit       (3)       the plan has more changes than the job allows
-    ├── Interrupted      (75)       SIGTERM/SIGINT, or the API unreachable past the retry budget
     ├── CircuitOpen    (1|75)       the run stopped because its targets kept failing alike
     └── ApiError                    an answer (or no answer) of the Gcore API
         ├── AuthFailed    (4)       401, or 403 on the run's reads: the run stops at once
@@ -20,11 +21,35 @@ request header).
 
 from __future__ import annotations
 
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """How a command ends (README, "Exit codes"); the CronJob's podFailurePolicy keys on these."""
+
+    #: every target ended updated, unchanged or skipped (a plan: it was made)
+    OK = 0
+    #: the run finished and some targets failed (each failure has its record)
+    FAILED = 1
+    #: bad command line, job file or selector file; nothing was sent
+    BAD_INPUT = 2
+    #: the plan has more changes than the job allows; nothing was changed
+    SAFETY_LIMIT = 3
+    #: the API refused the credentials; the run stopped at once
+    AUTH_FAILED = 4
+    #: a bug: an exception nobody expected (EX_SOFTWARE)
+    INTERNAL = 70
+    #: interrupted, or the API unreachable past the retry budget; ``--resume`` goes on
+    #: (EX_TEMPFAIL)
+    INTERRUPTED = 75
+    #: click's Abort (Ctrl-C at a prompt): 128 + SIGINT
+    ABORTED = 130
+
 
 class BulkTaggerError(Exception):
     """Base of every error bulk-tagger raises on purpose."""
 
-    exit_code = 1
+    exit_code: ExitCode = ExitCode.FAILED
 
 
 class JobError(BulkTaggerError):
@@ -33,7 +58,7 @@ class JobError(BulkTaggerError):
     ``file``, ``line`` and ``field`` say where; ``hint`` says what would fix it.
     """
 
-    exit_code = 2
+    exit_code = ExitCode.BAD_INPUT
 
     def __init__(
         self,
@@ -66,19 +91,13 @@ class JobError(BulkTaggerError):
 class SafetyLimit(BulkTaggerError):
     """The plan changes more images than ``max_changes`` / ``max_changes_percent`` allow."""
 
-    exit_code = 3
-
-
-class Interrupted(BulkTaggerError):
-    """The run was stopped by a signal, or the API stayed unreachable; resume goes on."""
-
-    exit_code = 75
+    exit_code = ExitCode.SAFETY_LIMIT
 
 
 class CircuitOpen(BulkTaggerError):
     """Targets kept failing for the same reason; the run stopped instead of grinding on."""
 
-    def __init__(self, message: str, *, exit_code: int) -> None:
+    def __init__(self, message: str, *, exit_code: ExitCode) -> None:
         super().__init__(message)
         self.exit_code = exit_code
 
@@ -99,7 +118,7 @@ class ApiError(BulkTaggerError):
 
 
 class AuthFailed(ApiError):
-    exit_code = 4
+    exit_code = ExitCode.AUTH_FAILED
 
 
 class RateLimited(ApiError):

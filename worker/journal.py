@@ -40,7 +40,7 @@ from typing import Any
 
 import orjson
 
-from worker.errors import BulkTaggerError, JobError
+from worker.errors import BulkTaggerError, ExitCode, JobError
 from worker.log import scrub
 from worker.models import RESULT_FIELDS, Changes, Outcome
 
@@ -120,7 +120,7 @@ def changes_from_json(text: str | None) -> Changes:
 class JournalFailed(BulkTaggerError):
     """The journal could not commit (disk full, file gone): the run stops, resume goes on."""
 
-    exit_code = 75
+    exit_code = ExitCode.INTERRUPTED
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -607,7 +607,7 @@ def find_resumable(
             continue
         if kind == "undo" and info["job_hash"] != job_hash:
             continue
-        if info["exit_code"] not in (None, 75):
+        if info["exit_code"] not in (None, ExitCode.INTERRUPTED):
             continue
         started = datetime.fromisoformat(info["started_at"].replace("Z", "+00:00"))
         if started < cutoff:

@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from worker import retry
+from worker import defaults, retry
 from worker.api import Client
 from worker.errors import (
     ApiError,
@@ -72,10 +72,10 @@ class PoolSettings:
     up to ``lock_poll_max_s``. ``partial`` plans with ``on_read_only: partial``.
     """
 
-    concurrency: int = 16
+    concurrency: int = defaults.CONCURRENCY
     retry: retry.RetryPolicy = field(default_factory=retry.RetryPolicy)
-    lock_timeout_s: float = 900.0
-    lock_poll_s: float = 1.0
+    lock_timeout_s: float = defaults.LOCK_TIMEOUT_S
+    lock_poll_s: float = defaults.LOCK_POLL_S
     lock_poll_max_s: float = 30.0
     partial: bool = False
 

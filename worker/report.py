@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from worker.errors import ExitCode
 from worker.models import STATUSES
 
 #: The request counters of summary.json (CONTRACT.md); the first four are request kinds.
@@ -25,14 +26,17 @@ REQUEST_KINDS: tuple[str, ...] = ("list", "get", "patch", "task")
 REQUEST_FIELDS: tuple[str, ...] = ("total", *REQUEST_KINDS, "retries", "rate_limited", "lock_waits")
 _NOT_KINDS = frozenset({"total", "retries", "rate_limited", "lock_waits"})
 
-#: What each exit code means (CONTRACT.md's table), for people reading a summary.
+#: What each exit code means (README, "Exit codes"), for people reading a summary.
 EXIT_MEANINGS: dict[int, str] = {
-    0: "every target ended updated, unchanged or skipped",
-    1: "the run finished and some targets failed (each failure has its record in results.jsonl)",
-    2: "bad command line, job spec or selector file; nothing was sent",
-    3: "safety limit: the plan has more changes than the job allows; nothing was changed",
-    4: "the API refused the credentials; the run stopped at once",
-    75: "interrupted or the API unreachable past the retry budget; `--resume` goes on",
+    ExitCode.OK: "every target ended updated, unchanged or skipped",
+    ExitCode.FAILED: "the run finished and some targets failed (each failure has its record in "
+    "results.jsonl)",
+    ExitCode.BAD_INPUT: "bad command line, job spec or selector file; nothing was sent",
+    ExitCode.SAFETY_LIMIT: "safety limit: the plan has more changes than the job allows; nothing "
+    "was changed",
+    ExitCode.AUTH_FAILED: "the API refused the credentials; the run stopped at once",
+    ExitCode.INTERRUPTED: "interrupted or the API unreachable past the retry budget; `--resume` "
+    "goes on",
 }
 
 

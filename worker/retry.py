@@ -37,6 +37,7 @@ from tenacity import (
     stop_before_delay,
 )
 
+from worker import defaults
 from worker.errors import ApiError, RateLimited
 
 T = TypeVar("T")
@@ -61,9 +62,9 @@ class RetryPolicy:
     call then gives up with its last error). None: only this call's own bounds apply.
     """
 
-    budget_s: float = 600.0
-    base_s: float = 0.5
-    max_wait_s: float = 30.0
+    budget_s: float = defaults.RETRY_BUDGET_S
+    base_s: float = defaults.RETRY_BASE_S
+    max_wait_s: float = defaults.RETRY_MAX_WAIT_S
     max_attempts: int = 1000
     run_budget: RunBudget | None = None
 

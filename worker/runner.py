@@ -25,14 +25,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from worker import api, exports, report, retry, spec
+from worker import api, defaults, exports, report, retry, spec
 from worker.budget import CircuitBreaker, RetryBudget
 from worker.errors import (
     ApiError,
     AuthFailed,
     BulkTaggerError,
     CircuitOpen,
-    Interrupted,
+    ExitCode,
     JobError,
     SafetyLimit,
 )
@@ -49,9 +49,6 @@ from worker.selectors import Expander, Shard
 
 log = get_logger("bulk_tagger.run")
 
-DEFAULT_GRACE_S = 20.0
-
-
 @dataclass(slots=True)
 class RunSettings:
     """What the command line decided. Seconds unless named otherwise."""
@@ -59,24 +56,24 @@ class RunSettings:
     state_dir: Path
     api: api.Settings
     simulate: bool = False
-    simulate_images: int = 60
+    simulate_images: int = defaults.SIMULATE_IMAGES
     concurrency: int | None = None
     rate: float | None = None
     run_id: str | None = None
     resume: bool = False
-    resume_within: timedelta = timedelta(hours=24)
+    resume_within: timedelta = timedelta(hours=defaults.RESUME_WITHIN_HOURS)
     shard: Shard | None = None
     max_changes: int | None = None
-    grace_s: float = DEFAULT_GRACE_S
+    grace_s: float = defaults.GRACE_S
     pushgateway: str | None = None
     plan_samples: int = 20
     out: TextIO = field(default_factory=lambda: sys.stdout)
     progress: TextIO = field(default_factory=lambda: sys.stderr)
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     # knobs for tests: how fast retries and lock polls go
-    retry_base_s: float = 0.5
-    retry_max_wait_s: float = 30.0
-    lock_poll_s: float = 1.0
+    retry_base_s: float = defaults.RETRY_BASE_S
+    retry_max_wait_s: float = defaults.RETRY_MAX_WAIT_S
+    lock_poll_s: float = defaults.LOCK_POLL_S
 
 
 def new_run_id(name: str, shard: Shard | None, kind: str = "run") -> str:
@@ -124,12 +121,10 @@ class Runner:
         self.ctx = RunContext(run_id="", run_date=self.started_at.strftime("%Y-%m-%d"))
         self._body: asyncio.Task[int] | None = None
         # run-level limits over every call of the run (docs: reliability)
-        options = job.options if job else None
-        percent = options.retry_budget_percent if options else 10.0
-        self.run_budget = RetryBudget(ratio=percent / 100)
-        self.breaker = CircuitBreaker(
-            consecutive=options.stop_after_failures if options else 50
-        )
+        #: the job's options; an undo (no job) runs with the defaults
+        self.options = job.options if job else spec.Options()
+        self.run_budget = RetryBudget(ratio=self.options.retry_budget_percent / 100)
+        self.breaker = CircuitBreaker(consecutive=self.options.stop_after_failures)
         self._grace: asyncio.TimerHandle | None = None
         self._finishing = False
 
@@ -138,7 +133,7 @@ class Runner:
     def concurrency(self) -> int:
         if self.settings.concurrency is not None:
             return self.settings.concurrency
-        return self.job.options.concurrency if self.job else 16
+        return self.options.concurrency
 
     @property
     def rate_ceiling(self) -> float | None:
@@ -150,9 +145,8 @@ class Runner:
         return rate
 
     def _retry_policy(self) -> retry.RetryPolicy:
-        budget = self.job.options.retry_budget_seconds if self.job else 600.0
         return retry.RetryPolicy(
-            budget_s=budget, base_s=self.settings.retry_base_s,
+            budget_s=self.options.retry_budget_seconds, base_s=self.settings.retry_base_s,
             max_wait_s=self.settings.retry_max_wait_s, run_budget=self.run_budget,
         )
 
@@ -170,7 +164,7 @@ class Runner:
         except asyncio.CancelledError:
             if not self.interrupted:
                 raise
-            return await self._finish(Interrupted.exit_code)
+            return await self._finish(ExitCode.INTERRUPTED)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
@@ -217,12 +211,12 @@ class Runner:
             except ApiError as exc:  # a read that stayed unreachable past the retry budget
                 self.fatal = exc
                 log.error("run.api_unreachable", status=exc.status, error=exc.message)
-                code = Interrupted.exit_code
+                code = ExitCode.INTERRUPTED
             except JobError:
                 await self.journal.stop_writer()
                 raise
         if self.interrupted:
-            code = Interrupted.exit_code
+            code = ExitCode.INTERRUPTED
         return await self._finish(code)
 
     @contextlib.asynccontextmanager
@@ -332,10 +326,10 @@ class Runner:
             journal.mark_plan_done()
         self._check_limits()
         if self.kind == "plan":
-            return 0
+            return ExitCode.OK
         await self._apply(client)
         counts = journal.counts()
-        return 1 if counts.get("failed") else 0
+        return ExitCode.FAILED if counts.get("failed") else ExitCode.OK
 
     # -- plan -----------------------------------------------------------------------------
     def _record_plan(self, target: Target, expect: dict[str, Any] | None = None) -> None:
@@ -477,12 +471,12 @@ class Runner:
                 pool.abort(CircuitOpen(trip.message, exit_code=trip.exit_code))
 
         partial = bool(self.job and self.job.options.on_read_only == "partial")
-        lock_timeout = self.job.options.lock_timeout_seconds if self.job else 900.0
         pool = self.pool = Pool(
             client,
             PoolSettings(
                 concurrency=self.concurrency, retry=self._retry_policy(),
-                lock_timeout_s=lock_timeout, lock_poll_s=self.settings.lock_poll_s,
+                lock_timeout_s=self.options.lock_timeout_seconds,
+                lock_poll_s=self.settings.lock_poll_s,
                 partial=partial,
             ),
             self.ctx,
@@ -509,8 +503,8 @@ class Runner:
             self._grace.cancel()
         await journal.stop_writer()
         counts = journal.counts()
-        if code == 0 and counts.get("failed"):
-            code = 1
+        if code == ExitCode.OK and counts.get("failed"):
+            code = ExitCode.FAILED
         finished = datetime.now(UTC)
         requests: dict[str, int] = {}
         if self.client is not None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from worker import retry, spec
+from worker import defaults, retry, spec
 from worker.api import Client
 from worker.errors import JobError, NotFound
 from worker.journal import changes_from_json, changes_to_json
@@ -203,7 +203,7 @@ class Expander:
         *,
         stage_path: Path,
         policy: retry.RetryPolicy,
-        concurrency: int = 16,
+        concurrency: int = defaults.CONCURRENCY,
         shard: Shard | None = None,
         env: Mapping[str, str] | None = None,
         on_retry: Callable[[BaseException, float], None] | None = None,

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from worker import defaults
 from worker.models import SETTABLE_FIELDS, Changes, Image
 from worker.spec.checks import (
     _ID_ENV,
@@ -398,18 +399,24 @@ class Options(BaseModel):
 
     model_config = _CONFIG
 
-    concurrency: int = Field(default=16, ge=1, le=1024)
+    concurrency: int = Field(default=defaults.CONCURRENCY, ge=1, le=defaults.MAX_CONCURRENCY)
     rate_per_second: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     max_changes: int | None = Field(default=None, ge=0)
     max_changes_percent: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False)
-    lock_timeout_seconds: float = Field(default=900, gt=0, allow_inf_nan=False)
-    retry_budget_seconds: float = Field(default=600, gt=0, allow_inf_nan=False)
+    lock_timeout_seconds: float = Field(
+        default=defaults.LOCK_TIMEOUT_S, gt=0, allow_inf_nan=False
+    )
+    retry_budget_seconds: float = Field(
+        default=defaults.RETRY_BUDGET_S, gt=0, allow_inf_nan=False
+    )
     on_read_only: Literal["skip", "partial"] = "skip"
-    page_size: int = Field(default=1000, ge=1, le=1000)
+    page_size: int = Field(default=defaults.PAGE_SIZE, ge=1, le=defaults.PAGE_SIZE)
     #: retries may add at most this share of the run's requests (over a 10 s window)
-    retry_budget_percent: float = Field(default=10, ge=0, le=100, allow_inf_nan=False)
+    retry_budget_percent: float = Field(
+        default=defaults.RETRY_BUDGET_PERCENT, ge=0, le=100, allow_inf_nan=False
+    )
     #: stop the run when this many targets in a row fail for the same reason
-    stop_after_failures: int = Field(default=50, ge=1)
+    stop_after_failures: int = Field(default=defaults.STOP_AFTER_FAILURES, ge=1)
 
 
 _NAME = re.compile(r"[a-z0-9-]{1,63}")
