@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
+from worker.errors import ExitCode
 from worker.log import get_logger
 from worker.report import REQUEST_FIELDS, REQUEST_KINDS, LatencyStats
 
@@ -81,7 +82,7 @@ def metric_families(
     yield gauge("bulk_tagger_duration_seconds", "Duration of the last run",
                 float(summary.get("duration_s") or 0.0))
     yield gauge("bulk_tagger_exit_code", "Exit code of the last run",
-                int(summary.get("exit_code") or 0))
+                int(summary.get("exit_code") or ExitCode.OK))
     yield gauge("bulk_tagger_shards", "How many shards the last run was split into", shards)
     targets = GaugeMetricFamily(
         "bulk_tagger_targets", "Targets of the last run by status", labels=["status"]

@@ -34,7 +34,7 @@ from typing import IO
 
 import orjson
 
-from worker.errors import BulkTaggerError
+from worker.errors import BulkTaggerError, ExitCode
 
 LOCK_NAME = "run.lock"
 
@@ -42,7 +42,7 @@ LOCK_NAME = "run.lock"
 class RunHeld(BulkTaggerError):
     """Another live process works this run; nothing was sent (exit 75: try again later)."""
 
-    exit_code = 75
+    exit_code = ExitCode.INTERRUPTED
 
 
 @dataclass(frozen=True, slots=True)
