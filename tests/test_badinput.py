@@ -178,6 +178,22 @@ CASES: list[Case] = [
         "changes.set_tags.retagged-on",
         "did you mean {run.date}",
     ),
+    # a field no image has: refused up front, not failed on every target
+    Case(
+        "bad-template-field.yaml",
+        "bad-template-field.yaml",
+        6,
+        "changes.set_tags.built-from",
+        "an image has no field 'nmae' (hint: did you mean {image.name}?)",
+    ),
+    Case(
+        "csv-bad-template-field.yaml",
+        "csv-bad-template-field.csv",
+        3,
+        "tag:owner",
+        "did you mean {image.os_distro}?",
+        cli=False,
+    ),
     Case(
         "bad-template-brace.yaml",
         "bad-template-brace.yaml",

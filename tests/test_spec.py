@@ -386,9 +386,17 @@ def test_templates() -> None:
     for bad in ("{run.time}", "{image}", "{image.a.b}", "{tags.}", "a}b", "{x", "{}"):
         with pytest.raises(ValueError):
             spec.template_fields(bad)
-    values = {"image.name": "ubuntu", "run.date": "2024-05-01"}
-    assert spec.render_template("{image.name}@{run.date}{{}}", values.get) == "ubuntu@2024-05-01{}"
-    assert spec.render_template("{tags.owner}", values.get) is None
+
+
+def test_is_baremetal_as_text_reads_by_the_one_rule(tmp_path: Path) -> None:
+    """The job file reads is_baremetal text as a CSV cell is read (worker.templates)."""
+    head = "name: x\ntargets: [{query: {projects: all, regions: all}}]\n"
+    path = write(tmp_path, "job.yaml", head + 'changes: {set: {is_baremetal: "yes"}}\n')
+    assert load_job(path, env={}).changes_model().set_fields == {"is_baremetal": True}
+    path = write(tmp_path, "bad.yaml", head + "changes: {set: {is_baremetal: maybe}}\n")
+    with pytest.raises(JobError, match="true/false, yes/no or 1/0") as info:
+        load_job(path, env={})
+    assert (info.value.line, info.value.field) == (3, "changes.set.is_baremetal")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The checks every part of the job file shares: the problem type, tag keys and values, settable
-fields, environment IDs, and the template placeholders.
+fields, environment IDs, and the template check (worker.templates holds the grammar).
 
 A check raises ``_Problem`` (a message, a hint, the path below the field it was given); the
 callers turn it into a ``JobError`` naming file, line and field.
@@ -10,9 +10,10 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
+from worker import templates
 from worker.models import ENUMS, tag_problem
 
 PROJECT_ENV = "GCORE_CLOUD_PROJECT_ID"
@@ -92,81 +93,19 @@ def _env_id(env: Mapping[str, str], var: str) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Templates (tag values and set.name): the placeholder grammar, its hints, rendering
-
-_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_TEMPLATE_FORMS = "{image.<field>}, {tags.<key>}, {run.date} or {run.id}"
-
-
-def _placeholder_problem(name: str) -> str | None:
-    if name in ("run.date", "run.id"):
-        return None
-    head, dot, rest = name.partition(".")
-    if dot and head == "image" and _IDENT.fullmatch(rest):
-        return None
-    if dot and head == "tags" and rest and tag_problem(rest) is None:
-        return None
-    return f"unknown template {{{name}}}"
-
-
-def _template_hint(name: str) -> str:
-    head, _, rest = name.partition(".")
-    if head in ("tag", "tag_", "tags_", "tag_key") and rest:
-        return f"did you mean {{tags.{rest}}}?"
-    if head in ("images", "img") and rest:
-        return f"did you mean {{image.{rest}}}?"
-    close = difflib.get_close_matches(name, ["run.date", "run.id"], n=1, cutoff=0.6)
-    if close:
-        return f"did you mean {{{close[0]}}}?"
-    return f"templates are {_TEMPLATE_FORMS}"
+# Templates (tag values and set's text fields): the grammar is worker.templates'
 
 
 def template_fields(text: str) -> list[str]:
     """The placeholders of a template (``["image.name", "run.date"]``), in order.
 
-    Raises ValueError for a brace that opens no valid placeholder; ``{{``/``}}`` are literal.
+    Raises ``_Problem`` (a ValueError, with a hint) for a brace that opens no valid placeholder
+    or a placeholder naming what an image or run does not have; ``{{``/``}}`` are literal.
     """
-    fields: list[str] = []
-    for match in _TOKEN.finditer(text):
-        token = match.group(0)
-        if token in ("{{", "}}"):
-            continue
-        name = match.group(1)
-        if name is None:
-            raise _Problem(
-                f"unmatched {token!r} in {_short(text)}",
-                hint=f"templates are {_TEMPLATE_FORMS}; write {token}{token} for a literal brace",
-            )
-        problem = _placeholder_problem(name)
-        if problem:
-            raise _Problem(problem, hint=_template_hint(name))
-        fields.append(name)
-    return fields
-
-
-def render_template(text: str, resolve: Callable[[str], str | None]) -> str | None:
-    """``text`` with each placeholder replaced by ``resolve(name)``; None if one resolves to None.
-
-    ``name`` is ``image.<field>``, ``tags.<key>``, ``run.date`` or ``run.id``.
-    """
-    missing = False
-
-    def sub(match: re.Match[str]) -> str:
-        nonlocal missing
-        token = match.group(0)
-        if token in ("{{", "}}"):
-            return token[0]
-        if match.group(1) is None:  # a lone brace (load_job refuses these): kept as it is
-            return token
-        value = resolve(match.group(1))
-        if value is None:
-            missing = True
-            return ""
-        return value
-
-    out = _TOKEN.sub(sub, text)
-    return None if missing else out
+    try:
+        return templates.check(text)
+    except templates.TemplateError as exc:
+        raise _Problem(exc.message, hint=exc.hint) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,9 +141,9 @@ def _check_value(value: object, what: str = "tag value") -> str:
     if not isinstance(value, str):
         hint = f'quote it: "{value}"' if isinstance(value, (int, float)) else None
         raise _Problem(f"{what} must be text, not {_kind(value)}", hint=hint)
-    if "{" in value or "}" in value:
+    if templates.is_template(value):
         template_fields(value)
-        literal = _TOKEN.sub(lambda m: "x" if m.group(1) is not None else m.group(0)[0], value)
+        literal = templates.sample(value)
     elif _GOOD_TAG.fullmatch(value):
         return value
     else:
@@ -226,18 +165,14 @@ def _check_tag_map(value: Mapping[str, Any], *, templates: bool = True) -> dict[
     return out
 
 
-_TRUE = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-
-
-def _check_field(name: str, value: object, *, from_text: bool = False) -> str | bool:
-    """A settable field's value, checked as the API checks it (CSV text when ``from_text``)."""
+def _check_field(name: str, value: object) -> str | bool:
+    """A settable field's value, checked as the API checks it; ``is_baremetal`` may be text
+    (a CSV cell, a quoted word), read by ``templates.bool_from_text``'s one rule."""
     if name == "is_baremetal":
-        if from_text and isinstance(value, str) and value.strip().lower() in _TRUE:
-            return _TRUE[value.strip().lower()]
-        if isinstance(value, bool) and not from_text:
-            return value
-        allowed = "true/false, yes/no or 1/0" if from_text else "true or false"
-        raise _Problem(f"must be {allowed}, not {_short(value)}")
+        flag = templates.bool_from_text(value)
+        if flag is None:
+            raise _Problem(f"must be {templates.BOOL_TEXT_FORMS}, not {_short(value)}")
+        return flag
     if not isinstance(value, str):
         raise _Problem(f"must be text, not {_kind(value)}")
     if name in ENUMS:
@@ -251,6 +186,6 @@ def _check_field(name: str, value: object, *, from_text: bool = False) -> str | 
         raise _Problem("must not be empty")
     if len(value) > 255:
         raise _Problem(f"is {len(value)} characters long; at most 255 are allowed")
-    if "{" in value or "}" in value:
+    if templates.is_template(value):
         template_fields(value)
     return value

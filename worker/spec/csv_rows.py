@@ -123,7 +123,7 @@ def _csv_row(
             elif kind == "remove_tags":
                 removed = tuple(dict.fromkeys(_check_key(k.strip()) for k in cell.split(";") if k))
             else:
-                fields[column.key] = _check_field(column.key, cell, from_text=True)
+                fields[column.key] = _check_field(column.key, cell)
     except _Problem as exc:
         rows.fail(exc.message, line, column.name, exc.hint)
     for key in removed:

@@ -286,9 +286,10 @@ class SetFields(BaseModel):
     hw_machine_type: str | None = None
     is_baremetal: bool | None = None
 
-    @field_validator(*SETTABLE_FIELDS)
+    # before pydantic's strict types: is_baremetal may be text ("yes"), read by the one rule
+    @field_validator(*SETTABLE_FIELDS, mode="before")
     @classmethod
-    def _check(cls, value: str | bool | None, info: ValidationInfo) -> str | bool | None:
+    def _check(cls, value: object, info: ValidationInfo) -> str | bool | None:
         if value is None:
             return None
         return _check_field(info.field_name or "", value)
