@@ -39,7 +39,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 K8S_VERSIONS = ("1.30.0", "1.37.0")
 WORKER_DEFAULT_GRACE_S = defaults.GRACE_S
 APP_UID = 10001
-EXIT_FAIL_AT_ONCE = (ExitCode.BAD_INPUT, ExitCode.SAFETY_LIMIT, ExitCode.AUTH_FAILED)
+EXIT_FAIL_AT_ONCE = (ExitCode.BAD_INPUT, ExitCode.SAFETY_LIMIT, ExitCode.AUTH_FAILED,
+                     ExitCode.STATE_VOLUME)
 EXIT_RESUME = ExitCode.INTERRUPTED
 POLICY_ACTIONS = {"FailJob", "FailIndex", "Ignore", "Count"}
 

@@ -6,6 +6,8 @@
     ├── JobError          (2)       bad command line, job or selector file (file, line, field)
     ├── SafetyLimit       (3)       the plan has more changes than the job allows
     ├── CircuitOpen    (1|75)       the run stopped because its targets kept failing alike
+    ├── (runlock.RunHeld     75)    another live process works the run; nothing sent
+    ├── (statevol.StateVolumeError 74)  the state volume is full or cannot be written
     └── ApiError                    an answer (or no answer) of the Gcore API
         ├── AuthFailed    (4)       401, or 403 on the run's reads: the run stops at once
         ├── RateLimited             429, carries retry_after (seconds)
@@ -39,6 +41,9 @@ class ExitCode(IntEnum):
     AUTH_FAILED = 4
     #: a bug: an exception nobody expected (EX_SOFTWARE)
     INTERNAL = 70
+    #: the state volume is full or cannot be written (EX_IOERR); what was recorded is kept,
+    #: ``--resume`` finishes once space is freed; retries would only hit the same wall
+    STATE_VOLUME = 74
     #: interrupted, or the API unreachable past the retry budget; ``--resume`` goes on
     #: (EX_TEMPFAIL)
     INTERRUPTED = 75

@@ -105,7 +105,8 @@ class _AtomicFile:
         os.replace(self.tmp, self.path)
 
     def discard(self) -> None:
-        self.file.close()
+        with contextlib.suppress(OSError):  # its buffer may not fit (disk full): dropped
+            self.file.close()
         self.tmp.unlink(missing_ok=True)
 
 

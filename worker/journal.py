@@ -19,8 +19,9 @@ run-row update, and a commit left running by a cancelled ``flush`` is waited for
 
 The hot path, ``add_outcome``, buffers a tuple: the ``before`` and ``patch`` the pool got from
 ``iter_pending`` are written back from their stored JSON text, not encoded again. A commit that
-fails (disk full) is not retried: the next ``add_outcome`` or ``flush`` raises ``JournalFailed``
-so the run stops instead of sending PATCHes it can no longer record (exit 75; ``--resume``).
+fails (disk full) is not retried: the next ``add_outcome`` or ``flush`` raises (a full or
+unwritable volume: ``statevol.StateVolumeError``, exit 74; anything else ``JournalFailed``, exit
+75), so the run stops instead of sending PATCHes it can no longer record; ``--resume`` goes on.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import orjson
 from worker.errors import BulkTaggerError, ExitCode, JobError
 from worker.log import scrub
 from worker.models import RESULT_FIELDS, Changes, Outcome
+from worker.statevol import volume_error
 
 SCHEMA_VERSION = 1
 
@@ -183,21 +185,27 @@ class Journal:
         self.path = run_dir / "journal.sqlite"
         self.batch = batch
         self.flush_s = flush_s
-        make_private_dir(run_dir)
-        with contextlib.suppress(PermissionError):
-            os.chmod(run_dir, 0o700)  # a resumed run's folder: ours, kept private
-        _private_file(self.path)
-        with contextlib.suppress(PermissionError):
-            os.chmod(self.path, 0o600)
-        self._conn = _connect(self.path)
         self._db = threading.Lock()  # every use of self._conn holds it (two threads use it)
-        with self._db:
-            # an existing journal (resume, report, undo's parent, maybe a live run) is not
-            # written to just by opening it
-            (version,) = self._conn.execute("PRAGMA user_version").fetchone()
-            if not version:
-                self._conn.executescript(SCHEMA)
-                self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        try:
+            make_private_dir(run_dir)
+            with contextlib.suppress(PermissionError):
+                os.chmod(run_dir, 0o700)  # a resumed run's folder: ours, kept private
+            _private_file(self.path)
+            with contextlib.suppress(PermissionError):
+                os.chmod(self.path, 0o600)
+            self._conn = _connect(self.path)
+            with self._db:
+                # an existing journal (resume, report, undo's parent, maybe a live run) is
+                # not written to just by opening it
+                (version,) = self._conn.execute("PRAGMA user_version").fetchone()
+                if not version:
+                    self._conn.executescript(SCHEMA)
+                    self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except (OSError, sqlite3.Error) as exc:  # a full or unwritable volume, said plainly
+            plain = volume_error(exc, run_dir.parent)
+            if plain is None:
+                raise
+            raise plain from None
         self._targets: list[tuple[Any, ...]] = []
         self._outcomes: list[tuple[Any, ...]] = []
         # what iter_pending handed out and has no outcome yet: seq -> (before, its JSON text,
@@ -297,6 +305,7 @@ class Journal:
              None if plan_detail is None else scrub(plan_detail), _json(expect))
         )
         if len(self._targets) >= self.batch:
+            self._check()  # a plan stops at the first commit that failed
             self._wake.set()
 
     def add_outcome(self, seq: int, outcome: Outcome) -> None:
@@ -305,7 +314,7 @@ class Journal:
         Raises JournalFailed once a commit has failed: nothing more may be sent unrecorded.
         """
         if self._failed is not None:
-            raise JournalFailed(f"the journal cannot be written: {self._failed}")
+            raise self._failure(self._failed)
         handed = self._handed.pop(seq, None)
         before, patch = outcome.before, outcome.patch
         if handed is None:
@@ -364,7 +373,11 @@ class Journal:
                 )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # a failed COMMIT (disk full) may have rolled back already: the first error is
+            # the one that counts, never "cannot rollback - no transaction is active"
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             raise
 
     async def flush(self) -> None:
@@ -385,7 +398,7 @@ class Journal:
                 try:
                     await asyncio.shield(write)
                 except sqlite3.Error as exc:
-                    raise JournalFailed(f"the journal cannot be written: {exc}") from exc
+                    raise self._failure(exc) from None
 
     def _written(self, write: asyncio.Future[None]) -> None:
         if not write.cancelled() and isinstance(write.exception(), sqlite3.Error):
@@ -400,11 +413,17 @@ class Journal:
                 self._write(targets, outcomes)
             except sqlite3.Error as exc:
                 self._failed = exc
-                raise JournalFailed(f"the journal cannot be written: {exc}") from exc
+                raise self._failure(exc) from None
 
     def _check(self) -> None:
         if self._failed is not None:
-            raise JournalFailed(f"the journal cannot be written: {self._failed}")
+            raise self._failure(self._failed)
+
+    def _failure(self, exc: BaseException) -> BulkTaggerError:
+        """What a failed commit raises: the volume's plain error (full, not writable), or
+        JournalFailed for anything else."""
+        return volume_error(exc, self.run_dir.parent) or JournalFailed(
+            f"the journal cannot be written: {exc}")
 
     async def _writer_loop(self) -> None:
         while not self._stopping:
@@ -413,7 +432,7 @@ class Journal:
             self._wake.clear()
             try:
                 await self.flush()
-            except JournalFailed:
+            except BulkTaggerError:
                 return  # add_outcome and flush raise it from now on
 
     def start_writer(self) -> None:

@@ -37,6 +37,8 @@ EXIT_MEANINGS: dict[int, str] = {
     ExitCode.AUTH_FAILED: "the API refused the credentials; the run stopped at once",
     ExitCode.INTERRUPTED: "interrupted or the API unreachable past the retry budget; `--resume` "
     "goes on",
+    ExitCode.STATE_VOLUME: "the state volume is full or cannot be written; what was recorded is "
+    "kept, `--resume` finishes once space is freed",
 }
 
 

@@ -17,6 +17,7 @@ import contextlib
 import os
 import secrets
 import signal
+import sqlite3
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
@@ -25,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from worker import api, defaults, exports, report, retry, spec
+from worker import api, defaults, exports, report, retry, spec, statevol
 from worker.budget import CircuitBreaker, RetryBudget
 from worker.errors import (
     ApiError,
@@ -165,6 +166,11 @@ class Runner:
             if not self.interrupted:
                 raise
             return await self._finish(ExitCode.INTERRUPTED)
+        except (OSError, sqlite3.Error) as exc:  # a write that met a full or unwritable volume
+            plain = statevol.volume_error(exc, self.settings.state_dir)
+            if plain is None:
+                raise
+            raise plain from None
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
@@ -282,10 +288,13 @@ class Runner:
             if holder is not None:  # its record is still being written: undo it later
                 raise RunHeld(held_message(self.parent_run_id, holder))
         if self.run_lock is None:
+            self._check_space(None)  # a new run: refused before its folder is made
             make_private_dir(settings.state_dir / run_id)
             self._lock_run(run_id)
         self.run_id = run_id
         journal = Journal(settings.state_dir / run_id)
+        if self.resumed:
+            self._check_space(journal)
         run_started = self.started_at
         if self.resumed:
             info = journal.run_info()
@@ -307,6 +316,18 @@ class Runner:
             log.info("run.started", run_id=run_id, kind=kind, job=self.job_name)
         self.ctx = RunContext(run_id=run_id, run_date=run_started.strftime("%Y-%m-%d"))
         self.journal = journal
+
+    def _check_space(self, journal: Journal | None) -> None:
+        """Refuse before planning (nothing sent) a run that clearly cannot fit on the state
+        volume: its size is the last run of this job's (a resumed run: its own targets)."""
+        bytes_per_target, targets = statevol.measured_bytes_per_target(
+            self.settings.state_dir, self.job_name)
+        held = 0
+        if journal is not None:
+            targets = max(targets, journal.plan_counts()[1])
+            held = statevol.folder_bytes(journal.run_dir)
+        statevol.check_space(self.settings.state_dir, targets=targets,
+                             bytes_per_target=bytes_per_target, held=held)
 
     def _lock_run(self, run_id: str) -> None:
         command = f"bulk-tagger {self.kind}" + (" --resume" if self.settings.resume else "")
