@@ -5,19 +5,40 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint bench chaos clean
+# The locks (exact versions, every file's hash; `make lock` refreshes them from pyproject.toml's
+# ranges): requirements-build.lock (pip, setuptools), requirements.lock (what the worker needs:
+# the Docker image installs it), requirements-dev.lock (that plus the tests' and linters').
+# They fit every Python from 3.11 and every platform (the image's Python is 3.12).
+UV_VERSION := 0.13.8
+LOCK := $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+	--upgrade --custom-compile-command "make lock"
+
+.PHONY: demo test lint bench chaos clean lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+# pip and setuptools first (the editable install builds with them), then the dependencies, then
+# the project itself (its dependencies are all there: --no-deps).
+$(STAMP): pyproject.toml requirements-build.lock requirements.lock | $(BIN)/python
+	$(BIN)/pip install -q --require-hashes -r requirements-build.lock
+	$(BIN)/pip install -q --require-hashes -r requirements.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-$(DEVSTAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev]'
+$(DEVSTAMP): pyproject.toml requirements-build.lock requirements-dev.lock | $(BIN)/python
+	$(BIN)/pip install -q --require-hashes -r requirements-build.lock
+	$(BIN)/pip install -q --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@ $(STAMP)
+
+lock: | $(BIN)/python
+	$(BIN)/pip install -q "uv==$(UV_VERSION)"
+	$(BIN)/python -c 'import tomllib; print("pip", *tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
+		| $(LOCK) - -o requirements-build.lock
+	$(LOCK) pyproject.toml -c requirements-build.lock -o requirements.lock
+	$(LOCK) pyproject.toml --extra dev -c requirements-build.lock -c requirements.lock \
+		-o requirements-dev.lock
 
 demo: $(STAMP)
 	$(BIN)/bulk-tagger run jobs/demo.yaml --simulate --state-dir runs/demo

@@ -8,14 +8,16 @@ schemas do not (enum values, podFailurePolicy rule order) and what our worker re
 (exit codes, grace, the key as a file, the state on a volume).
 
 The wheel test builds the project as the Dockerfile does and installs it into a fresh
-virtualenv (dependencies come from pip's cache or the configured index), then runs the simulator
-and the demo job from it; deselect it with `-k "not wheel"` when offline.
+virtualenv (its dependencies from requirements.lock with --require-hashes, out of pip's cache or
+the configured index), then runs the simulator and the demo job from it; another fetches the
+lock's wheels for the image's Python. Deselect both with `-k "not wheel"` when offline.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -572,7 +574,9 @@ def test_dockerignore_lets_in_only_what_the_build_copies() -> None:
     ]
     assert lines[0] == "*"
     allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
-    assert allowed <= {"pyproject.toml", "README.md", "worker"}
+    assert allowed <= {
+        "pyproject.toml", "README.md", "worker", "requirements.lock", "requirements-build.lock"
+    }
     copied = [
         src.rstrip("/")
         for w, a in dockerfile_instructions()
@@ -590,6 +594,101 @@ def test_dockerfile_user_matches_the_pod_security_context() -> None:
     for label in JOB_LABELS:
         psc = job_spec(label)["template"]["spec"]["securityContext"]
         assert psc["runAsUser"] == psc["fsGroup"] == uid
+
+
+# --- the locks ---------------------------------------------------------------------------------
+
+LOCKS = ("requirements-build.lock", "requirements.lock", "requirements-dev.lock")
+
+
+def read_lock(name: str) -> dict[str, list[tuple[str, str, list[str]]]]:
+    """{normalised name: [(version, marker, hashes), ...]} of a `make lock` file (a universal
+    lock may pin one project at two versions, for two ranges of Python)."""
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, list[tuple[str, str, list[str]]]] = {}
+    hashes: list[str] = []
+    for raw in (ROOT / name).read_text().splitlines():
+        line = raw.split("#", 1)[0].strip().rstrip("\\").strip()
+        if not line:
+            continue
+        if line.startswith("--hash="):
+            hashes.append(line.removeprefix("--hash="))
+            continue
+        requirement, _, marker = (part.strip() for part in line.partition(";"))
+        project, sep, version = requirement.partition("==")
+        assert sep, f"{name}: not an exact pin: {line}"
+        hashes = []
+        pins.setdefault(canonicalize_name(project), []).append((version, marker, hashes))
+    return pins
+
+
+def test_locks_pin_every_dependency_within_pyproject_ranges() -> None:
+    """Each lock pins exact versions with hashes; the pins satisfy pyproject.toml's ranges (a
+    range changed without `make lock` fails here); the dev lock and the build lock agree with
+    the runtime lock wherever they overlap; the Makefile and the Dockerfile install from them."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    locks = {name: read_lock(name) for name in LOCKS}
+    for name, pins in locks.items():
+        for project, forks in pins.items():
+            for _, _, hashes in forks:
+                assert hashes and all(h.startswith("sha256:") for h in hashes), (name, project)
+            markers = [marker for _, marker, _ in forks]
+            assert len(set(markers)) == len(markers), f"{name}: {project} pinned twice"
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    wanted = {
+        "requirements.lock": pyproject["project"]["dependencies"],
+        "requirements-dev.lock": [
+            *pyproject["project"]["dependencies"],
+            *pyproject["project"]["optional-dependencies"]["dev"],
+        ],
+        "requirements-build.lock": ["pip", *pyproject["build-system"]["requires"]],
+    }
+    for name, requirements in wanted.items():
+        for text in requirements:
+            req = Requirement(text)
+            project = canonicalize_name(req.name)
+            assert project in locks[name], f"{name} lacks {req.name}: run make lock"
+            for version, _, _ in locks[name][project]:
+                assert req.specifier.contains(version, prereleases=True), (
+                    f"{name} pins {req.name}=={version}, outside {text!r}: run make lock"
+                )
+    dev = locks["requirements-dev.lock"]
+    for other in ("requirements.lock", "requirements-build.lock"):
+        for project, forks in locks[other].items():
+            if project in dev or other == "requirements.lock":
+                assert {v for v, _, _ in forks} == {v for v, _, _ in dev[project]}, project
+    makefile = (ROOT / "Makefile").read_text()
+    assert "--require-hashes -r requirements-dev.lock" in makefile
+    assert "--require-hashes -r requirements.lock" in makefile
+    runs = " ".join(a for w, a in dockerfile_instructions() if w == "RUN")
+    assert re.search(r"pip wheel [^&]*--require-hashes [^&]*-r requirements\.lock", runs)
+    assert re.search(r"pip install [^&]*--require-hashes [^&]*-r /wheels/requirements\.lock", runs)
+
+
+@pytest.mark.timeout(300)
+def test_lock_has_wheels_for_the_images_python(tmp_path: Path) -> None:
+    """The image's Python (the Dockerfile's base) gets every dependency of requirements.lock
+    as a wheel whose hash the lock holds, as the builder stage fetches them."""
+    base = next(a.split()[0] for w, a in dockerfile_instructions() if w == "FROM")
+    major, minor = base.partition(":")[2].split(".")[:2]
+    platforms = [f"manylinux_2_{n}_x86_64" for n in range(5, 37)]  # bookworm: glibc 2.36
+    platforms += ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
+    cmd = [
+        sys.executable, "-m", "pip", "--disable-pip-version-check", "download", "-q",
+        "--only-binary=:all:", "--implementation", "cp", "--python-version", f"{major}.{minor}",
+        *(a for p in platforms for a in ("--platform", p)),
+        "--require-hashes", "-r", str(ROOT / "requirements.lock"), "-d", str(tmp_path),
+    ]  # fmt: skip
+    result = run(cmd, timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fetched = {p.name.split("-")[0].lower().replace("_", "-") for p in tmp_path.glob("*.whl")}
+    assert fetched == set(read_lock("requirements.lock")), fetched
+    assert any(f"-cp{major}{minor}-" in p.name for p in tmp_path.glob("*.whl"))
 
 
 # --- the wheel ---------------------------------------------------------------------------------
@@ -631,12 +730,21 @@ def test_wheel_installs_into_fresh_venv_and_runs(tmp_path: Path) -> None:
     assert made.returncode == 0, made.stderr
     assert "include-system-site-packages = false" in (venv / "pyvenv.cfg").read_text()
     python = venv / "bin" / "python"
-    # The outer pip installs into the new venv; its dependencies resolve from scratch there
-    # (from pip's cache when warm, else from the index).
+    # The outer pip installs into the new venv, as the Dockerfile does: the dependencies from
+    # requirements.lock, every file checked against its hashes (from pip's cache when warm,
+    # else from the index), then the wheel alone; `pip check`: the lock has all it needs.
+    locked = run(
+        [*pip, "--python", str(python), "install", "-q", "--no-compile", "--require-hashes",
+         "-r", str(ROOT / "requirements.lock")], env=env,
+    )  # fmt: skip
+    assert locked.returncode == 0, locked.stderr
     installed = run(
-        [*pip, "--python", str(python), "install", "-q", "--no-compile", str(wheel)], env=env
+        [*pip, "--python", str(python), "install", "-q", "--no-compile", "--no-deps", str(wheel)],
+        env=env,
     )
     assert installed.returncode == 0, installed.stderr
+    checked = run([*pip, "--python", str(python), "check"], env=env)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
     cli = str(venv / "bin" / "bulk-tagger")
     away = tmp_path / "cwd"  # not the source tree: imports resolve to the venv only
     away.mkdir()
