@@ -1,101 +1,165 @@
 """The command line: parse, wire the stages, map errors to exit codes. No logic lives here.
 
-Exit codes (CONTRACT.md): 0 all done; 1 some targets failed; 2 bad input (nothing sent);
-3 safety limit (nothing changed); 4 credentials refused; 75 interrupted or API unreachable.
+Each command takes typed parameters; the options a command shares with others come as one
+frozen group (``LogOptions``, ``ApiOptions``, ``ApplyOptions``, ``JobOptions``), and a command
+has only the groups that apply to it. Exit codes: ``worker.errors.ExitCode`` (README, "Exit
+codes").
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import gc
-import json
 import os
 import re
 import stat
 import sys
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
 from worker import defaults
 from worker.errors import BulkTaggerError, ExitCode, JobError
 
+if TYPE_CHECKING:
+    from worker.report import ReportFormat
+    from worker.runner import RunSettings
+    from worker.selectors import Shard
+
 F = TypeVar("F", bound=Callable[..., Any])
 
-def _common(fn: F) -> F:
-    """Options every command takes."""
-    options = [
-        click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
-                     envvar="BULK_TAGGER_STATE_DIR", default=Path("runs"), show_default=True,
-                     help="Where run folders live."),
-        click.option("--log-format", type=click.Choice(["json", "console"]), default=None,
-                     help="Log format on stderr (default: json unless stderr is a terminal)."),
-        click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-                     default="info", show_default=True),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+
+def _group(cls: type[Any], name: str, options: list[Callable[[Any], Any]]) -> Callable[[F], F]:
+    """A decorator: adds ``options`` to a command and hands the command one ``cls`` made of
+    their values, as its parameter ``name`` (the option's names are ``cls``'s fields)."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(**kw: Any) -> Any:
+            kw[name] = cls(**{field: kw.pop(field) for field in fields})
+            return fn(**kw)
+
+        command: Any = wrapper
+        for option in reversed(options):
+            command = option(command)
+        return cast(F, command)
+
+    return decorate
 
 
-def _api(fn: F) -> F:
-    """Options of commands that talk to the API."""
-    options = [
-        click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path),
-                     help="File holding the API key (else env GCORE_API_KEY)."),
-        click.option("--base-url", envvar="GCORE_BASE_URL", default=None,
-                     help="API base URL (default https://api.gcore.com)."),
-        click.option("--ca-bundle", type=click.Path(dir_okay=False, exists=True),
-                     help="Extra CA certificates (PEM) to trust."),
-        click.option("--allow-insecure-http", is_flag=True,
-                     help="Allow plain http to a host other than loopback."),
-        click.option("--concurrency", type=click.IntRange(1, defaults.MAX_CONCURRENCY),
-                     default=None,
-                     help="Requests in flight at most (overrides the job's option)."),
-        click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Requests per second at most, all kinds together."),
-        click.option("--grace-seconds", type=click.FloatRange(min=0), default=defaults.GRACE_S,
-                     show_default=True, help="On SIGTERM, how long in-flight work may finish."),
-        click.option("--pushgateway", envvar="BULK_TAGGER_PUSHGATEWAY", default=None,
-                     help="Prometheus Pushgateway URL for the run's metrics."),
-        click.option("--resume", is_flag=True,
-                     help="Continue the latest unfinished run of this job (or --run-id's)."),
-        click.option("--resume-within", default=f"{defaults.RESUME_WITHIN_HOURS}h",
-                     show_default=True,
-                     help="How old an unfinished run --resume may continue (e.g. 90m, 24h)."),
-        click.option("--run-id", default=None, help="Name the run (or the run to resume)."),
-        # knobs for tests and benchmarks: how fast retries and task-lock polls go
-        click.option("--retry-base-seconds", type=click.FloatRange(min=0, min_open=True),
-                     default=defaults.RETRY_BASE_S, hidden=True),
-        click.option("--retry-max-wait-seconds", type=click.FloatRange(min=0, min_open=True),
-                     default=defaults.RETRY_MAX_WAIT_S, hidden=True),
-        click.option("--lock-poll-seconds", type=click.FloatRange(min=0, min_open=True),
-                     default=defaults.LOCK_POLL_S, hidden=True),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+@dataclass(frozen=True, slots=True)
+class LogOptions:
+    log_format: str | None
+    log_level: str
+
+    def configure(self) -> None:
+        from worker import log
+
+        log.configure(self.log_format, level=self.log_level)
 
 
-def _job_options(fn: F) -> F:
-    options = [
-        click.option("--simulate", is_flag=True,
-                     help="Start the local API in-process with demo images; no key needed."),
-        click.option("--simulate-images", type=click.IntRange(0),
-                     default=defaults.SIMULATE_IMAGES, show_default=True,
-                     help="How many demo images --simulate serves."),
-        click.option("--shard", default=None,
-                     help="I/N: take shard I of N (else JOB_COMPLETION_INDEX and "
-                          "BULK_TAGGER_SHARDS)."),
-        click.option("--max-changes", type=click.IntRange(0), default=None,
-                     help="Stop before any PATCH if the plan changes more images."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+@dataclass(frozen=True, slots=True)
+class ApiOptions:
+    """Options of the commands that talk to the API (plan, run, undo)."""
+
+    api_key_file: Path | None
+    base_url: str | None
+    ca_bundle: str | None
+    allow_insecure_http: bool
+    concurrency: int | None
+    rate: float | None
+    pushgateway: str | None
+    run_id: str | None
+    retry_base_seconds: float
+    retry_max_wait_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyOptions:
+    """Options of the commands that change images (run, undo)."""
+
+    grace_seconds: float
+    resume: bool
+    resume_within: str
+    lock_poll_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class JobOptions:
+    """Options of the commands that read a job file and its targets (plan, run)."""
+
+    simulate: bool
+    simulate_images: int
+    shard: str | None
+    max_changes: int | None
+
+
+_STATE_DIR = click.option(
+    "--state-dir", type=click.Path(file_okay=False, path_type=Path),
+    envvar="BULK_TAGGER_STATE_DIR", default=Path("runs"), show_default=True,
+    help="Where run folders live.")
+
+_logs = _group(LogOptions, "logs", [
+    click.option("--log-format", type=click.Choice(["json", "console"]), default=None,
+                 help="Log format on stderr (default: json unless stderr is a terminal)."),
+    click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+                 default="info", show_default=True),
+])
+
+_api = _group(ApiOptions, "api_opts", [
+    click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path),
+                 help="File holding the API key (else env GCORE_API_KEY)."),
+    click.option("--base-url", envvar="GCORE_BASE_URL", default=None,
+                 help="API base URL (default https://api.gcore.com)."),
+    click.option("--ca-bundle", type=click.Path(dir_okay=False, exists=True),
+                 help="Extra CA certificates (PEM) to trust."),
+    click.option("--allow-insecure-http", is_flag=True,
+                 help="Allow plain http to a host other than loopback."),
+    click.option("--concurrency", type=click.IntRange(1, defaults.MAX_CONCURRENCY),
+                 default=None, help="Requests in flight at most (overrides the job's option)."),
+    click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
+                 help="Requests per second at most, all kinds together."),
+    click.option("--pushgateway", envvar="BULK_TAGGER_PUSHGATEWAY", default=None,
+                 help="Prometheus Pushgateway URL for the run's metrics."),
+    click.option("--run-id", default=None, help="Name the run (or the run to resume)."),
+    # knobs for tests and benchmarks: how fast retries go
+    click.option("--retry-base-seconds", type=click.FloatRange(min=0, min_open=True),
+                 default=defaults.RETRY_BASE_S, hidden=True),
+    click.option("--retry-max-wait-seconds", type=click.FloatRange(min=0, min_open=True),
+                 default=defaults.RETRY_MAX_WAIT_S, hidden=True),
+])
+
+_apply = _group(ApplyOptions, "apply", [
+    click.option("--grace-seconds", type=click.FloatRange(min=0), default=defaults.GRACE_S,
+                 show_default=True, help="On SIGTERM, how long in-flight work may finish."),
+    click.option("--resume", is_flag=True,
+                 help="Continue the latest unfinished run of this job (or --run-id's)."),
+    click.option("--resume-within", default=f"{defaults.RESUME_WITHIN_HOURS}h",
+                 show_default=True,
+                 help="How old an unfinished run --resume may continue (e.g. 90m, 24h)."),
+    # a knob for tests and benchmarks: how fast task-lock polls go
+    click.option("--lock-poll-seconds", type=click.FloatRange(min=0, min_open=True),
+                 default=defaults.LOCK_POLL_S, hidden=True),
+])
+
+_job = _group(JobOptions, "job_opts", [
+    click.option("--simulate", is_flag=True,
+                 help="Start the local API in-process with demo images; no key needed."),
+    click.option("--simulate-images", type=click.IntRange(0), default=defaults.SIMULATE_IMAGES,
+                 show_default=True, help="How many demo images --simulate serves."),
+    click.option("--shard", default=None,
+                 help="I/N: take shard I of N (else JOB_COMPLETION_INDEX and "
+                      "BULK_TAGGER_SHARDS)."),
+    click.option("--max-changes", type=click.IntRange(0), default=None,
+                 help="Stop before any PATCH if the plan changes more images."),
+])
 
 
 def _duration(text: str) -> timedelta:
@@ -130,7 +194,7 @@ def _read_key(api_key_file: Path | None, *, required: bool) -> str:
     return key
 
 
-def _shard(text: str | None) -> Any:
+def _shard(text: str | None) -> Shard | None:
     from worker.selectors import Shard
 
     if text:
@@ -141,46 +205,48 @@ def _shard(text: str | None) -> Any:
     return None
 
 
-def _settings(kw: dict[str, Any], *, simulate: bool = False) -> Any:
+def _settings(
+    state_dir: Path, api_opts: ApiOptions, apply: ApplyOptions | None, job_opts: JobOptions | None
+) -> RunSettings:
     from worker import api
     from worker.runner import RunSettings
 
-    key = _read_key(kw["api_key_file"], required=not simulate)
-    base_url = kw["base_url"] or api.DEFAULT_BASE_URL
+    simulate = job_opts is not None and job_opts.simulate
+    key = _read_key(api_opts.api_key_file, required=not simulate)
+    base_url = api_opts.base_url or api.DEFAULT_BASE_URL
     api_settings = api.Settings(
-        base_url=base_url, api_key=key, ca_bundle=kw["ca_bundle"],
-        allow_insecure_http=kw["allow_insecure_http"],
+        base_url=base_url, api_key=key, ca_bundle=api_opts.ca_bundle,
+        allow_insecure_http=api_opts.allow_insecure_http,
     )
     if not simulate:
-        api.check_base_url(base_url, allow_insecure_http=kw["allow_insecure_http"])
-    return RunSettings(
-        state_dir=kw["state_dir"], api=api_settings, simulate=simulate,
-        simulate_images=kw.get("simulate_images", defaults.SIMULATE_IMAGES),
-        concurrency=kw["concurrency"],
-        rate=kw["rate"], run_id=kw["run_id"], resume=kw["resume"],
-        resume_within=_duration(kw["resume_within"]), shard=_shard(kw.get("shard")),
-        max_changes=kw.get("max_changes"), grace_s=kw["grace_seconds"],
-        pushgateway=kw["pushgateway"], retry_base_s=kw["retry_base_seconds"],
-        retry_max_wait_s=kw["retry_max_wait_seconds"], lock_poll_s=kw["lock_poll_seconds"],
+        api.check_base_url(base_url, allow_insecure_http=api_opts.allow_insecure_http)
+    settings = RunSettings(
+        state_dir=state_dir, api=api_settings, simulate=simulate,
+        concurrency=api_opts.concurrency, rate=api_opts.rate, run_id=api_opts.run_id,
+        pushgateway=api_opts.pushgateway, retry_base_s=api_opts.retry_base_seconds,
+        retry_max_wait_s=api_opts.retry_max_wait_seconds,
     )
+    if apply is not None:
+        settings.resume = apply.resume
+        settings.resume_within = _duration(apply.resume_within)
+        settings.grace_s = apply.grace_seconds
+        settings.lock_poll_s = apply.lock_poll_seconds
+    if job_opts is not None:
+        settings.simulate_images = job_opts.simulate_images
+        settings.shard = _shard(job_opts.shard)
+        settings.max_changes = job_opts.max_changes
+    return settings
 
 
-def _setup_logs(kw: dict[str, Any]) -> None:
-    from worker import log
-
-    log.configure(kw["log_format"], level=kw["log_level"])
-
-
-def _execute(kind: str, job_path: str | None, kw: dict[str, Any]) -> None:
+def _execute(kind: str, job_path: str | None, settings: Callable[[], RunSettings],
+             parent_run_id: str | None = None) -> None:
     from worker import spec
     from worker.runner import Runner
 
-    _setup_logs(kw)
     job = spec.load_job(job_path) if job_path else None
     if job is not None:
         spec.check_selector_files(job)
-    settings = _settings(kw, simulate=kw.get("simulate", False))
-    runner = Runner(settings, kind=kind, job=job, parent_run_id=kw.get("parent_run_id"))
+    runner = Runner(settings(), kind=kind, job=job, parent_run_id=parent_run_id)
     # what start-up made (modules, the job's models) lives as long as the process: full
     # collections need not scan it again (a 20,000-image run's GC time halved)
     gc.freeze()
@@ -210,12 +276,12 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("job", type=click.Path(dir_okay=False))
-@_common
-def validate(job: str, **kw: Any) -> None:
+@_logs
+def validate(job: str, *, logs: LogOptions) -> None:
     """Parse and check JOB and its selector files; nothing is sent."""
     from worker import spec
 
-    _setup_logs(kw)
+    logs.configure()
     loaded = spec.load_job(job)
     rows = spec.check_selector_files(loaded)
     click.echo(f"{job}: valid ({len(loaded.targets)} selectors, {sum(rows.values())} file rows)")
@@ -223,40 +289,53 @@ def validate(job: str, **kw: Any) -> None:
 
 @cli.command()
 @click.argument("job", type=click.Path(dir_okay=False))
-@_common
+@_STATE_DIR
+@_logs
 @_api
-@_job_options
-def plan(job: str, **kw: Any) -> None:
+@_job
+def plan(
+    job: str, *, state_dir: Path, logs: LogOptions, api_opts: ApiOptions, job_opts: JobOptions
+) -> None:
     """Read-only: expand JOB's targets, read their state, show the diff and counts."""
-    kw["resume"] = False
-    _execute("plan", job, kw)
+    logs.configure()
+    _execute("plan", job, lambda: _settings(state_dir, api_opts, None, job_opts))
 
 
 @cli.command()
 @click.argument("job", type=click.Path(dir_okay=False))
-@_common
+@_STATE_DIR
+@_logs
 @_api
-@_job_options
-def run(job: str, **kw: Any) -> None:
+@_apply
+@_job
+def run(
+    job: str, *, state_dir: Path, logs: LogOptions, api_opts: ApiOptions, apply: ApplyOptions,
+    job_opts: JobOptions,
+) -> None:
     """Plan JOB, then apply it; writes the run's report."""
-    _execute("run", job, kw)
+    logs.configure()
+    _execute("run", job, lambda: _settings(state_dir, api_opts, apply, job_opts))
 
 
 @cli.command()
 @click.argument("undone", metavar="RUN_ID")  # not "run_id": --run-id names the undo itself
-@_common
+@_STATE_DIR
+@_logs
 @_api
-def undo(undone: str, **kw: Any) -> None:
+@_apply
+def undo(
+    undone: str, *, state_dir: Path, logs: LogOptions, api_opts: ApiOptions, apply: ApplyOptions
+) -> None:
     """Revert exactly what RUN_ID changed, where nobody changed it since."""
     from worker.journal import read_run_info
 
-    info = read_run_info(kw["state_dir"] / undone)
+    logs.configure()
+    info = read_run_info(state_dir / undone)
     if not info or info.get("kind") != "run":
-        raise JobError(f"no run {undone!r} in {kw['state_dir']}", field="RUN_ID",
+        raise JobError(f"no run {undone!r} in {state_dir}", field="RUN_ID",
                        hint="`ls` the state dir; undo takes the id of a `run`")
-    kw["parent_run_id"] = undone
-    kw["shard"] = None
-    _execute("undo", None, kw)
+    _execute("undo", None, lambda: _settings(state_dir, api_opts, apply, None),
+             parent_run_id=undone)
 
 
 @cli.command()
@@ -264,37 +343,16 @@ def undo(undone: str, **kw: Any) -> None:
 @click.option("--format", "fmt", type=click.Choice(["summary", "jsonl", "csv", "json"]),
               default="summary", show_default=True)
 @click.option("--export", is_flag=True, help="Write results.jsonl/csv and summary.json anew.")
-@_common
-def report(run_id: str, fmt: str, export: bool, **kw: Any) -> None:
+@_STATE_DIR
+@_logs
+def report(
+    run_id: str, *, fmt: ReportFormat, export: bool, state_dir: Path, logs: LogOptions
+) -> None:
     """Print or re-export RUN_ID's report (from its journal)."""
-    from worker import exports
-    from worker import report as rep
-    from worker.journal import Journal, read_run_info
-    from worker.models import RESULT_FIELDS
+    from worker.report import print_report
 
-    _setup_logs(kw)
-    run_dir = kw["state_dir"] / run_id
-    if not read_run_info(run_dir):
-        raise JobError(f"no run {run_id!r} in {kw['state_dir']}", field="RUN_ID")
-    journal = Journal(run_dir)
-    try:
-        info = journal.run_info()
-        summary = info.get("summary") or {"run_id": run_id, "job": info.get("job_name"),
-                                          "counts": journal.counts(), "exit_code": None}
-        if export:
-            exports.write_exports(run_dir, journal.iter_results(run_id, raw=True), summary)
-        if fmt == "summary":
-            click.echo(rep.format_summary(summary))
-        elif fmt == "json":
-            click.echo(json.dumps(summary, indent=2))
-        else:
-            if fmt == "csv":
-                sys.stdout.write(",".join(RESULT_FIELDS) + "\r\n")
-            which = 0 if fmt == "jsonl" else 1
-            for row in journal.iter_results(run_id, raw=True):
-                sys.stdout.write(exports.export_lines(row)[which])
-    finally:
-        journal.close()
+    logs.configure()
+    print_report(state_dir, run_id, fmt, export=export, out=sys.stdout)
 
 
 @cli.command()
@@ -314,27 +372,29 @@ def report(run_id: str, fmt: str, export: bool, **kw: Any) -> None:
 @click.option("--p-drop-after", type=float, default=0.0)
 @click.option("--retry-after", type=click.Choice(["seconds", "date", "ms"]), default="seconds")
 @click.option("--log-format", type=click.Choice(["json", "console"]), default=None)
-def simulate(**kw: Any) -> None:
+def simulate(
+    *,
+    host: str, port: int, images: int, seed: int, api_key: str | None, page_max: int,
+    rate_limit: float | None, latency_ms: float, latency_jitter_ms: float, p_429: float,
+    p_5xx: float, p_drop_before: float, p_drop_after: float, retry_after: str,
+    log_format: str | None,
+) -> None:
     """Serve the local Gcore images API (any API key is accepted unless --api-key is given)."""
     from worker import log
     from worker.simulator import Faults, SimConfig, serve
 
-    log.configure(kw.pop("log_format"), level="info")
-    log.redact(kw["api_key"])
+    log.configure(log_format, level="info")
+    log.redact(api_key)
     try:
         faults = Faults(
-            seed=kw["seed"], rate_limit=kw["rate_limit"], latency_ms=kw["latency_ms"],
-            latency_jitter_ms=kw["latency_jitter_ms"], p_429=kw["p_429"], p_5xx=kw["p_5xx"],
-            p_drop_before=kw["p_drop_before"], p_drop_after=kw["p_drop_after"],
-            retry_after=kw["retry_after"],
+            seed=seed, rate_limit=rate_limit, latency_ms=latency_ms,
+            latency_jitter_ms=latency_jitter_ms, p_429=p_429, p_5xx=p_5xx,
+            p_drop_before=p_drop_before, p_drop_after=p_drop_after, retry_after=retry_after,
         )
     except ValueError as exc:
         raise JobError(str(exc), field="simulate options") from None
-    serve(
-        SimConfig(images=kw["images"], seed=kw["seed"], api_key=kw["api_key"],
-                  page_max=kw["page_max"], faults=faults),
-        host=kw["host"], port=kw["port"],
-    )
+    serve(SimConfig(images=images, seed=seed, api_key=api_key, page_max=page_max, faults=faults),
+          host=host, port=port)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,10 +16,13 @@ import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal, TextIO
 
-from worker.errors import ExitCode
-from worker.models import STATUSES
+from worker import exports
+from worker.errors import ExitCode, JobError
+from worker.journal import Journal, read_run_info
+from worker.models import RESULT_FIELDS, STATUSES
 
 #: The request counters of summary.json (CONTRACT.md); the first four are request kinds.
 REQUEST_KINDS: tuple[str, ...] = ("list", "get", "patch", "task")
@@ -344,3 +347,41 @@ def format_plan(
     if more > 0:
         lines.append(f"... and {more:,} more changes")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- a run's report again
+
+ReportFormat = Literal["summary", "jsonl", "csv", "json"]
+REPORT_FORMATS: tuple[ReportFormat, ...] = ("summary", "jsonl", "csv", "json")
+
+
+def print_report(
+    state_dir: Path, run_id: str, fmt: ReportFormat, *, export: bool, out: TextIO
+) -> None:
+    """``bulk-tagger report``: RUN_ID's summary or results, read from its journal alone.
+
+    ``export`` writes results.jsonl/csv and summary.json anew first. A run without a summary
+    (killed, or still going) gets one made of its journal's counts, exit code null.
+    """
+    run_dir = state_dir / run_id
+    if not read_run_info(run_dir):
+        raise JobError(f"no run {run_id!r} in {state_dir}", field="RUN_ID")
+    journal = Journal(run_dir)
+    try:
+        info = journal.run_info()
+        summary = info.get("summary") or {"run_id": run_id, "job": info.get("job_name"),
+                                          "counts": journal.counts(), "exit_code": None}
+        if export:
+            exports.write_exports(run_dir, journal.iter_results(run_id, raw=True), summary)
+        if fmt == "summary":
+            out.write(format_summary(summary) + "\n")
+        elif fmt == "json":
+            out.write(json.dumps(summary, indent=2) + "\n")
+        else:
+            if fmt == "csv":
+                out.write(",".join(RESULT_FIELDS) + "\r\n")
+            which = 0 if fmt == "jsonl" else 1
+            for row in journal.iter_results(run_id, raw=True):
+                out.write(exports.export_lines(row)[which])
+    finally:
+        journal.close()
