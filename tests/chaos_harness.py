@@ -25,7 +25,8 @@ returns a ``ChaosResult`` whose ``problems`` list is empty when every invariant 
   ``before`` is the image as it was (after any lock that ended applied its tags), and its
   ``patch`` is what ``plan.plan_changes`` says for that state; every other image is untouched;
 - no read-only tag changed, no ``"tags": null`` was sent, no malformed request (400/415/422);
-- the exit code is as CONTRACT.md says: 4 after a 401, 1 when a target failed, 0 otherwise.
+- the exit code is as README's "Exit codes" says: 4 after a 401, 1 when a target failed, 0
+  otherwise.
 """
 
 from __future__ import annotations

@@ -54,6 +54,25 @@ def events(stream: io.StringIO, name: str) -> list[dict[str, Any]]:
     return [e for e in lines if e["event"] == name]
 
 
+class NoLimiter:
+    """A rate limiter that never waits (``api.Limiter``), for tests that measure the client or
+    the simulator rather than the limiter."""
+
+    rate = float("inf")
+
+    async def acquire(self) -> None:
+        return None
+
+    def success(self) -> None:
+        return None
+
+    def throttled(self, sent_at: float | None = None) -> None:
+        return None
+
+    def cancel_waiting(self) -> None:
+        return None
+
+
 def need(name: str) -> str:
     """The path of a Prometheus binary; skips (fails under CI) when it is not installed."""
     path = shutil.which(name)

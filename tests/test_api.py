@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from tests.helpers import NoLimiter
 from worker import spec
 from worker.api import Client, Settings, check_base_url, classify, retry_after_seconds
 from worker.errors import (
@@ -24,7 +25,7 @@ from worker.errors import (
     Rejected,
     Transient,
 )
-from worker.limiter import CEILING_SHARE, AdaptiveLimiter, NoLimiter, RateController
+from worker.limiter import CEILING_SHARE, AdaptiveLimiter, RateController
 from worker.retry import RetryPolicy
 from worker.selectors import Expander
 from worker.simulator import Faults, SimConfig, Simulator

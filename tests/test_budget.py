@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.chaos_harness import run_cli
+from tests.helpers import NoLimiter
 from worker import api, retry
 from worker.budget import CircuitBreaker, RetryBudget, Trip
 from worker.errors import Transient
-from worker.limiter import NoLimiter
 from worker.retry import RetryPolicy
 from worker.simulator import Faults, SimConfig, Simulator, SimulatorThread
 

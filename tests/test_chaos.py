@@ -21,9 +21,9 @@ import pytest
 from aiohttp import web
 
 from tests.chaos_harness import ChaosResult, Scenario, format_report, run_scenario
+from tests.helpers import NoLimiter
 from worker import api
 from worker.journal import Pending
-from worker.limiter import NoLimiter
 from worker.models import Changes, Image, Outcome, RunContext
 from worker.pool import Pool, PoolSettings
 from worker.retry import RetryPolicy

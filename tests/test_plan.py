@@ -16,7 +16,6 @@ from worker.plan import (
     inverse_patch,
     plan_changes,
     shows,
-    touched,
 )
 from worker.templates import render
 
@@ -428,13 +427,6 @@ def test_inverse_patch_tells_booleans_from_integers() -> None:
     assert inverse_patch(before, {"is_baremetal": 0}) == {"is_baremetal": False}
     assert inverse_patch(before, {"is_baremetal": False}) == {}
 
-
-def test_touched() -> None:
-    state = {"tags": {"a": "1", "b": "2"}, "name": "n", "ssh_key": "allow"}
-    patch = {"tags": {"a": None, "c": "3"}, "name": "m", "os_type": "linux"}
-    assert touched(patch, state) == {"tags": {"a": "1"}, "name": "n"}
-    assert touched(patch) == {"tags": {"c": "3"}, "name": "m", "os_type": "linux"}
-    assert touched(patch, apply_patch(state, patch)) == touched(patch)
 
 
 # --- cost ----------------------------------------------------------------------------------

@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import write_job
+from tests.helpers import NoLimiter, write_job
 from worker import api, retry, spec
-from worker.limiter import NoLimiter
 from worker.models import Target
 from worker.selectors import READ_AHEAD, Expander, Shard
 from worker.simulator import Faults, SimConfig

@@ -512,9 +512,10 @@ class Journal:
     def iter_results(
         self, run_id: str, chunk: int = 2000, *, raw: bool = False
     ) -> Iterator[Any]:
-        """One result per target, in plan order (CONTRACT.md's results line), as a dict.
+        """One result per target, in plan order, as a dict (a results.jsonl line: README, "Read
+        a run's report from the volume").
 
-        ``raw``: a tuple in ``report.RESULT_FIELDS`` order instead, with ``before``/``after``/
+        ``raw``: a tuple in ``models.RESULT_FIELDS`` order instead, with ``before``/``after``/
         ``patch`` as the JSON text the journal holds (the exports embed it as it is instead
         of decoding and encoding it again)."""
         load = (lambda text: text) if raw else _load

@@ -320,21 +320,3 @@ class AdaptiveLimiter:
             self._retune()
             log.debug("limiter.rate_cut", rate=round(controller.rate, 1),
                       throttled=controller.throttled, cuts=controller.decreases)
-
-
-class NoLimiter:
-    """For tools that must not be limited (the simulator's own tests)."""
-
-    rate = float("inf")
-
-    async def acquire(self) -> None:
-        return None
-
-    def success(self) -> None:
-        return None
-
-    def throttled(self, sent_at: float | None = None) -> None:
-        return None
-
-    def cancel_waiting(self) -> None:
-        return None

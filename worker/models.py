@@ -227,7 +227,8 @@ class RunContext:
     run_date: str
 
 
-#: Keys of a results.jsonl line, in order; also the columns of results.csv (CONTRACT.md).
+#: Keys of a results.jsonl line, in order; also the columns of results.csv (README, "Read a
+#: run's report from the volume").
 RESULT_FIELDS: tuple[str, ...] = (
     "run_id", "project_id", "region_id", "image_id", "name", "status", "reason", "before",
     "after", "patch", "attempts", "http_status", "lock_wait_s", "duration_ms", "error",

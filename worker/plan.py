@@ -71,7 +71,6 @@ __all__ = [
     "inverse_patch",
     "plan_changes",
     "shows",
-    "touched",
 ]
 
 READ_ONLY = "read_only"
@@ -359,28 +358,4 @@ def inverse_patch(before: dict[str, Any], patch: dict[str, Any]) -> dict[str, An
         old = before.get(key)
         if old is not None and not _same(old, value):
             out[key] = old
-    return out
-
-
-def touched(patch: dict[str, Any], state: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The part of a state that ``patch`` names, for the ``before``/``after`` of a record.
-
-    With ``state``: the tags and fields of ``state`` that ``patch`` names (those it has; a
-    ``tags`` key appears, maybe empty, whenever the patch names tags). Without: the part any
-    state shows once ``patch`` is applied (the tags and fields it sets, removed tags left out).
-    """
-    out: dict[str, Any] = {}
-    if state is None:
-        for key, value in patch.items():
-            if key == "tags" and isinstance(value, Mapping):
-                out["tags"] = {k: v for k, v in value.items() if v is not None}
-            elif value is not None:
-                out[key] = value
-        return out
-    for key, value in patch.items():
-        if key == "tags" and isinstance(value, Mapping):
-            tags = state.get("tags") or {}
-            out["tags"] = {k: tags[k] for k in value if k in tags}
-        elif state.get(key) is not None:
-            out[key] = state[key]
     return out

@@ -24,7 +24,8 @@ from worker.errors import ExitCode, JobError
 from worker.journal import Journal, read_run_info
 from worker.models import RESULT_FIELDS, STATUSES
 
-#: The request counters of summary.json (CONTRACT.md); the first four are request kinds.
+#: The request counters of summary.json (README, "Read a run's report from the volume"); the
+#: first four are request kinds.
 REQUEST_KINDS: tuple[str, ...] = ("list", "get", "patch", "task")
 REQUEST_FIELDS: tuple[str, ...] = ("total", *REQUEST_KINDS, "retries", "rate_limited", "lock_waits")
 _NOT_KINDS = frozenset({"total", "retries", "rate_limited", "lock_waits"})
@@ -153,7 +154,8 @@ def build_summary(
     extra: Mapping[str, Any] | None = None,
     earlier: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """summary.json's content (CONTRACT.md), ``extra``'s keys added last (they win).
+    """summary.json's content (README, "Read a run's report from the volume"), ``extra``'s
+    keys added last (they win).
 
     ``earlier``: the summary the run's earlier process left (this one resumed it). Its
     requests are added to these, its ``duration_s`` to this process's (``duration_s`` is the

@@ -6,7 +6,7 @@
 
 The first attempt is made directly; only a failed one builds a tenacity ``AsyncRetrying``
 (per call: a shared one mixes state across tasks), because tenacity on the happy path costs
-two thirds of the client stack's overhead (PITFALLS.md). Waits are exponential with full
+two thirds of the client stack's overhead (README, "Retries"). Waits are exponential with full
 jitter, ``base_s`` doubling up to ``max_wait_s``; a 429's Retry-After is a floor under the
 wait. ``stop_before_delay`` bounds the whole by ``budget_s`` without overrunning it.
 

@@ -1,5 +1,5 @@
-"""A run from end to end: the stages of DESIGN.md wired together for ``run``, ``plan`` and
-``undo`` (the CLI only parses and calls these).
+"""A run from end to end: the stages (README, "How it is built") wired together for ``run``,
+``plan`` and ``undo`` (the CLI only parses and calls these).
 
 ``run`` is plan, then apply: the whole plan is streamed into the journal first (so a bad row
 deep in a file, or a plan over the safety limit, stops the run before any PATCH), then the
@@ -121,7 +121,7 @@ class Runner:
         self.samples: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
         self.ctx = RunContext(run_id="", run_date=self.started_at.strftime("%Y-%m-%d"))
         self._body: asyncio.Task[int] | None = None
-        # run-level limits over every call of the run (docs: reliability)
+        # run-level limits over every call of the run (README, "Run-level budgets")
         #: the job's options; an undo (no job) runs with the defaults
         self.options = job.options if job else spec.Options()
         self.run_budget = RetryBudget(ratio=self.options.retry_budget_percent / 100)

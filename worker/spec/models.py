@@ -164,8 +164,10 @@ class Query(BaseModel):
         return pairs
 
     def matcher(self) -> Callable[[Image], bool] | None:
-        """``matches`` as a plain function, or None when the query has no client-side filter
-        (the selectors call it once per listed image: no model attribute lookups there)."""
+        """The client-side filters as a plain function, or None when the query has none:
+        ``name_glob`` (whole name, case-sensitive), ``name_regex`` (``re.search``), ``has_tags``
+        (``"*"`` = any value), ``missing_tags``. The selectors call it once per listed image: no
+        model attribute lookups there."""
         glob, regex = self._glob, self._regex
         has_tags = dict(self.has_tags)
         missing = tuple(self.missing_tags)
@@ -184,12 +186,6 @@ class Query(BaseModel):
             return not any(key in tags for key in missing)
 
         return match
-
-    def matches(self, image: Image) -> bool:
-        """The client-side filters: ``name_glob`` (whole name, case-sensitive), ``name_regex``
-        (``re.search``), ``has_tags`` (``"*"`` = any value), ``missing_tags``."""
-        match = self.matcher()
-        return match is None or match(image)
 
 
 class QuerySelector(BaseModel):
@@ -479,7 +475,3 @@ class Job(BaseModel):
     @property
     def file_selectors(self) -> list[FileSelector]:
         return [t for t in self.targets if isinstance(t, FileSelector)]
-
-    @property
-    def query_selectors(self) -> list[QuerySelector]:
-        return [t for t in self.targets if isinstance(t, QuerySelector)]
