@@ -528,6 +528,17 @@ async def test_lock_that_never_ends_and_one_that_errors(
     task = (await call(http, "GET", f"{sim.url}/cloud/v1/tasks/{failing}")).json
     assert task["state"] == "ERROR" and task["error"]
     assert (await call(http, "PATCH", image_url(sim, images[1]), json={})).status == 200
+    # a test ends a lock when it chooses: the task FINISHED, the image free, once only
+    sim.end_task(forever)
+    task = (await call(http, "GET", f"{sim.url}/cloud/v1/tasks/{forever}")).json
+    assert task["state"] == "FINISHED" and task["finished_on"]
+    assert (await call(http, "GET", image_url(sim, images[0]))).json["task_id"] is None
+    assert (await call(http, "PATCH", image_url(sim, images[0]), json={})).status == 200
+    sim.end_task(failing)  # ended already: stays ERROR
+    task = (await call(http, "GET", f"{sim.url}/cloud/v1/tasks/{failing}")).json
+    assert task["state"] == "ERROR"
+    with pytest.raises(KeyError):
+        sim.end_task("no-such-task")
 
 
 # -- faults -----------------------------------------------------------------------------------
