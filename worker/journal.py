@@ -33,7 +33,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -70,6 +70,21 @@ CREATE TABLE IF NOT EXISTS outcomes (
     finished_at REAL NOT NULL, before TEXT
 );
 """
+
+#: each process that works the run: its request counters and running time, committed with the
+#: batched commits (and every COUNTERS_S between them), so a summary adds up killed ones too
+PROCESS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS processes (
+    id INTEGER PRIMARY KEY, pid INTEGER, started_at TEXT NOT NULL,
+    running_s REAL NOT NULL DEFAULT 0, requests TEXT NOT NULL DEFAULT '{}'
+);
+"""
+#: how often this process's counters are committed between batches (seconds)
+COUNTERS_S = 0.05
+
+#: what a process reports of itself: (requests by kind, seconds it has run)
+Counters = Callable[[], tuple[dict[str, int], float]]
+
 
 def _dumps(value: Any) -> str:
     # orjson: compact UTF-8 JSON, several times cheaper than json on this hot path
@@ -218,6 +233,8 @@ class Journal:
         self._stopping = False
         self._failed: BaseException | None = None
         self._closed = False
+        self._process: tuple[int, Counters] | None = None
+        self._counted: tuple[Any, ...] | None = None  # the counters last committed
 
     # -- the run row ------------------------------------------------------------------------
     def create_run(
@@ -332,16 +349,21 @@ class Journal:
         if len(self._outcomes) >= self.batch:
             self._wake.set()
 
-    def _write(self, targets: list[tuple[Any, ...]], outcomes: list[tuple[Any, ...]]) -> None:
+    def _write(self, targets: list[tuple[Any, ...]], outcomes: list[tuple[Any, ...]],
+               counted: tuple[Any, ...] | None = None) -> None:
         with self._db:
-            self._write_locked(targets, outcomes)
+            self._write_locked(targets, outcomes, counted)
 
     def _write_locked(
-        self, targets: list[tuple[Any, ...]], outcomes: list[tuple[Any, ...]]
+        self, targets: list[tuple[Any, ...]], outcomes: list[tuple[Any, ...]],
+        counted: tuple[Any, ...] | None = None,
     ) -> None:
         conn = self._conn
         conn.execute("BEGIN")
         try:
+            if counted is not None:
+                conn.execute("UPDATE processes SET requests = ?, running_s = ? WHERE id = ?",
+                             counted)
             if targets:
                 # a target staged twice (resume of an unfinished plan) keeps its first row;
                 # plan-time outcomes find their target's seq by its key
@@ -385,15 +407,23 @@ class Journal:
 
         Cancelling it does not cancel the commit under way: its rows are still written.
         """
+        await self._flush(rows=True)
+
+    async def _flush(self, *, rows: bool) -> None:
         self._check()
         async with self._lock:
-            targets, self._targets = self._targets, []
-            outcomes, self._outcomes = self._outcomes, []
-            self._wake.clear()
-            if targets or outcomes:
+            targets: list[tuple[Any, ...]] = []
+            outcomes: list[tuple[Any, ...]] = []
+            if rows:
+                targets, self._targets = self._targets, []
+                outcomes, self._outcomes = self._outcomes, []
+                self._wake.clear()
+            counted = self._counters()
+            if targets or outcomes or counted:
                 # shielded: a cancelled flush must not cancel a commit whose thread has not
                 # started yet (its rows would be lost); the thread lock orders the commits
-                write = asyncio.ensure_future(asyncio.to_thread(self._write, targets, outcomes))
+                write = asyncio.ensure_future(
+                    asyncio.to_thread(self._write, targets, outcomes, counted))
                 write.add_done_callback(self._written)
                 try:
                     await asyncio.shield(write)
@@ -408,9 +438,10 @@ class Journal:
         self._check()
         targets, self._targets = self._targets, []
         outcomes, self._outcomes = self._outcomes, []
-        if targets or outcomes:
+        counted = self._counters(force=True)  # the last word on this process's time too
+        if targets or outcomes or counted:
             try:
-                self._write(targets, outcomes)
+                self._write(targets, outcomes, counted)
             except sqlite3.Error as exc:
                 self._failed = exc
                 raise self._failure(exc) from None
@@ -426,14 +457,63 @@ class Journal:
             f"the journal cannot be written: {exc}")
 
     async def _writer_loop(self) -> None:
+        clock = time.monotonic
+        last = clock()
         while not self._stopping:
+            step = min(self.flush_s, COUNTERS_S) if self._process else self.flush_s
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.flush_s)
-            self._wake.clear()
+                await asyncio.wait_for(self._wake.wait(), step)
             try:
-                await self.flush()
+                if self._wake.is_set() or clock() - last >= self.flush_s:
+                    self._wake.clear()
+                    last = clock()
+                    await self.flush()
+                else:  # between batches: only this process's counters, when they moved
+                    await self._flush(rows=False)
             except BulkTaggerError:
                 return  # add_outcome and flush raise it from now on
+
+    # -- the processes that worked the run ----------------------------------------------------
+    def track_process(self, counters: Counters, started_at: datetime) -> None:
+        """Record this process; from now on every commit carries what ``counters`` says."""
+        since = started_at.astimezone(UTC).isoformat(timespec="milliseconds")
+        with self._db:
+            self._conn.executescript(PROCESS_SCHEMA)
+            cur = self._conn.execute("INSERT INTO processes (pid, started_at) VALUES (?, ?)",
+                                     (os.getpid(), since.replace("+00:00", "Z")))
+        assert cur.lastrowid is not None
+        self._process = (cur.lastrowid, counters)
+
+    def _counters(self, *, force: bool = False) -> tuple[Any, ...] | None:
+        """This process's counters as a row update, or None when unchanged since the last."""
+        if self._process is None:
+            return None
+        requests, running_s = self._process[1]()
+        counted = (_dumps(requests), round(running_s, 3), self._process[0])
+        if not force and self._counted is not None and counted[0] == self._counted[0]:
+            return None  # no request since: the time alone is not worth a commit
+        self._counted = counted
+        return counted
+
+    def earlier_processes(self) -> dict[str, Any] | None:
+        """The processes that worked this run before this one, added up (``requests``,
+        ``duration_s``, ``processes``, the run's ``started_at``), or None if none recorded."""
+        mine = self._process[0] if self._process else -1
+        try:
+            rows = self._execute(
+                "SELECT requests, running_s, started_at FROM processes WHERE id != ?"
+                " ORDER BY id", (mine,))
+        except sqlite3.OperationalError:  # a journal from before the table
+            return None
+        if not rows:
+            return None
+        requests: dict[str, int] = {}
+        for text, _, _ in rows:
+            for name, value in (_load(text) or {}).items():
+                if isinstance(value, int):
+                    requests[name] = requests.get(name, 0) + value
+        return {"requests": requests, "duration_s": sum(r[1] for r in rows),
+                "processes": len(rows), "started_at": rows[0][2]}
 
     def start_writer(self) -> None:
         if self._writer is None:

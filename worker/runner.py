@@ -204,6 +204,7 @@ class Runner:
             self.client = client
             self._open_journal()
             assert self.journal is not None
+            self.journal.track_process(self._counters, self.started_at)
             self.journal.start_writer()
             try:
                 code = await self._phases(client)
@@ -512,9 +513,20 @@ class Runner:
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
             progress.close()
-            self.retries += pool.stats.retries
 
     # -- the end --------------------------------------------------------------------------
+    def _counters(self) -> tuple[dict[str, int], float]:
+        """This process's requests by kind and the seconds it has run (journalled with every
+        commit: a killed process's requests still count in the run's summary)."""
+        requests: dict[str, int] = {}
+        pool = self.pool
+        if self.client is not None:
+            requests.update(self.client.counts.by_kind)
+            requests["rate_limited"] = self.client.counts.rate_limited
+        requests["retries"] = self.retries + (pool.stats.retries if pool else 0)
+        requests["lock_waits"] = pool.stats.lock_waits if pool else 0
+        return requests, (datetime.now(UTC) - self.started_at).total_seconds()
+
     async def _finish(self, code: int) -> int:
         journal = self.journal
         if journal is None:
@@ -527,12 +539,9 @@ class Runner:
         if code == ExitCode.OK and counts.get("failed"):
             code = ExitCode.FAILED
         finished = datetime.now(UTC)
-        requests: dict[str, int] = {}
-        if self.client is not None:
-            requests.update(self.client.counts.by_kind)
-            requests["rate_limited"] = self.client.counts.rate_limited
-        requests["retries"] = self.retries
-        requests["lock_waits"] = self.pool.stats.lock_waits if self.pool else 0
+        requests, _ = self._counters()
+        # every process that worked the run before this one, killed ones too (journalled)
+        earlier = journal.earlier_processes() or self.earlier
         extra: dict[str, Any] = {"kind": self.kind}
         if self.settings.shard:
             extra["shard"] = str(self.settings.shard)
@@ -545,7 +554,7 @@ class Runner:
         summary = report.build_summary(
             run_id=self.run_id, job=self.job_name, started_at=self.started_at,
             finished_at=finished, exit_code=code, counts=counts, requests=requests,
-            latency=self.latency, extra=extra, earlier=self.earlier,
+            latency=self.latency, extra=extra, earlier=earlier,
         )
         run_dir = journal.run_dir
         await asyncio.to_thread(
