@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from worker import api, defaults, exports, report, retry, spec, statevol
+from worker import api, defaults, exports, fanout, report, retry, spec, statevol
 from worker.budget import CircuitBreaker, RetryBudget
 from worker.errors import (
     ApiError,
@@ -401,20 +401,17 @@ class Runner:
         """Each updated target of the parent run, planned back where nobody changed it since."""
         parent = Journal(self.settings.state_dir / (self.parent_run_id or ""))
         policy = self._retry_policy()
-        sem = asyncio.Semaphore(self.concurrency)
-        batch: list[tuple[int, int, str, str, dict[str, Any], dict[str, Any]]] = []
 
         async def one(row: tuple[int, int, str, str, dict[str, Any], dict[str, Any]]) -> None:
             p, r, image_id, name, before, patch = row
-            async with sem:
-                try:
-                    image, _ = await retry.call(
-                        lambda: client.get_image(p, r, image_id), policy, on_retry=self._on_retry
-                    )
-                except ApiError as exc:
-                    if isinstance(exc, AuthFailed) or exc.retryable:
-                        raise
-                    image = None
+            try:
+                image, _ = await retry.call(
+                    lambda: client.get_image(p, r, image_id), policy, on_retry=self._on_retry
+                )
+            except ApiError as exc:
+                if isinstance(exc, AuthFailed) or exc.retryable:
+                    raise
+                image = None
             inverse = inverse_patch(before, patch)
             target = Target(p, r, image_id, Changes.from_patch(inverse), image, "undo")
             if image is not None and not shows(image.state(), patch):
@@ -425,13 +422,8 @@ class Runner:
             self._record_plan(target, expect=patch)
 
         try:
-            for row in parent.iter_updated():
-                batch.append(row)
-                if len(batch) >= self.concurrency * 4:
-                    await asyncio.gather(*(one(item) for item in batch))
-                    batch.clear()
-            if batch:
-                await asyncio.gather(*(one(item) for item in batch))
+            async for _ in fanout.batches(one, parent.iter_updated(), concurrency=self.concurrency):
+                pass
         finally:
             parent.close()
 

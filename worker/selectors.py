@@ -24,12 +24,12 @@ import math
 import sqlite3
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from worker import defaults, retry, spec
+from worker import defaults, fanout, retry, spec
 from worker.api import Client
 from worker.errors import JobError, NotFound
 from worker.journal import changes_from_json, changes_to_json
@@ -434,25 +434,22 @@ class Expander:
         self, stage: _Stage, project_id: int, region_id: int
     ) -> AsyncIterator[Target]:
         """One GET a waiting row (a missing image comes out with ``image=None``)."""
-        sem = asyncio.Semaphore(self.concurrency)
-        while True:
-            rows = stage.take(project_id, region_id, self.concurrency * 4)
-            if not rows:
-                return
-            found = await asyncio.gather(
-                *(self._get_row(sem, stage, project_id, region_id, row) for row in rows)
-            )
+
+        def waiting() -> Iterator[tuple[str, str, str]]:
+            # one batch's rows at a time, taken when the batch before them is done
+            while rows := stage.take(project_id, region_id, self.concurrency * fanout.READ_AHEAD):
+                yield from rows
+
+        def get(row: tuple[str, str, str]) -> Awaitable[Target | None]:
+            return self._get_row(stage, project_id, region_id, row)
+
+        async for found in fanout.batches(get, waiting(), concurrency=self.concurrency):
             for target in found:
                 if target is not None:
                     yield target
 
     async def _get_row(
-        self,
-        sem: asyncio.Semaphore,
-        stage: _Stage,
-        project_id: int,
-        region_id: int,
-        row: tuple[str, str, str],
+        self, stage: _Stage, project_id: int, region_id: int, row: tuple[str, str, str]
     ) -> Target | None:
         image_id, changes_json, source = row
         seen, _ = stage.claim(project_id, region_id, [image_id])
@@ -461,9 +458,8 @@ class Expander:
         changes: Changes = self.job_changes.merged(changes_from_json(changes_json))
         client = self.client
         image: Image | None
-        async with sem:
-            try:
-                image = await self._read(lambda: client.get_image(project_id, region_id, image_id))
-            except NotFound:
-                image = None
+        try:
+            image = await self._read(lambda: client.get_image(project_id, region_id, image_id))
+        except NotFound:
+            image = None
         return Target(project_id, region_id, image_id, changes, image, source)
