@@ -5,13 +5,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 
-# The locks (exact versions, every file's hash; `make lock` refreshes them from pyproject.toml's
-# ranges): requirements-build.lock (pip, setuptools), requirements.lock (what the worker needs:
-# the Docker image installs it), requirements-dev.lock (that plus the tests' and linters').
-# They fit every Python from 3.11 and every platform (the image's Python is 3.12).
+# The locks (exact versions, every file's hash): requirements-build.lock (pip, setuptools),
+# requirements.lock (what the worker needs: the Docker image installs it), requirements-dev.lock
+# (that plus the tests' and linters'). They fit every Python from 3.11 and every platform (the
+# image's Python is 3.12). `make lock` brings them in line with pyproject.toml's ranges, keeping
+# the pins that still fit; `make lock UPGRADE=1` takes the newest versions the ranges allow.
 UV_VERSION := 0.13.8
 LOCK := $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
-	--upgrade --custom-compile-command "make lock"
+	$(if $(UPGRADE),--upgrade) --custom-compile-command "make lock"
 
 .PHONY: demo test lint bench chaos clean lock
 

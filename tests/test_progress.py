@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import events
+from tests.helpers import events, write_job
 from worker.progress import Progress
 
 
@@ -92,3 +100,66 @@ def test_progress_rejects_a_bad_interval() -> None:
         Progress(stream=io.StringIO(), interval_s=0)
 
 
+
+
+# --------------------------------------------------------------------------- in a terminal
+
+
+def tmux(sock: Path, *args: str) -> str:
+    out = subprocess.run(
+        ["tmux", "-S", str(sock), *args], capture_output=True, text=True, timeout=30, check=True
+    )
+    return out.stdout
+
+
+def test_the_bar_redraws_in_place_in_a_50_column_terminal(tmp_path: Path) -> None:
+    """A real run in a real terminal 50 columns wide (tmux): while it runs the screen shows one
+    bar line that fits; when it is done, one final bar line above the summary, no scrolled
+    copies of it (the hand-drawn bar, 70 columns and more, wrapped and scrolled a line a draw)."""
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed (Debian: apt-get install tmux)")
+    job = write_job(tmp_path, {
+        "name": "bar-check",
+        "targets": [{"query": {"projects": "all", "regions": "all", "visibility": "private"}}],
+        "changes": {"set_tags": {"checked": "yes"}},
+        "options": {"rate_per_second": 20},  # 54 images: about 3 s of bar
+    })  # fmt: skip
+    sock = tmp_path / "tmux.sock"
+    command = (
+        f"{shlex.quote(sys.executable)} -m worker run {shlex.quote(str(job))} --simulate "
+        f"--state-dir {shlex.quote(str(tmp_path / 'runs'))} --log-level warning; "
+        "echo EXIT=$?; sleep 60"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GCORE_", "TMUX"))}
+    env["GCORE_API_KEY"] = "test-key-1234"
+    subprocess.run(
+        ["tmux", "-S", str(sock), "-f", "/dev/null", "new-session", "-d", "-x", "50", "-y", "40",
+         command], env=env, check=True, timeout=30,
+    )  # fmt: skip
+    try:
+        during: list[str] = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            screen = tmux(sock, "capture-pane", "-p", "-S", "-")
+            if "EXIT=" in screen:
+                break
+            bars = [line for line in screen.splitlines() if line.startswith("targets")]
+            count = re.search(r"\| (\d+)/(\d+) ", bars[-1]) if bars else None
+            if count and int(count[1]) < int(count[2]):
+                during.append(screen)
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"the run did not end:\n{screen}")
+    finally:
+        subprocess.run(["tmux", "-S", str(sock), "kill-server"], timeout=30, check=False)
+    assert "EXIT=0" in screen, screen
+    assert during, f"no bar seen while the run went on:\n{screen}"
+    for seen in (*during, screen):
+        bars = [line for line in seen.splitlines() if line.startswith("targets")]
+        assert len(bars) == 1, seen  # drawn in place: no scrolled copies, no wrapped halves
+        assert bars[0].rstrip().endswith("]") and len(bars[0].rstrip()) <= 50, seen
+    (final,) = [line for line in screen.splitlines() if line.startswith("targets")]
+    count = re.search(r"\| (\d+)/(\d+) ", final)
+    assert "100%|" in final and count and count[1] == count[2] != "0", screen
+    lines = screen.splitlines()
+    assert lines.index(final) < next(i for i, ln in enumerate(lines) if ln.startswith("Run "))

@@ -1,4 +1,9 @@
-"""Live progress of a run: a bar on a terminal, else a periodic ``run.progress`` log line."""
+"""Live progress of a run: a bar on a terminal, else a periodic ``run.progress`` log line.
+
+The bar is tqdm's, imported only when there is a terminal to draw on (a run without one, and
+``--help``, never pay for it). It is redrawn in place on one line that fits the terminal's
+width, read again at each redraw (a resized window is followed).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,9 @@ import asyncio
 import collections
 import math
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 from worker.log import get_logger
-from worker.report import _duration_text
 
 _log = get_logger("bulk_tagger.report")
 
@@ -19,9 +23,9 @@ class Progress:
 
     ``advance`` is called once per finished target and only bumps counters; ``run`` (a task
     the caller starts and cancels) does the rendering: the bar a few times a second, or one
-    structured line (done, total, rate, failed, eta_s) every ``interval_s``. The rate is
-    measured over the last minute or so (targets per second). ``close`` renders the final
-    state once and stops the bar.
+    structured line (done, total, rate, failed, eta_s) every ``interval_s``. The log line's
+    rate is measured over the last minute or so (targets per second); the bar's is tqdm's
+    smoothed rate. ``close`` renders the final state once and ends the bar's line.
     """
 
     _TTY_REFRESH_S = 0.25
@@ -41,6 +45,7 @@ class Progress:
         self._samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=window)
         self._samples.append((self._started, 0))
         self._stream = stream
+        self._bar: Any = None  # tqdm's, made at the first redraw
 
     @property
     def done(self) -> int:
@@ -71,35 +76,46 @@ class Progress:
             eta = max(self._total - self._done, 0) / rate
         return rate, eta
 
-    _BAR_WIDTH = 30
+    def _draw(self) -> None:
+        """Bring the bar up to the counters, which redraws it (trimmed to the width)."""
+        postfix = f"{self._failed:,} failed" if self._failed else None
+        bar = self._bar
+        if bar is None:
+            from tqdm import tqdm
 
-    def _bar_line(self, rate: float, eta: float | None) -> str:
-        total = self._total
-        if total:
-            filled = min(self._BAR_WIDTH, self._BAR_WIDTH * self._done // total)
-            bar = "#" * filled + "-" * (self._BAR_WIDTH - filled)
-            count = f"{self._done:,}/{total:,}"
-        else:
-            bar, count = "?" * 3, f"{self._done:,}/?"
-        failed = f"  {self._failed:,} failed" if self._failed else ""
-        eta_text = "?" if eta is None else _duration_text(eta)
-        return f"targets [{bar}] {count}  {rate:,.1f}/s  ETA {eta_text}{failed}"
+            self._bar = tqdm(
+                total=self._total,
+                initial=self._done,
+                postfix=postfix,
+                file=self._stream,
+                desc="targets",
+                unit="",
+                ascii=True,
+                dynamic_ncols=True,  # the terminal's width, read at each redraw
+                mininterval=0,  # the ticker sets the pace: each update redraws
+                miniters=0,
+                smoothing=0.1,
+            )
+            return
+        if bar.total != self._total:
+            bar.total = self._total
+        if postfix:
+            bar.set_postfix_str(postfix, refresh=False)
+        bar.update(self._done - bar.n)
 
     def _render(self) -> None:
-        rate, eta = self._measure()
         if self._tty:
-            # one line, redrawn in place ("\r", erase to the end of the line)
-            self._stream.write("\r" + self._bar_line(rate, eta) + "\x1b[K")
-            self._stream.flush()
-        else:
-            _log.info(
-                "run.progress",
-                done=self._done,
-                total=self._total,
-                rate=round(rate, 2),
-                failed=self._failed,
-                eta_s=None if eta is None else round(eta, 1),
-            )
+            self._draw()
+            return
+        rate, eta = self._measure()
+        _log.info(
+            "run.progress",
+            done=self._done,
+            total=self._total,
+            rate=round(rate, 2),
+            failed=self._failed,
+            eta_s=None if eta is None else round(eta, 1),
+        )
 
     async def run(self) -> None:
         """Render until cancelled (the bar a few times a second, a log line every interval)."""
@@ -114,6 +130,5 @@ class Progress:
             return
         self._closed = True
         self._render()
-        if self._tty:
-            self._stream.write("\n")
-            self._stream.flush()
+        if self._bar is not None:
+            self._bar.close()
