@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,9 @@ class NoLimiter:
         return None
 
     def throttled(self, sent_at: float | None = None) -> None:
+        return None
+
+    def stated(self, headers: Mapping[str, str]) -> None:
         return None
 
     def cancel_waiting(self) -> None:

@@ -1,5 +1,6 @@
-"""The adaptive rate: the controller's arithmetic over a fake clock (no sleeping), the
-aiolimiter it tunes, and one short real-time check that a rate is never exceeded."""
+"""The adaptive rate: the controller's arithmetic over a fake clock (no sleeping; against a
+modelled server: a step down, a step up, a storm, stated limits), the bucket it drives, and
+one short real-time check that a rate is never exceeded."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Any
 
 import pytest
 
-from worker.limiter import CEILING_BURST_SHARE, CEILING_SHARE, AdaptiveLimiter, RateController
+from worker.limiter import CEILING_SHARE, AdaptiveLimiter, RateController
+from worker.pacer import Pacer
+from worker.rate_headers import Stated
 
 
 class Clock:
@@ -137,8 +140,9 @@ def test_a_second_look_soon_after_the_first_cut_measures_the_limit() -> None:
     assert not c.on_throttled(sent_at=clock.now)
     clock.advance(0.25)
     before = c.rate
-    assert c.on_throttled(sent_at=clock.now)
-    assert c.rate == pytest.approx(before * c.decrease)
+    assert c.on_throttled(sent_at=clock.now)  # 10 accepted in the 0.3 s since: 95% of that
+    assert c.rate == pytest.approx(0.95 * 10 / 0.3, rel=0.01)
+    assert c.rate < before
 
 
 def settled(rate: float, clock: Clock, **kw: Any) -> RateController:
@@ -152,44 +156,25 @@ def settled(rate: float, clock: Clock, **kw: Any) -> RateController:
     return c
 
 
-def test_a_429_cuts_by_decrease() -> None:
-    clock = Clock()
-    c = settled(400.0, clock)
-    rate = c.rate
-    assert rate == pytest.approx(0.95 * 400, rel=0.03) and not c.slow_start
-    assert c.on_throttled(sent_at=clock.now)
-    assert c.rate == pytest.approx(rate * c.decrease)
-
-
-def test_one_cut_per_epoch() -> None:
+def test_one_cut_per_epoch_and_none_for_requests_sent_before_it() -> None:
     clock = Clock()
     c = settled(400.0, clock, epoch_s=0.25)
+    answer(c, clock, 200, 0.5)
     cut_at = clock.now
-    assert c.on_throttled(sent_at=cut_at - 0.01)
+    assert c.on_throttled(sent_at=cut_at - 0.01)  # a new episode: a cut
     after_one = c.rate
-    # more 429s in the same epoch, or to requests sent before the cut: no further cut
-    for _ in range(20):
-        clock.advance(0.01)
+    assert after_one < 400 * 0.95
+    answer(c, clock, 20, 0.06)  # the API still accepts about as much: no storm
+    assert c.on_throttled(sent_at=clock.now)  # the second look, 60 ms on
+    after_two = c.rate
+    for _ in range(10):  # the same epoch: no further cut
+        answer(c, clock, 3, 0.01)
         assert not c.on_throttled(sent_at=clock.now)
-    clock.advance(0.5)
-    assert not c.on_throttled(sent_at=cut_at - 0.001)
-    assert c.rate == after_one
-    # a 429 to a request sent after the cut, an epoch later: cut again
-    assert c.on_throttled(sent_at=cut_at + 0.3)
-    assert c.rate == pytest.approx(after_one * c.decrease)
-    assert c.decreases == 3 and c.throttled == 24
-
-
-def test_without_a_send_time_the_epoch_is_time_alone() -> None:
-    clock = Clock()
-    c = settled(400.0, clock, epoch_s=0.25)
-    rate = c.rate
-    assert c.on_throttled()
+    assert not c.on_throttled(sent_at=cut_at - 0.001)  # sent before a cut: nothing new
+    assert c.rate == after_two
     clock.advance(0.2)
-    assert not c.on_throttled()
-    clock.advance(0.06)
-    assert c.on_throttled()
-    assert c.rate == pytest.approx(rate * c.decrease**2)
+    assert c.on_throttled(sent_at=clock.now)  # an epoch on: again
+    assert c.decreases == 4 and c.throttled == 15
 
 
 def test_a_stray_429_is_not_a_limit() -> None:
@@ -215,49 +200,166 @@ def test_the_floor_holds() -> None:
     assert c.rate == 2.0
 
 
-# -- additive increase ------------------------------------------------------------------------
-def test_additive_increase_climbs_back_linearly_then_stops_at_the_ceiling() -> None:
-    clock = Clock()
-    c = settled(500.0, clock, increase_per_s=0.08, step_s=0.05)
-    top = c.rate
-    assert c.on_throttled()
-    assert c.rate == pytest.approx(top * c.decrease)
-    gains = []
-    while c.rate < top:
-        before = c.rate
-        assert saturated_step(c, clock, 0.05)
-        gains.append(c.rate - before)
-    # the same gain each step (additive): 8% a second of the rate the cut interrupted
-    assert all(g == pytest.approx(0.08 * top * 0.05) for g in gains[:-1])
-    # back in (1 - decrease) / increase_per_s seconds
-    assert len(gains) * 0.05 == pytest.approx((1 - c.decrease) / 0.08, abs=0.06)
-    for _ in range(200):
-        saturated_step(c, clock, 0.05)
-    assert c.rate == 500.0 * CEILING_SHARE  # up to the ceiling, never above
+# -- the controller against a modelled server, on the fake clock -------------------------------
+class Server:
+    """A token bucket whose rate follows ``schedule`` ((from second, limit); 0 refuses all),
+    burst one second of it, answering at once. ``drive`` sends at the controller's rate."""
+
+    def __init__(self, schedule: list[tuple[float, float]]) -> None:
+        self.schedule = schedule
+        self.tokens = schedule[0][1]
+        self.limit = schedule[0][1]
+        self.ok: list[int] = []  # accepted, per 100 ms
+        self.refused: list[int] = []
+
+    def limit_at(self, t: float) -> float:
+        return [v for at, v in self.schedule if t >= at][-1]
+
+    def drive(self, c: RateController, clock: Clock, seconds: float, dt: float = 0.002) -> None:
+        start, due = clock.now, 0.0
+        while clock.now - start < seconds:
+            t = clock.now - start
+            limit = self.limit_at(t)
+            if limit != self.limit:
+                self.tokens = min(self.tokens, limit)
+                self.limit = limit
+            self.tokens = min(max(limit, 1.0), self.tokens + limit * dt)
+            bin_ = int(t * 10)
+            while len(self.ok) <= bin_:
+                self.ok.append(0)
+                self.refused.append(0)
+            due += c.rate * dt
+            while due >= 1.0:
+                due -= 1.0
+                if limit > 0 and self.tokens >= 1.0:
+                    self.tokens -= 1.0
+                    self.ok[bin_] += 1
+                    c.on_success()
+                else:
+                    self.refused[bin_] += 1
+                    c.on_throttled(sent_at=clock.now)
+            c.on_wait()  # demand always exceeds the rate
+            c.tick()
+            clock.advance(dt)
+
+    def accepted(self, t0: float, t1: float) -> float:
+        """Accepted per second from ``t0`` to ``t1`` (whole 100 ms bins)."""
+        bins = self.ok[round(t0 * 10):round(t1 * 10)]
+        return sum(bins) / (len(bins) / 10)
+
+    def back_after(self, at: float, share: float = 0.9) -> float:
+        """Seconds from ``at`` until a 300 ms stretch is accepted at ``share`` of the limit."""
+        limit = self.limit_at(at)
+        for k in range(round(at * 10), len(self.ok) - 2):
+            if sum(self.ok[k:k + 3]) / 0.3 >= share * limit:
+                return k / 10 + 0.3 - at
+        return float("inf")
 
 
-def test_the_slope_of_an_episode_comes_from_where_it_began() -> None:
+def test_step_down_lands_near_what_the_api_now_accepts() -> None:
     clock = Clock()
-    c = settled(1000.0, clock, epoch_s=0.25, increase_per_s=0.1)
-    top = c.rate
-    for _ in range(4):  # one episode: four cuts 0.3 s apart
-        clock.advance(0.3)
-        assert c.on_throttled()
-    low = c.rate
-    assert low == pytest.approx(top * c.decrease**4)
-    assert saturated_step(c, clock, 0.05)
-    assert c.rate - low == pytest.approx(0.1 * top * 0.05)
+    c = RateController(clock=clock)
+    server = Server([(0.0, 150.0), (5.0, 30.0)])
+    server.drive(c, clock, 9.0)
+    assert server.accepted(3.0, 5.0) >= 0.95 * 150
+    # within half a second of the drop the rate is near 30/s, not far below it
+    assert 0.8 * 30 <= server.accepted(5.5, 9.0) <= 31
+    assert sum(server.refused[50:55]) <= 35  # the drop's 429s: its first half second
+    assert sum(server.refused[55:90]) <= 15  # then a probe's few now and then
+
+
+def test_step_up_climbs_back_to_what_worked_before() -> None:
+    clock = Clock()
+    c = RateController(clock=clock)
+    server = Server([(0.0, 150.0), (5.0, 30.0), (9.0, 150.0)])
+    server.drive(c, clock, 14.0)
+    assert server.back_after(9.0) <= 2.0  # back to 90% of the limit within 2 s
+    assert server.accepted(11.0, 14.0) >= 0.95 * 150
+    assert sum(server.refused[90:140]) <= 25
+
+
+def test_a_storm_refusing_everything_costs_little_and_the_climb_is_quick() -> None:
+    clock = Clock()
+    c = RateController(clock=clock)
+    server = Server([(0.0, 150.0), (5.0, 0.0), (5.5, 150.0)])
+    server.drive(c, clock, 9.0)
+    assert min(c.rate, 1e9) >= c.floor
+    assert sum(server.refused[50:56]) <= 30  # the storm's 429s
+    assert server.back_after(5.5) <= 1.5
+    assert server.accepted(7.0, 9.0) >= 0.95 * 150
+
+
+def test_without_memory_the_probe_above_a_steady_limit_is_slow() -> None:
+    clock = Clock()
+    c = RateController(clock=clock)
+    server = Server([(0.0, 150.0)])
+    server.drive(c, clock, 20.0)
+    assert server.accepted(3.0, 20.0) >= 0.97 * 150
+    assert sum(server.refused[30:200]) <= 25  # a 429 or two a second at most, steady
 
 
 def test_an_idle_spell_earns_no_climb() -> None:
     clock = Clock()
-    c = settled(100.0, clock, step_s=0.05, increase_per_s=0.1)
+    c = settled(100.0, clock, step_s=0.05)
+    answer(c, clock, 90, 0.5)
     assert c.on_throttled()
     low = c.rate
     clock.advance(600.0)  # ten idle minutes, then one saturated step
     assert saturated_step(c, clock, 0.05)
-    assert 0 < c.rate - low <= 0.1 * 100.0 * 4 * 0.05
+    assert 0 < c.rate - low <= 0.2 * c._w
 
+
+# -- a limit the API states --------------------------------------------------------------------
+def test_a_stated_limit_is_run_at_98_percent_from_the_first_answer() -> None:
+    clock = Clock()
+    c = RateController(clock=clock)
+    assert c.slow_start
+    assert c.on_stated(Stated(150.0, 1.0, 140.0, 1.0))
+    assert not c.slow_start and c.rate == pytest.approx(0.98 * 150)
+    assert not c.on_stated(Stated(150.0, 1.0, 3.0, 1.0))  # short windows: Remaining ignored
+    assert c.on_stated(Stated(100.0, 1.0))  # a lower limit: followed at once
+    assert c.rate == pytest.approx(98.0)
+    for _ in range(100):  # and never climbed past
+        saturated_step(c, clock, 0.05)
+    assert c.rate == pytest.approx(98.0)
+
+
+def test_x_ratelimit_without_a_window_takes_the_longest_reset() -> None:
+    clock = Clock()
+    c = RateController(clock=clock)
+    c.on_stated(Stated(200.0, None, 199.0, 1.0))
+    assert c.rate == pytest.approx(0.98 * 200)
+    c.on_stated(Stated(1200.0, None, 1190.0, 60.0))  # a minute's window shows itself
+    assert c.rate == pytest.approx(0.98 * 20, rel=0.01)
+
+
+def test_a_windowed_quota_is_paced_across_its_window() -> None:
+    clock = Clock()
+    c = RateController(clock=clock)
+    c.on_stated(Stated(1200.0, 300.0, 1199.0, 300.0))
+    assert c.rate == pytest.approx(0.98 * 4.0, rel=0.01)  # 1,200 / 5 minutes, evenly
+    c.on_stated(Stated(1200.0, 300.0, 300.0, 200.0))  # another client took most of it
+    assert c.rate == pytest.approx(0.98 * 1.5, rel=0.01)
+    c.on_stated(Stated(1200.0, 300.0, 1199.0, 300.0))  # a new window
+    assert c.rate == pytest.approx(0.98 * 4.0, rel=0.01)
+
+
+def test_a_known_ceiling_caps_a_stated_limit() -> None:
+    clock = Clock()
+    c = RateController(50.0, clock=clock)
+    c.on_stated(Stated(150.0, 1.0))
+    assert c.rate == pytest.approx(0.98 * 50)
+
+
+def test_a_stated_limit_against_a_modelled_server_sees_no_429() -> None:
+    clock = Clock()
+    c = RateController(clock=clock)
+    c.on_stated(Stated(150.0, 1.0))
+    server = Server([(0.0, 150.0)])
+    server.tokens = 0.0  # not even the server's burst to hide behind
+    server.drive(c, clock, 5.0)
+    assert sum(server.refused) == 0
+    assert server.accepted(0.0, 5.0) >= 0.97 * 150
 
 def test_a_known_ceiling_is_never_exceeded() -> None:
     clock = Clock()
@@ -278,54 +380,20 @@ def test_a_known_ceiling_is_never_exceeded() -> None:
 def test_validation() -> None:
     with pytest.raises(ValueError, match="ceiling"):
         RateController(0)
-    with pytest.raises(ValueError, match="decrease"):
-        RateController(decrease=1.0)
+    with pytest.raises(ValueError, match="probe_s"):
+        RateController(probe_s=0)
     with pytest.raises(ValueError, match="> 0"):
         RateController(start=0)
     with pytest.raises(ValueError, match="burst_s"):
         AdaptiveLimiter(RateController(), burst_s=0)
 
 
-# -- the aiolimiter it tunes ------------------------------------------------------------------
-def consistent(limiter: AdaptiveLimiter) -> None:
-    lim = limiter._limiter
-    capacity, period = limiter.shape
-    bucket = limiter.rate * limiter.burst_s
-    ceiling = limiter.controller.ceiling
-    if ceiling is not None:  # under a known ceiling the bucket holds at most 1% of it
-        bucket = min(bucket, ceiling * CEILING_BURST_SHARE)
-    assert capacity == max(1.0, bucket)
-    assert capacity / period == pytest.approx(limiter.rate)
-    assert lim._rate_per_sec == pytest.approx(limiter.rate)
-    assert 0 <= lim._level <= capacity
-
-
-async def test_retune_keeps_the_aiolimiter_consistent() -> None:
-    clock = Clock()
-    controller = RateController(1000.0, noise_count=1, noise_share=0.0, clock=clock)
-    limiter = AdaptiveLimiter(controller, burst_s=0.015)
-    consistent(limiter)
-    for _ in range(10):  # fill the bucket
-        await limiter.acquire()
-    for _ in range(6):  # cut after cut: the bucket shrinks under its level
-        answer(controller, clock, 300, 0.3)
-        limiter.throttled(sent_at=clock.now)
-        consistent(limiter)
-    assert controller.decreases == 6 and controller.rate > 300
-    low = controller.rate
-    for _ in range(100):  # and back up
-        clock.advance(0.05)
-        limiter.success()
-        await limiter.acquire()
-        consistent(limiter)
-    assert controller.rate > low
-
-
+# -- the bucket it drives ----------------------------------------------------------------------
 async def test_a_waiter_sees_a_cut_at_once() -> None:
     clock = Clock()
     controller = RateController(1000.0, noise_count=1, noise_share=0.0, clock=clock)
     limiter = AdaptiveLimiter(controller)
-    while limiter._limiter.has_capacity():
+    for _ in range(30):  # use up the bucket
         await limiter.acquire()
     waiter = asyncio.create_task(limiter.acquire())
     await asyncio.sleep(0)
@@ -333,12 +401,14 @@ async def test_a_waiter_sees_a_cut_at_once() -> None:
         clock.advance(0.3)
         limiter.throttled()
     assert controller.rate == controller.floor
+    assert limiter.shape == (1.0, pytest.approx(controller.floor))
     # at 1 request/s the waiter now needs about a second: it must not pass in 0.1 s
     done, _ = await asyncio.wait({waiter}, timeout=0.1)
     assert not done
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
+    assert not limiter._pacer._waiters  # a cancelled waiter leaves the queue
 
 
 async def test_no_burst_at_start() -> None:
@@ -356,6 +426,19 @@ async def test_no_burst_at_start() -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_waiters_are_served_in_order() -> None:
+    pacer = Pacer(200.0)
+    order: list[int] = []
+
+    async def take(i: int) -> None:
+        await pacer.acquire()
+        order.append(i)
+
+    tasks = [asyncio.create_task(take(i)) for i in range(20)]
+    await asyncio.gather(*tasks)
+    assert order == list(range(20))
 
 
 @pytest.mark.timing

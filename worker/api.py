@@ -13,7 +13,8 @@ Bodies are parsed only as far as needed: an error body may be an HTML page from 
 The API key lives only in the session's Authorization header; no error message contains it.
 
 The limiter hears of every answer: a 429 (with the time its request was sent) lowers the
-rate, any other answer counts as accepted. After the first ``AuthFailed`` the client sends
+rate, any other answer counts as accepted, and rate-limit headers (``worker.rate_headers``)
+state the limit. After the first ``AuthFailed`` the client sends
 nothing more: every later call raises ``AuthFailed`` at once (the run stops, exit 4).
 ``last_ok`` says when a request last got a 2xx (the pool's test for "the API is down").
 """
@@ -36,7 +37,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from worker import __version__, defaults
+from worker import __version__, defaults, rate_headers
 from worker.errors import (
     ApiError,
     AuthFailed,
@@ -70,6 +71,7 @@ class Limiter(Protocol):
     async def acquire(self) -> None: ...
     def success(self) -> None: ...
     def throttled(self, sent_at: float | None = None) -> None: ...
+    def stated(self, headers: Mapping[str, str]) -> None: ...
     def cancel_waiting(self) -> None: ...
 
 
@@ -274,6 +276,8 @@ class Client:
                 raw = await resp.read()
                 status = resp.status
                 answered = time.monotonic()
+                if rate_headers.present(resp.headers):
+                    self.limiter.stated(resp.headers)
                 if self.observe_latency is not None:
                     self.observe_latency((answered - sent) * 1000)
                 if 200 <= status < 300:

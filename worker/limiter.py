@@ -1,55 +1,66 @@
-"""The pool's rate limit: an even-rate aiolimiter whose rate adapts to the API.
+"""The pool's rate limit: requests evenly spaced at a rate that follows the API.
 
-Two parts, so the arithmetic is tested without sleeping:
+Three parts, so the arithmetic is tested without sleeping:
 
-- ``RateController``: pure arithmetic over an injectable clock (AIMD, as TCP does it).
+- ``RateController``: pure arithmetic over an injectable clock. Where the rate should be,
+  from what the API answered (429s, everything else, and any limit its headers state).
 
-  * With a known ceiling (``--rate``) it starts at the ceiling's share (see below) and never
-    goes above it. With none it starts at ``start`` and doubles every ``step_s`` while demand
-    exceeds it (slow start), but never past twice the rate the answers come back at, so a
-    slow API is not flooded before its first 429 can arrive.
-  * The run's first 429 (it ends slow start) cuts the rate to 95% of what the API has just
-    been accepting (the busiest recent 100 ms of answers; half the rate if none). A server's
-    own burst can hide its limit until then, so 50 ms later one second look cuts again, to
-    95% of what it accepted since the first cut, if 429s still come.
-  * After that a 429 lowers the rate at most once per congestion epoch: the 429 must answer
-    a request sent after the last cut (one sent before says nothing new), and ``epoch_s``
-    must have passed. The cut multiplies the rate by ``decrease``. The rate then climbs back
-    additively while demand exceeds it: by ``increase_per_s`` of the rate that the episode
-    interrupted (or of the limit the first cuts measured), each second, so it is back there
-    in ``(1 - decrease) / increase_per_s`` seconds whatever the scale.
-  * A 429 counts as a signal only when the last second holds at least ``noise_count`` 429s
-    and they are more than ``noise_share`` of its answers: a stray 429 among hundreds of
-    accepted requests (a proxy hiccup) does not slow a run; the target's own retry still
-    honours its Retry-After. (Retry-After is not applied to the whole limiter: a token
-    bucket's 1-second Retry-After would idle every worker for nothing.)
+  * A known ceiling (``--rate``) is run at 98% of itself and never exceeded. A limit the
+    API states (``RateLimit-Policy``/``RateLimit``, ``X-RateLimit-*``: ``worker.rate_headers``)
+    is one too, from its first answer: no probing, no 429. A windowed quota (say 1,200 per
+    5 minutes) is paced evenly across its window: never faster than 98% of the quota per
+    second, nor than what is left of the window's quota over the time left to its reset.
+  * Without either it finds the limit: it starts at ``start`` and doubles every ``step_s``
+    while demand exceeds it (slow start), but never past twice the rate the answers come
+    back at. The run's first 429 cuts to 95% of what the API has just been accepting (the
+    busiest recent 100 ms); a server's burst can hide its limit, so one second look 50 ms
+    later cuts again, to 95% of what it accepted since, if 429s still come.
+  * Later, a congestion episode (429s once the rate is back where the last cut aimed, or
+    after a calm second) cuts to 95% of what the API accepted in the last half second, then
+    (a second look, as above) to 95% of what it accepted since the cut if 429s still come,
+    then once per ``epoch_s`` while they last. A cut takes off at least a tenth; in a storm
+    (the API accepting almost nothing since the last cut) it halves, every 50 ms down to a
+    tenth of what the API accepted before, then once an epoch: a storm says nothing of the
+    limit and does not drop the rate to its floor. A 429 to a request sent before the last
+    cut says nothing new.
+  * Recovery (CUBIC's shape, with memory): after a cut the rate climbs back, concave, in
+    ``climb_s`` to 98% of what the API accepted at the cut; if it had accepted more than
+    that before the episode (within ``memory_s``), it climbs on to that rate along an
+    S-curve over ``probe_s`` (slow near both ends, where the API may be limiting, fast in
+    between); then it probes above, convex and slowly (+1% after a second, +8% after two).
+    Where the rate is above what the API last accepted, the first 429 is the answer to that
+    probe and cuts at once; elsewhere a 429 counts only when the last second holds at least
+    ``noise_count`` and they are more than ``noise_share`` of its answers (a stray 429 among
+    hundreds of accepted requests does not slow a run). The climb advances only while
+    demand exceeds the rate (an idle spell earns nothing).
+  * Retry-After is not applied here: it delays only its own request's retry (``worker.retry``).
 
-- ``AdaptiveLimiter``: one ``aiolimiter.AsyncLimiter`` with a small bucket (``burst_s`` of the
-  rate, at least one request; no start-up burst), re-tuned in place when the controller moves.
-  Every HTTP attempt, retries and task polls included, takes one slot.
+- ``worker.pacer.Pacer``: the bucket, whose rate changes in place.
 
-Why a known ceiling is run at 98% of itself, with a bucket of at most 1% of it: a leaky bucket
+- ``AdaptiveLimiter``: a ``Pacer`` driven by a ``RateController``; every HTTP attempt,
+  retries and task polls included, takes one slot.
+
+Why a known ceiling is run at 98% of itself, with a bucket of at most 1% of it: a bucket
 admits its capacity on top of its rate in any window (98% + 1%), and jitter on the way bunches
-arrivals; the last 1% keeps every one-second window the server sees at or below the ceiling
-(at 98.5% with a 15 ms bucket the bench once saw 201 in a second against a ceiling of 200).
+arrivals; the last 1% keeps every one-second window the server sees at or below the ceiling.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
 
-from aiolimiter import AsyncLimiter
-
+from worker import rate_headers
 from worker.log import get_logger
+from worker.pacer import Pacer
+from worker.rate_headers import Stated
 
 Clock = Callable[[], float]
 
 log = get_logger("bulk_tagger.limiter")
 
-#: A known ceiling is run at this share of itself (see the module docstring).
+#: A known or stated ceiling is run at this share of itself (see the module docstring).
 CEILING_SHARE = 0.98
 #: The bucket under a known ceiling holds at most this share of it (see above).
 CEILING_BURST_SHARE = 0.01
@@ -57,8 +68,16 @@ _BINS = 10  # the last second, in 100 ms bins
 _BIN_S = 1.0 / _BINS
 _SLOW_START_WINDOW_S = 0.2
 _EPISODE_GAP_S = 1.0  # cuts closer than this belong to one congestion episode
-_PROBE_GAP_S = 0.05  # the second look after a run's first cut comes this soon
-_PROBE_SHARE = 0.95  # ... and cuts to this share of what the API accepted meanwhile
+_LOOK_GAP_S = 0.05  # the second look after an episode's first cut comes this soon
+_LAND = 0.95  # a cut lands at this share of what the API accepted
+_CUT_MOST = 0.5  # a cut in a storm keeps this share of the rate
+_CUT_LEAST = 0.9  # any cut keeps at most this share
+_PLATEAU = 0.98  # the climb after a cut aims at this share of what the API accepted
+_ABOVE = 1.02  # a rate this far above what the API last accepted is a probe
+_STORM_SHARE = 0.1  # accepting less than this share of the rate since a cut is a storm
+_FAR = 1.1  # what the API accepted before counts as a goal of its own this far above
+_GROW = 0.01  # the probe above the top: +_GROW * t**3 of it, t in seconds
+_STATED_WINDOW_S = 2.0  # a stated window this long or longer is paced by what is left of it
 
 
 class RateController:
@@ -73,31 +92,32 @@ class RateController:
         floor: float = 1.0,
         maximum: float = 20_000.0,
         step_s: float = 0.05,
-        decrease: float = 0.85,
-        increase_per_s: float = 0.08,
         epoch_s: float = 0.25,
+        climb_s: float = 0.3,
+        probe_s: float = 1.0,
+        memory_s: float = 10.0,
         noise_share: float = 0.02,
         noise_count: int = 3,
         clock: Clock = time.monotonic,
     ) -> None:
         if ceiling is not None and ceiling <= 0:
             raise ValueError(f"ceiling must be > 0 requests/s, got {ceiling!r}")
-        if not 0 < decrease < 1:
-            raise ValueError(f"decrease must be between 0 and 1, got {decrease!r}")
         if start <= 0 or floor <= 0 or maximum <= 0:
             raise ValueError("start, floor and maximum must be > 0 requests/s")
-        if step_s <= 0 or epoch_s <= 0 or increase_per_s <= 0:
-            raise ValueError("step_s, epoch_s and increase_per_s must be > 0")
+        if min(step_s, epoch_s, climb_s, probe_s, memory_s) <= 0:
+            raise ValueError("step_s, epoch_s, climb_s, probe_s and memory_s must be > 0")
         self.clock = clock
         self.ceiling = ceiling
-        self.maximum = ceiling * CEILING_SHARE if ceiling is not None else maximum
+        self._top_limit = ceiling * CEILING_SHARE if ceiling is not None else maximum
+        self.maximum = self._top_limit
         self.floor = min(floor, self.maximum)
         self.slow_start = ceiling is None
         self.rate = self.maximum if ceiling is not None else max(self.floor, min(start, maximum))
         self.step_s = step_s
-        self.decrease = decrease
-        self.increase_per_s = increase_per_s
         self.epoch_s = epoch_s
+        self.climb_s = climb_s
+        self.probe_s = probe_s
+        self.memory_s = memory_s
         self.noise_share = noise_share
         self.noise_count = noise_count
         now = clock()
@@ -105,15 +125,23 @@ class RateController:
         self._last_step = now
         self._last_decrease: float | None = None
         self._saturated = False
-        # additive increase: requests/s gained per second (set by each cut)
-        self._slope = increase_per_s * self.rate
         # answers in the last second, in 100 ms bins: accepted (not 429) and throttled (429)
         self._ok = [0] * _BINS
         self._no = [0] * _BINS
         self._bin_at = int(now / _BIN_S)
-        self._top = self.rate  # the rate the current congestion episode interrupted
         self._ok_since_cut = 0
-        self._probing = False  # after the run's first cut: one quick second look
+        self._second_look = False  # an episode's first cut was made: one quick second look
+        self._first_episode = True
+        # the recovery curve: from ``_from`` (just after the cut) up to ``_w`` (what the API
+        # accepted at the cut), on to ``_top`` (what it accepted before the episode), then
+        # above; ``_t`` is the curve's time, which runs only while demand exceeds the rate
+        self._from = self._w = self._top = self.rate
+        self._t = 0.0
+        self._prev = 0.0  # what the API accepted before the last episode...
+        self._prev_at = now  # ... and when it was seen
+        #: a limit the API states, in requests/s (None: none stated)
+        self.stated: float | None = None
+        self._window_guess = 1.0  # the longest Reset seen (headers that name no window)
         #: 429s seen, and how many of them lowered the rate
         self.throttled = 0
         self.decreases = 0
@@ -166,57 +194,104 @@ class RateController:
         self._ok[self._roll(self.clock())] += 1
         self._ok_since_cut += 1
 
+    def _probing(self) -> bool:
+        return not self.slow_start and self.rate > self._w * _ABOVE
+
     def on_throttled(self, sent_at: float | None = None) -> bool:
         """A 429 came back to a request sent at ``sent_at`` (the clock's time; None: unknown).
 
-        Returns True when that lowered the rate. One cut per congestion epoch: a 429 to a
-        request sent before the last cut says nothing new (it was sent at the old rate), so
-        it cuts again only when sent after that cut, or (``sent_at`` unknown) ``epoch_s``
-        after it.
-        """
+        Returns True when that lowered the rate (see the module docstring for when)."""
         self.throttled += 1
         now = self.clock()
-        current = self._roll(now)
-        self._no[current] += 1
+        self._no[self._roll(now)] += 1
         last = self._last_decrease
-        if self._probing and last is not None and now - last > _EPISODE_GAP_S:
-            self._probing = False  # the first cut was enough
-        gap = _PROBE_GAP_S if self._probing else self.epoch_s
-        if last is not None and (now - last < gap or (sent_at is not None and sent_at < last)):
-            return False
-        throttled = sum(self._no)
-        if throttled < self.noise_count or throttled <= self.noise_share * (
-            throttled + sum(self._ok)
-        ):
-            return False  # a stray 429, not a limit
+        if last is not None and sent_at is not None and sent_at < last:
+            return False  # sent at the old rate: nothing new
+        if self._second_look and last is not None and now - last > _EPISODE_GAP_S:
+            self._second_look = False  # the episode's first cut was enough
+        probing = self._probing()
+        if last is not None:
+            since = now - last
+            # nearly all refused since the last cut (a storm): no need to wait an epoch
+            storm = (self._ok_since_cut < _STORM_SHARE * self.rate * since
+                     and self.rate > _STORM_SHARE * self._prev)
+            gap = _LOOK_GAP_S if self._second_look or probing or storm else self.epoch_s
+            if since < gap:
+                return False
+        if not probing:
+            throttled = sum(self._no)
+            if throttled < self.noise_count or throttled <= self.noise_share * (
+                throttled + sum(self._ok)
+            ):
+                return False  # a stray 429, not a limit
+        self._cut(now, last)
+        return True
+
+    def _cut(self, now: float, last: float | None) -> None:
         rate = self.rate
-        if last is None or now - last > _EPISODE_GAP_S:
-            self._top = rate  # a new congestion episode: the rate it interrupted
         if last is None:
             # the run's first cut (it ends slow start): down to what the API has just been
             # accepting, then a second look soon: its own burst may have hidden the limit
             accepted = min(rate, self._recent_accepted_rate(now))
-            target = _PROBE_SHARE * accepted if accepted else rate / 2
-            self._top = max(target, accepted)
+            target = _LAND * accepted if accepted else rate / 2
+            self._remember(max(target, accepted), now, force=True)
             self.slow_start = False
-            self._probing = True
-        elif self._probing:
-            # still refused after that first cut: the API is past any burst and has been
-            # accepting its limit since, which is the truth to cut to (and to climb from)
-            accepted = self._ok_since_cut / max(now - last, _PROBE_GAP_S)
-            target = min(rate * self.decrease, _PROBE_SHARE * accepted)
-            self._top = max(target, accepted)
-            self._probing = False
+            self._second_look = True
+        elif now - last > _EPISODE_GAP_S or self._t >= self.climb_s:
+            # a new episode: remember what the API accepted before it, cut to 95% of what
+            # it accepted in the last half second, and take a second look soon
+            self._remember(min(rate, self._accepted_rate(now, 1.0)), now)
+            accepted = min(rate, self._accepted_rate(now, 0.5))
+            target = max(rate * _CUT_MOST, min(rate * _CUT_LEAST, _LAND * accepted))
+            self._second_look = True
+            self._first_episode = False
         else:
-            target = rate * self.decrease
+            # still refused after a cut: what the API accepted since is the truth to cut to
+            accepted = self._ok_since_cut / max(now - last, _LOOK_GAP_S)
+            target = min(rate * _CUT_LEAST, _LAND * accepted)
+            if self._second_look and self._first_episode:
+                # the run's first limit, measured past the server's burst
+                self._remember(max(target, accepted), now, force=True)
+            elif accepted < _STORM_SHARE * rate:
+                # a storm: it says nothing of the limit; halve, down to a tenth of what the
+                # API accepted before it, then once an epoch
+                target = rate * _CUT_MOST
+            self._second_look = self._first_episode = False
         self.rate = max(self.floor, min(self.maximum, target))
-        # climb back to where the episode began in (1 - decrease) / increase_per_s seconds
-        self._slope = self.increase_per_s * max(self._top, self.rate)
+        self._from = self.rate
+        self._w = max(self.rate, min(self.maximum, _PLATEAU * accepted, rate))
+        fresh = now - self._prev_at <= self.memory_s
+        # a rate well above what the API accepts now (not the noise of measuring it)
+        far = fresh and self._prev > self._w * _FAR
+        self._top = min(self.maximum, self._prev) if far else self._w
+        self._t = 0.0
         self._last_decrease = now
         self._last_step = now
         self._ok_since_cut = 0
         self.decreases += 1
-        return True
+
+    def _remember(self, accepted: float, now: float, *, force: bool = False) -> None:
+        """What the API accepted before an episode: kept for ``memory_s`` while lower rates
+        are all it accepts, replaced by any within 10% of it, or by anything after that."""
+        if force or accepted >= 0.9 * self._prev or now - self._prev_at > self.memory_s:
+            self._prev = accepted
+            self._prev_at = now
+
+    def _curve(self, t: float) -> float:
+        """The rate ``t`` seconds (of demand) after the last cut."""
+        w = self._w
+        if w > self._from and t < self.climb_s:
+            x = 1.0 - t / self.climb_s
+            return w - (w - self._from) * x * x * x
+        if w > self._from:
+            t -= self.climb_s
+        top = self._top
+        if top > w:
+            if t < self.probe_s:
+                x = t / self.probe_s
+                return w + (top - w) * x * x * (3.0 - 2.0 * x)
+            t -= self.probe_s
+        return top * (1.0 + _GROW * t * t * t)
 
     def tick(self) -> bool:
         """Move the rate up if demand kept exceeding it; True when it changed."""
@@ -236,12 +311,47 @@ class RateController:
             # first 429 can arrive (TCP's slow start grows by acknowledgements the same way)
             answered = self._accepted_rate(now, _SLOW_START_WINDOW_S)
             grown = min(self.rate * 2, self.maximum, 2 * answered)
-            if grown <= self.rate:
-                return False
-            self.rate = grown
         else:
-            self.rate = min(self.maximum, self.rate + self._slope * elapsed)
+            self._t += elapsed
+            grown = min(self.maximum, self._curve(self._t))
+        if grown <= self.rate:
+            return False
+        self.rate = grown
         return True
+
+    # -- a limit the API states -------------------------------------------------------------
+    def on_stated(self, said: Stated) -> bool:
+        """An answer stated the limit (``worker.rate_headers``); True when the rate moved.
+
+        The pace: 98% of the quota per second, and for a window of 2 s or more, no faster
+        than 98% of what is left of its quota over the time left to its reset."""
+        window = said.window_s
+        if window is None:  # X-RateLimit-*: the window is the longest Reset seen
+            if said.reset_s is not None:
+                self._window_guess = max(self._window_guess, float(said.reset_s))
+            window = self._window_guess
+        per_s = said.quota / window
+        pace = CEILING_SHARE * per_s
+        if window >= _STATED_WINDOW_S and said.remaining is not None and said.reset_s:
+            pace = min(pace, CEILING_SHARE * said.remaining / said.reset_s)
+        cap = max(self.floor, min(self._top_limit, pace))
+        first = self.stated is None
+        self.stated = per_s
+        if not first and abs(cap - self.maximum) <= 0.005 * self.maximum:
+            return False
+        self.maximum = cap
+        self.slow_start = False
+        last = self._last_decrease
+        calm = last is None or self.clock() - last > _EPISODE_GAP_S
+        before = self.rate
+        if calm:  # trusted at once
+            self.rate = self._from = self._w = self._top = cap
+            self._t = 0.0
+        else:  # 429s came lately: the climb gets there
+            self.rate = min(self.rate, cap)
+            self._w = min(self._w, cap)
+            self._top = min(self._top, cap)
+        return self.rate != before
 
 
 class AdaptiveLimiter:
@@ -252,17 +362,16 @@ class AdaptiveLimiter:
             raise ValueError(f"burst_s must be > 0 seconds, got {burst_s!r}")
         self.controller = controller
         self.burst_s = burst_s
-        self._limiter = AsyncLimiter(*self._shape(controller.rate))
-        self._waiting: set[asyncio.Task[Any]] = set()
+        self._pacer = Pacer(controller.rate, self._capacity(controller.rate))
+        self._waiting: set[asyncio.Task[object]] = set()
 
-    def _shape(self, rate: float) -> tuple[float, float]:
-        # capacity of at least one request, time period so that capacity/period == rate
+    def _capacity(self, rate: float) -> float:
+        """Slots at once after an idle spell: ``burst_s`` of the rate, at least one."""
         capacity = rate * self.burst_s
         ceiling = self.controller.ceiling
         if ceiling is not None:
             capacity = min(capacity, ceiling * CEILING_BURST_SHARE)
-        capacity = max(1.0, capacity)
-        return capacity, capacity / rate
+        return max(1.0, capacity)
 
     @property
     def rate(self) -> float:
@@ -270,38 +379,31 @@ class AdaptiveLimiter:
 
     @property
     def shape(self) -> tuple[float, float]:
-        """The aiolimiter's (max_rate, time_period) now: capacity and its period."""
-        return self._limiter.max_rate, self._limiter.time_period
+        """The bucket now: its capacity and its rate."""
+        return self._pacer.capacity, self._pacer.rate
 
     def _retune(self) -> None:
-        # aiolimiter has no public setter: settle the level at the old rate, then change the
-        # three numbers it derives everything from, and let a waiter re-check its wake-up time
-        lim = self._limiter
-        capacity, period = self._shape(self.controller.rate)
-        lim._leak()
-        lim.max_rate = capacity
-        lim.time_period = period
-        lim._rate_per_sec = capacity / period
-        lim._level = min(lim._level, capacity)
-        lim._wake_next()
+        rate = self.controller.rate
+        self._pacer.set(rate, self._capacity(rate))
 
     async def acquire(self) -> None:
         controller = self.controller
-        lim = self._limiter
-        if lim.has_capacity():
+        if self._pacer.free():
             if controller.tick():
                 self._retune()
-            await lim.acquire()
+            await self._pacer.acquire()
             return
         controller.on_wait()
         if controller.tick():
             self._retune()
         task = asyncio.current_task()
+        if task is None:  # not in a task: nothing to cancel it by
+            await self._pacer.acquire()
+            return
         waiting = self._waiting
-        if task is not None:
-            waiting.add(task)
+        waiting.add(task)
         try:
-            await lim.acquire()
+            await self._pacer.acquire()
         finally:
             waiting.discard(task)
 
@@ -320,3 +422,9 @@ class AdaptiveLimiter:
             self._retune()
             log.debug("limiter.rate_cut", rate=round(controller.rate, 1),
                       throttled=controller.throttled, cuts=controller.decreases)
+
+    def stated(self, headers: Mapping[str, str]) -> None:
+        """An answer carried rate-limit headers: follow the limit they state."""
+        said = rate_headers.stated(headers)
+        if said is not None and self.controller.on_stated(said):
+            self._retune()

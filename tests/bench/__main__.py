@@ -15,17 +15,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import report, scenarios
+from . import limits, report, scenarios
 from .harness import ROOT, machine
 
-ORDER = ("a", "b", "c", "d", "f", "j", "e")
+ORDER = ("a", "b", "c", "d", "m", "h", "f", "j", "e")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
     parser.add_argument("--only", default=",".join(ORDER),
-                        help="comma-separated scenarios of a,b,c,d,e,f,j (default: all)")
+                        help="comma-separated scenarios of a,b,c,d,e,f,h,j,m (default: all)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every image and row count (e.g. 0.1 to iterate)")
     parser.add_argument("--rounds", type=int, default=None,
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if key == "f":
             result = scenarios.scenario_f(sizes, progress, done.get("a"))
+        elif key in ("m", "h"):
+            result = getattr(limits, f"scenario_{key}")(sizes, progress)
         else:
             result = getattr(scenarios, f"scenario_{key}")(sizes, progress)
         done[key] = result

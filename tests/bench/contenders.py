@@ -2,7 +2,8 @@
 
 - ``bulk_tagger``: ``bulk-tagger run|plan JOB --base-url URL`` with ``GCORE_API_KEY`` set,
   journal and report on (they cannot be turned off), figures from its ``summary.json``;
-- ``floor``: ``python -m tests.bench.floor`` (bare aiohttp);
+- ``floor``: ``python -m tests.bench.floor`` (bare aiohttp; ``adaptive``: botocore's adaptive
+  mode drives it);
 - ``sdk``: ``python -m tests.bench.sdk`` (``gcore.AsyncGcore``).
 
 Every query contender does the same work: list projects and regions ("all"), page through
@@ -99,10 +100,11 @@ def bulk_tagger(
 
 
 def _script(
-    module: str, label: str, url: str, *, concurrency: int, rate: float | None
+    module: str, label: str, url: str, *, concurrency: int, rate: float | None,
+    options: tuple[str, ...] = (),
 ) -> Run:
     cmd = [PYTHON, "-m", module, "--base-url", url, "--concurrency", str(concurrency),
-           "--tag", f"{TAG_KEY}={label}"]
+           "--tag", f"{TAG_KEY}={label}", *options]
     if rate is not None:
         cmd += ["--rate", str(rate)]
     proc = run_measured(cmd, env={"GCORE_API_KEY": API_KEY})
@@ -113,8 +115,13 @@ def _script(
                duration_s=float(out["duration_s"]), extra={})
 
 
-def floor(label: str, url: str, *, concurrency: int = 64, rate: float | None = None) -> Run:
-    return _script("tests.bench.floor", label, url, concurrency=concurrency, rate=rate)
+def floor(
+    label: str, url: str, *, concurrency: int = 64, rate: float | None = None,
+    adaptive: bool = False,
+) -> Run:
+    """The floor; ``adaptive``: driven by botocore's adaptive mode."""
+    return _script("tests.bench.floor", label, url, concurrency=concurrency, rate=rate,
+                   options=("--adaptive",) if adaptive else ())
 
 
 def sdk(label: str, url: str, *, concurrency: int = 64, rate: float | None = None) -> Run:

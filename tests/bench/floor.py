@@ -8,6 +8,14 @@ real world: an optional fixed ``aiolimiter.AsyncLimiter(rate, 1)`` (the library'
 use: what a user would write), and a 429 is retried after its ``Retry-After`` (else work
 would be lost and the comparison unfair). Other errors are counted, not retried.
 
+``--adaptive``: botocore's adaptive retry mode instead, the anchor a user would otherwise
+pick: its own ``CubicCalculator`` (``botocore.retries.throttling``), ``RateClocker``
+(``botocore.retries.adaptive``) and ``TokenBucket`` (``botocore.retries.bucket``), wired as
+its ``ClientRateLimiter`` wires them (aiobotocore's async version of it: one acquirer at a
+time; botocore's bucket is taken without blocking and waited for with ``asyncio.sleep``).
+Its 429s are retried after the server's ``retry-after-ms`` (as bulk-tagger honours it),
+not botocore's backoff of up to seconds: the contest is the rate alone.
+
 Prints one JSON line: ``updated``, ``failed``, ``rate_limited``, ``t_first`` and ``t_last``
 (``time.monotonic()`` of the first request and the last answer: system-wide on Linux) and
 ``duration_s`` (first request to last answer).
@@ -26,12 +34,58 @@ import aiohttp
 from aiolimiter import AsyncLimiter
 
 
+class BotocoreAdaptive:
+    """botocore's adaptive mode (``ClientRateLimiter``), its own parts, in asyncio."""
+
+    def __init__(self) -> None:
+        from botocore.retries import bucket, throttling
+        from botocore.retries.adaptive import RateClocker
+
+        self.clock = bucket.Clock()
+        self.cubic = throttling.CubicCalculator(
+            starting_max_rate=0, start_time=self.clock.current_time())
+        self.bucket = bucket.TokenBucket(max_rate=1, clock=self.clock)
+        self.clocker = RateClocker(self.clock)
+        self.enabled = False  # as botocore: no limit until the first throttling answer
+        self.lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        from botocore.exceptions import CapacityNotAvailableError
+
+        if not self.enabled:
+            return
+        async with self.lock:
+            while True:
+                try:
+                    self.bucket.acquire(block=False)
+                    return
+                except CapacityNotAvailableError:
+                    bucket = self.bucket
+                    await asyncio.sleep((1 - bucket.available_capacity) / bucket.max_rate)
+
+    def answered(self, throttled: bool) -> None:
+        """``ClientRateLimiter.on_receiving_response``."""
+        measured = self.clocker.record()
+        now = self.clock.current_time()
+        if not throttled:
+            new_rate = self.cubic.success_received(now)
+        else:
+            rate = measured if not self.enabled else min(measured, self.bucket.max_rate)
+            new_rate = self.cubic.error_received(rate, now)
+            self.enabled = True
+        self.bucket.max_rate = min(new_rate, 2.0 * measured)
+
+
 class Floor:
-    def __init__(self, base_url: str, key: str, concurrency: int, rate: float | None) -> None:
+    def __init__(
+        self, base_url: str, key: str, concurrency: int, rate: float | None,
+        adaptive: bool = False,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.key = key
         self.concurrency = concurrency
         self.limiter = AsyncLimiter(rate, 1) if rate else None
+        self.adaptive = BotocoreAdaptive() if adaptive else None
         self.updated = 0
         self.failed = 0
         self.rate_limited = 0
@@ -42,18 +96,26 @@ class Floor:
         self, session: aiohttp.ClientSession, method: str, url: str, **kw: Any
     ) -> tuple[int, bytes]:
         limiter = self.limiter
+        adaptive = self.adaptive
         while True:
             if limiter is not None:
                 await limiter.acquire()
+            if adaptive is not None:
+                await adaptive.acquire()
             if self.t_first is None:
                 self.t_first = time.monotonic()
             async with session.request(method, url, **kw) as resp:
                 body = await resp.read()
                 self.t_last = time.monotonic()
+                if adaptive is not None:
+                    adaptive.answered(resp.status == 429)
                 if resp.status != 429:
                     return resp.status, body
                 self.rate_limited += 1
-                await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
+                if adaptive is not None:
+                    await asyncio.sleep(float(resp.headers.get("retry-after-ms", "1000")) / 1000)
+                else:
+                    await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
 
     async def ids(self, session: aiohttp.ClientSession, what: str, given: str) -> list[int]:
         if given != "all":
@@ -110,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rate", type=float, default=None)
+    parser.add_argument("--adaptive", action="store_true", help="botocore's adaptive mode")
     parser.add_argument("--projects", default="all")
     parser.add_argument("--regions", default="all")
     parser.add_argument("--visibility", default="private")
@@ -120,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     params = [("visibility", args.visibility)] if args.visibility else []
     patch = json.dumps({"tags": {key: value}}, separators=(",", ":")).encode()
     floor = Floor(args.base_url, os.environ.get("GCORE_API_KEY", "bench"), args.concurrency,
-                  args.rate)
+                  args.rate, args.adaptive)
     asyncio.run(floor.run(args.projects, args.regions, params, args.page_size, patch))
     first = floor.t_first or 0.0
     print(json.dumps({

@@ -93,9 +93,10 @@ class SimServer:
     """``with SimServer(images=..., rate_limit=..., latency_ms=...) as sim:`` serves ``sim.url``."""
 
     def __init__(
-        self, *, images: int, rate_limit: float | None = None, latency_ms: float = 0.0
+        self, *, images: int, rate_limit: float | None = None, latency_ms: float = 0.0,
+        options: tuple[str, ...] = (),
     ) -> None:
-        self.args = ["--images", str(images), "--latency-ms", str(latency_ms)]
+        self.args = ["--images", str(images), "--latency-ms", str(latency_ms), *options]
         if rate_limit is not None:
             self.args += ["--rate-limit", str(rate_limit)]
         self.url = ""

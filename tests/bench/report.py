@@ -90,6 +90,17 @@ COLUMNS: dict[str, list[Column]] = {
         ("all requests", lambda r: _num(r["total"])),
         ("requests/change", lambda r: _num(r["requests_per_change"], 4)),
     ],
+    "m": [
+        *COMMON,
+        ("useful PATCHes", lambda r: _num(r["useful_patches"])),
+        ("allowed (area)", lambda r: _num(r["allowed"], 0)),
+        ("useful / allowed", lambda r: _num(r["useful_share"], 3)),
+        ("useful PATCH/s", lambda r: _num(r["useful_per_s"], 1)),
+        ("429 share", lambda r: f"{r['r429_share'] * 100:.1f}%"),
+        ("back to 90% after (s)", lambda r: ", ".join(
+            f"{at} s: {'-' if v is None else f'{v:.2f}'}" for at, v in r["recovery_s"].items())),
+        ("span s", lambda r: _num(r["span_s"])),
+    ],
     "j": [
         ("command", lambda r: r["label"]),
         ("targets", lambda r: _num(r["targets"])),
@@ -173,8 +184,9 @@ def _journal_notes(sc: dict[str, Any]) -> list[str]:
 
 
 def plot(results: dict[str, Any], path: Path) -> Path | None:
-    """Requests per second the server saw, over time, for (c) and (d), against the limit."""
-    rate = [sc for sc in results["scenarios"] if sc["scenario"] in ("c", "d")]
+    """Requests per second the server saw, over time, for (c), (d) and (m), against the
+    limit."""
+    rate = [sc for sc in results["scenarios"] if sc["scenario"] in ("c", "d", "m")]
     if not rate:
         return None
     import matplotlib
@@ -184,7 +196,7 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
 
     fig, axes = plt.subplots(len(rate), 1, figsize=(11, 4.2 * len(rate)), squeeze=False)
     for ax, sc in zip(axes[:, 0], rate, strict=True):
-        limit = sc["params"]["limit"]
+        limit = sc["params"].get("limit")
         for row in sc["rows"]:
             total = row["per_second"]["total"]
             r429 = row["per_second"]["r429"]
@@ -195,7 +207,14 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
             if bold and any(r429):
                 ax.step(xs, r429, where="post", linestyle=":", color="red",
                         label="bulk-tagger: 429s per second")
-        ax.axhline(limit, color="black", linestyle="--", linewidth=1, label=f"limit L={limit:g}/s")
+        if limit is not None:
+            ax.axhline(limit, color="black", linestyle="--", linewidth=1,
+                       label=f"limit L={limit:g}/s")
+        else:  # a schedule: (from second, limit) steps
+            steps = sc["params"]["schedule"]
+            end = max(len(row["per_second"]["total"]) for row in sc["rows"])
+            ax.step([at for at, _ in steps] + [end], [v for _, v in steps] + [steps[-1][1]],
+                    where="post", color="black", linestyle="--", linewidth=1, label="limit")
         ax.set_title(f"({sc['scenario']}) {sc['title']}: requests per one-second window "
                      "(server's view; last window partial)")
         ax.set_xlabel("seconds since the first request")

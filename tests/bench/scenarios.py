@@ -53,6 +53,10 @@ class Sizes:
     e_rows: tuple[int, ...] = (100_000, 1_000_000)
     f_rows: int = 5_000
     j_images: int = 10_000
+    #: (m) and (h) of issue 18 (``tests/bench/limits.py``)
+    m_images: int = 4_000
+    h_images: int = 2_000
+    h_quota_images: int = 500
     #: (a) and (b): rounds of every contender in turn (the median of per-round ratios counts)
     rounds: int = 5
 
@@ -102,10 +106,13 @@ def private_pages(images: int, page: int = 1000) -> int:
 
 def measure(
     label: str, images: int, start: Callable[[str], Run], *, rate_limit: float | None = None,
-    latency_ms: float = 0.0, arrivals: bool = True,
+    latency_ms: float = 0.0, arrivals: bool = True, sim_options: tuple[str, ...] = (),
+    keep_log: bool = False,
 ) -> dict[str, Any]:
-    """One contender against a fresh simulator; the row of figures."""
-    with SimServer(images=images, rate_limit=rate_limit, latency_ms=latency_ms) as sim:
+    """One contender against a fresh simulator; the row of figures (``keep_log``: with the
+    arrival log under ``"log"``, for the caller to read and drop)."""
+    with SimServer(images=images, rate_limit=rate_limit, latency_ms=latency_ms,
+                   options=sim_options) as sim:
         run = start(sim.url)
         counters = sim.counters()
         log = sim.arrivals() if arrivals else []
@@ -148,6 +155,8 @@ def measure(
         "cmd": " ".join(proc.cmd),
         **run.extra,
     }
+    if keep_log:
+        row["log"] = log
     return row
 
 

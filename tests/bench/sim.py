@@ -1,6 +1,8 @@
 """The benchmark's simulator process: ``worker.simulator`` plus an arrival log.
 
-``python -m tests.bench.sim --port 0 --images N [--rate-limit L] [--latency-ms X]`` serves the
+``python -m tests.bench.sim --port 0 --images N [--rate-limit L] [--latency-ms X]`` (and the
+rate-limit options of ``worker.simulator.limits``: ``--rate-schedule 0:150,6:30``, ``--quota
+300 --quota-window 15``, ``--rate-headers ietf|x``) serves the
 simulator exactly as ``bulk-tagger simulate`` does (same ``Simulator``, same faults), and
 adds one admin path, ``GET /_bench/arrivals``: every ``/cloud/`` request as
 ``[seconds since the first arrival, kind, status]`` (status 0: a dropped connection). The
@@ -80,9 +82,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate-limit", type=float, default=None)
     parser.add_argument("--rate-burst", type=float, default=None)
     parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--rate-schedule", default="",
+                        help="FROM_S:LIMIT,... (the bucket's rate over time; 0 refuses all)")
+    parser.add_argument("--quota", type=int, default=None)
+    parser.add_argument("--quota-window", type=float, default=60.0)
+    parser.add_argument("--rate-headers", default="none", choices=("none", "ietf", "x"))
     args = parser.parse_args(argv)
+    schedule = tuple(
+        (float(at), float(limit))
+        for at, _, limit in (step.partition(":") for step in args.rate_schedule.split(",") if step)
+    )
     kw: dict[str, Any] = {"seed": args.seed, "rate_limit": args.rate_limit,
-                          "rate_burst": args.rate_burst, "latency_ms": args.latency_ms}
+                          "rate_burst": args.rate_burst, "latency_ms": args.latency_ms,
+                          "rate_schedule": schedule, "quota": args.quota,
+                          "quota_window_s": args.quota_window, "rate_headers": args.rate_headers}
     config = SimConfig(images=args.images, seed=args.seed, faults=Faults(**kw))
     from worker import log
 

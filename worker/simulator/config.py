@@ -18,6 +18,7 @@ KINDS: tuple[str, ...] = ("projects", "regions", "list", "get", "patch", "task",
 #: Fault kinds counted in ``Counters.faults``.
 FAULT_KINDS: tuple[str, ...] = ("429", "5xx", "drop_before", "drop_after", "401", "latency")
 RETRY_AFTER_FORMS: tuple[str, ...] = ("seconds", "date", "ms")
+RATE_HEADER_STYLES: tuple[str, ...] = ("none", "ietf", "x")
 
 
 @dataclass
@@ -30,7 +31,9 @@ class Faults:
     ``set_faults`` call that set it. ``retry_after`` is the form of a ``p_429`` answer's
     ``Retry-After``: whole seconds (rounded up), an HTTP date, or seconds plus
     ``retry-after-ms``; the token bucket always sends seconds (at least 1) plus
-    ``retry-after-ms``.
+    ``retry-after-ms``. ``rate_schedule`` (the bucket's rate over time, 0: refuse all),
+    ``quota`` per ``quota_window_s`` and ``rate_headers`` (how answers state the limit):
+    see ``worker.simulator.limits``.
     """
 
     seed: int = 0
@@ -44,6 +47,10 @@ class Faults:
     latency_jitter_ms: float = 0.0
     rate_limit: float | None = None
     rate_burst: float | None = None
+    rate_schedule: tuple[tuple[float, float], ...] = ()
+    quota: int | None = None
+    quota_window_s: float = 60.0
+    rate_headers: str = "none"
     methods: frozenset[str] = frozenset({"GET", "PATCH"})
     auth_fail_after: int | None = None
 
@@ -69,6 +76,18 @@ class Faults:
                     f"Faults.{name} must be > 0 or None, not {value!r} "
                     "(HINT: None switches the server-side token bucket off)"
                 )
+        self.rate_schedule = tuple((float(at), float(limit)) for at, limit in self.rate_schedule)
+        if any(at < 0 or limit < 0 for at, limit in self.rate_schedule):
+            raise ValueError("Faults.rate_schedule: times and limits must be >= 0")
+        if list(self.rate_schedule) != sorted(self.rate_schedule):
+            raise ValueError("Faults.rate_schedule must be in time order")
+        if self.quota is not None and (self.quota < 1 or self.quota_window_s <= 0):
+            raise ValueError("Faults.quota must be >= 1 and quota_window_s > 0")
+        if self.rate_headers not in RATE_HEADER_STYLES:
+            raise ValueError(
+                f"Faults.rate_headers must be one of {', '.join(RATE_HEADER_STYLES)}, "
+                f"not {self.rate_headers!r}"
+            )
         if self.auth_fail_after is not None and self.auth_fail_after < 0:
             raise ValueError("Faults.auth_fail_after must be >= 0 or None")
 
@@ -87,6 +106,7 @@ class Faults:
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["methods"] = sorted(self.methods)
+        out["rate_schedule"] = [list(step) for step in self.rate_schedule]
         return out
 
 

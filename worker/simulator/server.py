@@ -1,9 +1,9 @@
 """The HTTP side of the simulator: routes, auth, fault injection and counting.
 
 Every ``/cloud/`` request goes through ``Simulator._cloud`` in this order: count it, add the
-latency, 401 once ``auth_fail_after`` requests have come, check the key (401), take a token
-from the bucket (429), draw the 429 / 5xx / drop-before faults, run the handler, draw the
-drop-after fault. ``/_sim/`` admin paths skip all of it and are never counted.
+latency, 401 once ``auth_fail_after`` requests have come, check the key (401), pass the rate
+limits (429; ``worker.simulator.limits``), draw the 429 / 5xx / drop-before faults, run the
+handler, draw the drop-after fault. ``/_sim/`` admin paths skip all of it and are never counted.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from aiohttp import web
 from worker.log import get_logger
 from worker.simulator.config import Counters, SimConfig
 from worker.simulator.demo import PROJECTS, REGIONS, project_json, region_json
+from worker.simulator.limits import Limits
 from worker.simulator.store import (
     ARCHITECTURES,
     VISIBILITY_VALUES,
@@ -59,25 +60,6 @@ def _fault(exc: ApiFault) -> web.Response:
     return _json(exc.body(), exc.status)
 
 
-class _Bucket:
-    """A token bucket: ``rate`` tokens a second, at most ``burst``; starts full."""
-
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = burst
-        self.last = now
-
-    def take(self, now: float) -> float:
-        """0.0 if a token was taken, else the seconds until the next one."""
-        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return 0.0
-        return (1.0 - self.tokens) / self.rate
-
-
 class Simulator:
     """The local Gcore images API: ``async with Simulator(config) as sim:`` then ``sim.url``."""
 
@@ -87,8 +69,7 @@ class Simulator:
         self.counters = Counters()
         self.faults = self.config.faults
         self._rng = random.Random(self.faults.seed)
-        self._bucket: _Bucket | None = None
-        self._make_bucket()
+        self._limits = Limits(self.faults, time.monotonic())
         self._cloud_requests = 0
         self._in_flight = 0
         self.url = ""
@@ -196,26 +177,20 @@ class Simulator:
             raise KeyError(task_id) from exc
 
     def set_faults(self, **changes: Any) -> None:
-        """Change some ``Faults`` fields; a new ``seed`` reseeds, a new rate refills the bucket."""
+        """Change some ``Faults`` fields; a new ``seed`` reseeds, new limits start afresh."""
         self.faults = self.faults.replace(**changes)
         if "seed" in changes:
             self._rng = random.Random(self.faults.seed)
-        if {"rate_limit", "rate_burst"} & set(changes):
-            self._make_bucket()
+        if {"rate_limit", "rate_burst", "rate_schedule", "quota", "quota_window_s"} & set(changes):
+            self._limits = Limits(self.faults, time.monotonic())
+        else:
+            self._limits.faults = self.faults
         if "auth_fail_after" in changes:
             self._cloud_requests = 0
 
     def reset_counters(self) -> None:
         """Zero every counter in place (``sim.counters`` stays the same object)."""
         self.counters.clear(self._in_flight)
-
-    def _make_bucket(self) -> None:
-        f = self.faults
-        if f.rate_limit is None:
-            self._bucket = None
-        else:
-            burst = f.rate_burst if f.rate_burst is not None else f.rate_limit
-            self._bucket = _Bucket(f.rate_limit, max(1.0, burst), time.monotonic())
 
     # -- the /cloud/ pipeline -------------------------------------------------------------
     def cloud(self, kind: str, handler: Handler) -> Handler:
@@ -246,18 +221,16 @@ class Simulator:
         problem = self._auth_problem(request.headers.get("Authorization"))
         if problem is not None:
             return _json({"message": problem}, 401)
-        if self._bucket is not None:
-            wait = self._bucket.take(time.monotonic())
-            if wait > 0.0:
-                counters.rate_limited += 1
-                return _json(
-                    {"message": "Too many requests", "exception_class": "TooManyRequests"},
-                    429,
-                    {
-                        "Retry-After": str(max(1, math.ceil(wait))),
-                        "retry-after-ms": str(max(1, math.ceil(wait * 1000.0))),
-                    },
-                )
+        wait, stated = self._limits.take(time.monotonic())
+        if wait > 0.0:
+            counters.rate_limited += 1
+            stated["Retry-After"] = str(max(1, math.ceil(wait)))
+            stated["retry-after-ms"] = str(max(1, math.ceil(wait * 1000.0)))
+            return _json(
+                {"message": "Too many requests", "exception_class": "TooManyRequests"},
+                429,
+                stated,
+            )
         faulty = request.method in f.methods
         if faulty:
             rng = self._rng
@@ -286,6 +259,8 @@ class Simulator:
         if faulty and f.p_drop_after and self._rng.random() < f.p_drop_after:
             counters.faults["drop_after"] += 1
             return _drop(request)
+        if stated:
+            response.headers.update(stated)
         return response
 
     def _fault_429(self) -> web.Response:
