@@ -468,3 +468,10 @@ async def test_no_one_second_window_above_the_rate(rate: float) -> None:
     steady = sum(1 for t in stamps if 0.5 <= t - started < 2.5) / 2.0
     assert worst <= rate
     assert steady >= rate * 0.9  # and it does not fall far short either
+
+
+def test_one_of_n_shards_takes_its_share_of_a_stated_limit() -> None:
+    clock = Clock()
+    c = RateController(clock=clock, share=1 / 4)
+    c.on_stated(Stated(200.0, 1.0))
+    assert c.rate == pytest.approx(0.98 * 50)

@@ -98,6 +98,7 @@ class RateController:
         memory_s: float = 10.0,
         noise_share: float = 0.02,
         noise_count: int = 3,
+        share: float = 1.0,
         clock: Clock = time.monotonic,
     ) -> None:
         if ceiling is not None and ceiling <= 0:
@@ -106,6 +107,8 @@ class RateController:
             raise ValueError("start, floor and maximum must be > 0 requests/s")
         if min(step_s, epoch_s, climb_s, probe_s, memory_s) <= 0:
             raise ValueError("step_s, epoch_s, climb_s, probe_s and memory_s must be > 0")
+        if not 0 < share <= 1:
+            raise ValueError(f"share must be in (0, 1], got {share!r}")
         self.clock = clock
         self.ceiling = ceiling
         self._top_limit = ceiling * CEILING_SHARE if ceiling is not None else maximum
@@ -120,6 +123,7 @@ class RateController:
         self.memory_s = memory_s
         self.noise_share = noise_share
         self.noise_count = noise_count
+        self.share = share  # of a stated limit: 1/N for one of N shards
         now = clock()
         self._started = now
         self._last_step = now
@@ -324,16 +328,17 @@ class RateController:
         """An answer stated the limit (``worker.rate_headers``); True when the rate moved.
 
         The pace: 98% of the quota per second, and for a window of 2 s or more, no faster
-        than 98% of what is left of its quota over the time left to its reset."""
+        than 98% of what is left of its quota over the time left to its reset; of both, this
+        process's ``share`` (one of N shards: 1/N)."""
         window = said.window_s
         if window is None:  # X-RateLimit-*: the window is the longest Reset seen
             if said.reset_s is not None:
                 self._window_guess = max(self._window_guess, float(said.reset_s))
             window = self._window_guess
-        per_s = said.quota / window
+        per_s = said.quota / window * self.share
         pace = CEILING_SHARE * per_s
         if window >= _STATED_WINDOW_S and said.remaining is not None and said.reset_s:
-            pace = min(pace, CEILING_SHARE * said.remaining / said.reset_s)
+            pace = min(pace, CEILING_SHARE * said.remaining * self.share / said.reset_s)
         cap = max(self.floor, min(self._top_limit, pace))
         first = self.stated is None
         self.stated = per_s

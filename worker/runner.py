@@ -229,7 +229,8 @@ class Runner:
     @contextlib.asynccontextmanager
     async def _api(self) -> AsyncIterator[api.Client]:
         settings = self.settings
-        controller = RateController(self.rate_ceiling)
+        shards = self.settings.shard.count if self.settings.shard is not None else 1
+        controller = RateController(self.rate_ceiling, share=1.0 / shards)
         limiter = AdaptiveLimiter(controller)
         api_settings = settings.api
         async with contextlib.AsyncExitStack() as stack:
