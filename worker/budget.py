@@ -47,6 +47,41 @@ def _positive(name: str, value: float, hint: str) -> None:
         raise ValueError(f"{name} must be > 0, got {value!r} (HINT: {hint})")
 
 
+class _Window:
+    """Counts over a sliding window: ``bins`` slots of ``window_s / bins`` seconds; a slot
+    leaves the window whole, so the window is exact to one slot. A slot holds ``width`` counts
+    and a Counter of keys; ``totals`` are the counts over the window."""
+
+    def __init__(self, window_s: float, bins: int, width: int, clock: Clock) -> None:
+        self.slot_s = window_s / bins
+        self.bins = bins
+        self.clock = clock
+        self.totals = [0] * width
+        #: (slot number, counts, keys), oldest first
+        self.slots: deque[tuple[int, list[int], Counter[tuple[str, int | None]]]] = deque()
+
+    def current(self) -> tuple[list[int], Counter[tuple[str, int | None]]]:
+        """The counts and keys of the slot of now (slots that left the window are dropped)."""
+        now_slot = int(self.clock() // self.slot_s)
+        slots, totals = self.slots, self.totals
+        edge = now_slot - self.bins
+        while slots and slots[0][0] <= edge:
+            _, counts, _keys = slots.popleft()
+            for i, n in enumerate(counts):
+                totals[i] -= n
+        if not slots or slots[-1][0] != now_slot:
+            slots.append((now_slot, [0] * len(totals), Counter()))
+        _, counts, keys = slots[-1]
+        return counts, keys
+
+    def add(self, index: int) -> Counter[tuple[str, int | None]]:
+        """Count one in ``index`` now; the slot's keys, for the caller to count a key in."""
+        counts, keys = self.current()
+        counts[index] += 1
+        self.totals[index] += 1
+        return keys
+
+
 class RetryBudget:
     """Retries allowed over a sliding window: ``ratio`` of the requests plus a reserve.
 
@@ -79,39 +114,23 @@ class RetryBudget:
         self.min_per_s = min_per_s
         self.reserve = min_per_s * window_s
         self.clock = clock
-        self._slot_s = window_s / bins
-        self._bins = bins
-        # (slot number, requests, retries), oldest first
-        self._slots: deque[list[int]] = deque()
-        self._requests = 0
-        self._retries = 0
+        #: counts 0: first attempts, 1: retries
+        self._window = _Window(window_s, bins, 2, clock)
         #: totals over the budget's life: first attempts, retries taken, retries refused
         self.requests_total = 0
         self.retries_total = 0
         self.refused_total = 0
 
-    def _slot(self) -> list[int]:
-        now_slot = int(self.clock() // self._slot_s)
-        slots = self._slots
-        edge = now_slot - self._bins
-        while slots and slots[0][0] <= edge:
-            _, requests, retries = slots.popleft()
-            self._requests -= requests
-            self._retries -= retries
-        if not slots or slots[-1][0] != now_slot:
-            slots.append([now_slot, 0, 0])
-        return slots[-1]
-
     @property
     def allowance(self) -> float:
         """How many more retries fit in the window now (may be negative after a burst)."""
-        self._slot()
-        return self.ratio * self._requests + self.reserve - self._retries
+        self._window.current()
+        requests, retries = self._window.totals
+        return self.ratio * requests + self.reserve - retries
 
     def on_request(self) -> None:
         """A first attempt was sent (retries are not deposits: they would fund themselves)."""
-        self._slot()[1] += 1
-        self._requests += 1
+        self._window.add(0)
         self.requests_total += 1
 
     def can_retry(self) -> bool:
@@ -120,8 +139,7 @@ class RetryBudget:
 
     def on_retry(self) -> None:
         """A retry was sent (whether or not ``can_retry`` said yes)."""
-        self._slot()[2] += 1
-        self._retries += 1
+        self._window.add(1)
         self.retries_total += 1
 
     def try_retry(self) -> bool:
@@ -140,12 +158,13 @@ class RetryBudget:
         if self.can_retry():
             return 0.0
         now = self.clock()
-        requests, retries = self._requests, self._retries
-        for slot, slot_requests, slot_retries in self._slots:
+        window = self._window
+        requests, retries = window.totals
+        for slot, (slot_requests, slot_retries), _keys in window.slots:
             requests -= slot_requests
             retries -= slot_retries
             if self.ratio * requests + self.reserve - retries >= 1.0:
-                return max(0.0, (slot + self._bins) * self._slot_s - now)
+                return max(0.0, (slot + window.bins) * window.slot_s - now)
         return self.window_s
 
 
@@ -225,12 +244,8 @@ class CircuitBreaker:
         self.tripped: Trip | None = None
         self._streak_key: tuple[str, int | None] | None = None
         self._streak = 0
-        # the ratio window in ``bins`` slots: [slot number, outcomes, failures by key]
-        self._slot_s = window_s / bins
-        self._bins = bins
-        self._slots: deque[tuple[int, list[int], Counter[tuple[str, int | None]]]] = deque()
-        self._counted = 0
-        self._failures = 0
+        #: the ratio rule's window; counts 0: counted outcomes, 1: failures (keys: by failure)
+        self._window = _Window(window_s, bins, 2, clock)
 
     def _exit_code(self, reason: str) -> ExitCode:
         return ExitCode.INTERRUPTED if reason in self.transient else ExitCode.FAILED
@@ -253,7 +268,11 @@ class CircuitBreaker:
             self._streak += 1
         else:
             self._streak_key, self._streak = key, 1
-        self._slide(key)
+        keys = self._window.add(0)
+        if key is not None:
+            self._window.add(1)
+            keys[key] += 1
+        counted, failures = self._window.totals
         if key is not None and self._streak >= self.consecutive:
             self.tripped = Trip(
                 reason=key[0], http_status=key[1], failures=self._streak,
@@ -261,36 +280,16 @@ class CircuitBreaker:
                 message=f"the last {self._streak} targets all failed: "
                 f"{_describe(*key)}; stopped instead of grinding on",
             )
-        elif self._failures >= self.min_failures and (
-            self._failures >= self.failure_ratio * self._counted
-        ):
+        elif failures >= self.min_failures and failures >= self.failure_ratio * counted:
             common: Counter[tuple[str, int | None]] = Counter()
-            for _, _, keys in self._slots:
-                common.update(keys)
+            for _, _, slot_keys in self._window.slots:
+                common.update(slot_keys)
             ((top, top_n),) = common.most_common(1)
             self.tripped = Trip(
-                reason=top[0], http_status=top[1], failures=self._failures,
+                reason=top[0], http_status=top[1], failures=failures,
                 exit_code=self._exit_code(top[0]),
-                message=f"{self._failures} of the last {self._counted} targets "
-                f"({self._failures / self._counted:.0%}) failed within {self.window_s:g} s, "
+                message=f"{failures} of the last {counted} targets "
+                f"({failures / counted:.0%}) failed within {self.window_s:g} s, "
                 f"most often {_describe(*top)} ({top_n}); stopped instead of grinding on",
             )
         return self.tripped
-
-    def _slide(self, key: tuple[str, int | None] | None) -> None:
-        now_slot = int(self.clock() // self._slot_s)
-        slots = self._slots
-        edge = now_slot - self._bins
-        while slots and slots[0][0] <= edge:
-            _, (counted, failures), _keys = slots.popleft()
-            self._counted -= counted
-            self._failures -= failures
-        if not slots or slots[-1][0] != now_slot:
-            slots.append((now_slot, [0, 0], Counter()))
-        _, totals, keys = slots[-1]
-        totals[0] += 1
-        self._counted += 1
-        if key is not None:
-            totals[1] += 1
-            keys[key] += 1
-            self._failures += 1
