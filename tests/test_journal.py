@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from worker import log
+from worker import log, safety
 from worker.errors import JobError
 from worker.journal import (
     Journal,
@@ -26,7 +26,6 @@ from worker.journal import (
     changes_from_json,
     changes_to_json,
     find_resumable,
-    make_private_dir,
     read_run_info,
 )
 from worker.models import Changes, Outcome
@@ -107,7 +106,7 @@ def umask0() -> Iterator[None]:
 # -- files ------------------------------------------------------------------------------------
 async def test_file_modes_are_private_whatever_the_umask(tmp_path: Path, umask0: None) -> None:
     state = tmp_path / "state"
-    make_private_dir(state)
+    safety.state_dir(state)
     journal = new_journal(state / "run-1")
     add_target(journal, 1)
     await journal.flush()
@@ -128,7 +127,7 @@ def test_an_existing_state_dir_keeps_its_mode(tmp_path: Path) -> None:
     state = tmp_path / "volume-root"
     state.mkdir()
     os.chmod(state, 0o2775)  # what Kubernetes' fsGroup leaves on a volume's root
-    make_private_dir(state)
+    safety.state_dir(state)
     assert mode(state) == 0o2775
     journal = Journal(state / "run-1")
     journal.close()
@@ -139,7 +138,7 @@ def test_a_state_dir_that_is_a_file_is_a_job_error(tmp_path: Path) -> None:
     path = tmp_path / "not-a-dir"
     path.write_text("x")
     with pytest.raises(JobError, match="not a directory"):
-        make_private_dir(path)
+        safety.state_dir(path)
 
 
 async def test_journal_is_in_wal_mode_and_readable_while_open(tmp_path: Path) -> None:

@@ -10,6 +10,13 @@ seam, ``Client._request``, which takes a rate-limiter slot, sends, and maps the 
     other     -> Rejected (the API's message kept; redirects are never followed)
 
 Bodies are parsed only as far as needed: an error body may be an HTML page from a proxy.
+An answer is not trusted (README: threat model): a body over ``MAX_BODY`` bytes or with more
+than ``MAX_ITEMS`` JSON values is not read further, JSON nested deeper than orjson's limit is
+refused, and a 2xx answer that is not JSON or not shaped as documented raises ``BadAnswer``
+(never retried). Every request has a total deadline (``Settings.request_timeout_s``) on top
+of the connect and read timeouts, so a body dripping a byte at a time cannot hold it. Bodies
+are asked uncompressed and never decompressed (no gzip bomb). Ids that go into a path are
+checked (``worker.safety``) and each path segment is quoted.
 The API key lives only in the session's Authorization header; no error message contains it.
 
 The limiter hears of every answer: a 429 (with the time its request was sent) lowers the
@@ -23,7 +30,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -41,6 +47,7 @@ from worker import __version__, defaults, rate_headers
 from worker.errors import (
     ApiError,
     AuthFailed,
+    BadAnswer,
     JobError,
     Locked,
     NotFound,
@@ -49,20 +56,33 @@ from worker.errors import (
     Transient,
 )
 from worker.models import Image
+from worker.safety import UUID, image_id_problem, is_task_id, segment
 
 DEFAULT_BASE_URL = "https://api.gcore.com"
 _JSON_BODY = {"Content-Type": "application/json"}
+#: The largest answer read (bytes). A list page of 1,000 simulator images is about 1 MB.
+MAX_BODY = 10 * 1024 * 1024
+#: The most JSON values an answer may hold (a bound on the memory its parsed form takes: a
+#: page of 1,000 images holds about 40,000).
+MAX_ITEMS = 1_000_000
 
 
-def _loads(raw: bytes) -> Any:
-    """JSON of an answer: orjson, or json where orjson is stricter (a lone surrogate)."""
+def _loads(raw: bytes | bytearray) -> Any:
+    """JSON of an answer: orjson, or json where orjson is stricter (a lone surrogate).
+
+    ValueError for what is not JSON; ``BadAnswer`` for JSON nested too deep or holding too
+    many values (retrying will not shrink it)."""
+    if raw.count(b",") > MAX_ITEMS:
+        raise BadAnswer(f"an answer of more than {MAX_ITEMS:,} JSON values", status=200)
     try:
         return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return json.loads(raw)
-
-
-_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+    except orjson.JSONDecodeError as exc:
+        if "ecursion" in str(exc):
+            raise BadAnswer("an answer of JSON nested too deep", status=200) from None
+        try:
+            return json.loads(raw)
+        except RecursionError:
+            raise BadAnswer("an answer of JSON nested too deep", status=200) from None
 
 
 class Limiter(Protocol):
@@ -86,6 +106,9 @@ class Settings:
     ca_bundle: str | None = None
     allow_insecure_http: bool = False
     connections: int = 64
+    #: the most one request may last, body included (the runner keeps it within the job's
+    #: retry budget)
+    request_timeout_s: float = 60.0
 
 
 @dataclass(slots=True)
@@ -154,17 +177,19 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def _json_object(body: bytes, content_type: str) -> dict[str, Any] | None:
+def _json_object(body: bytes | bytearray, content_type: str) -> dict[str, Any] | None:
     if "json" not in content_type:
         return None
     try:
-        data = json.loads(body)
-    except ValueError:
+        data = _loads(body)
+    except (ValueError, BadAnswer):
         return None
     return data if isinstance(data, dict) else None
 
 
-def _message(status: int, body: bytes, content_type: str, data: dict[str, Any] | None) -> str:
+def _message(
+    status: int, body: bytes | bytearray, content_type: str, data: dict[str, Any] | None
+) -> str:
     if data is not None:
         for key in ("message", "detail", "error", "errors"):
             if data.get(key):
@@ -176,7 +201,9 @@ def _message(status: int, body: bytes, content_type: str, data: dict[str, Any] |
     return f"HTTP {status}: {snippet}" if snippet else f"HTTP {status}"
 
 
-def classify(status: int, body: bytes, headers: Mapping[str, str], *, write: bool) -> ApiError:
+def classify(
+    status: int, body: bytes | bytearray, headers: Mapping[str, str], *, write: bool
+) -> ApiError:
     """The typed error for a non-2xx answer (the one table of what each status means).
 
     ``write``: the request was a PATCH (a 403 then refuses that image, not the key).
@@ -190,8 +217,8 @@ def classify(status: int, body: bytes, headers: Mapping[str, str], *, write: boo
         return NotFound(msg, status=status)
     if status == 409:
         task_id = data.get("task_id") if data is not None else None
-        if not isinstance(task_id, str) or not task_id:
-            found = _UUID.search(msg)
+        if not is_task_id(task_id):
+            found = UUID.search(msg)
             task_id = found.group(0) if found else None
         return Locked(msg, status=status, task_id=task_id)
     if status == 429:
@@ -238,7 +265,7 @@ class Client:
             limit=settings.connections, ssl=ssl_ctx, ttl_dns_cache=300
         )
         timeout = aiohttp.ClientTimeout(
-            total=None,
+            total=settings.request_timeout_s,
             connect=settings.connect_timeout_s,
             sock_connect=settings.connect_timeout_s,
             sock_read=settings.read_timeout_s,
@@ -246,10 +273,12 @@ class Client:
         headers = {
             "Authorization": f"APIKey {settings.api_key}",
             "Accept": "application/json",
+            "Accept-Encoding": "identity",
             "User-Agent": f"bulk-tagger/{__version__}",
         }
         async with aiohttp.ClientSession(
-            connector=connector, timeout=timeout, headers=headers, raise_for_status=False
+            connector=connector, timeout=timeout, headers=headers, raise_for_status=False,
+            auto_decompress=False,
         ) as session:
             yield cls(session, base_url, limiter)
 
@@ -273,8 +302,8 @@ class Client:
                 headers=_JSON_BODY if body is not None else None,
                 allow_redirects=False,
             ) as resp:
-                raw = await resp.read()
                 status = resp.status
+                raw = await _read_capped(resp)
                 answered = time.monotonic()
                 if rate_headers.present(resp.headers):
                     self.limiter.stated(resp.headers)
@@ -283,7 +312,11 @@ class Client:
                 if 200 <= status < 300:
                     self.limiter.success()
                     self.last_ok = answered
-                    return _loads(raw) if raw else None
+                    try:
+                        return _loads(raw) if raw else None
+                    except ValueError:  # a proxy's page, say: it may pass
+                        self.counts.transient += 1
+                        raise Transient("the answer was not valid JSON", status=status) from None
                 error = classify(status, raw, resp.headers, write=write)
                 if status != 429:
                     self.limiter.success()  # answered: the rate was accepted
@@ -297,9 +330,6 @@ class Client:
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             self.counts.transient += 1
             raise Transient(f"{type(exc).__name__}: connection lost or timed out") from None
-        except ValueError:
-            self.counts.transient += 1
-            raise Transient("the answer was not valid JSON", status=200) from None
         if isinstance(error, RateLimited):
             self.counts.rate_limited += 1
             self.limiter.throttled(sent)
@@ -316,11 +346,11 @@ class Client:
     # -- reads -----------------------------------------------------------------------------
     async def list_projects(self) -> list[dict[str, Any]]:
         data = await self._request("GET", "projects", "/cloud/v1/projects")
-        return list(data.get("results", [])) if isinstance(data, dict) else []
+        return _objects(data.get("results", []) if isinstance(data, dict) else [])
 
     async def list_regions(self) -> list[dict[str, Any]]:
         data = await self._request("GET", "regions", "/cloud/v1/regions")
-        return list(data.get("results", [])) if isinstance(data, dict) else []
+        return _objects(data.get("results", []) if isinstance(data, dict) else [])
 
     async def list_images(
         self,
@@ -334,25 +364,26 @@ class Client:
         """One page: the images and the API's ``count`` of all matches (None if absent)."""
         query = [*(params or ()), ("limit", str(limit)), ("offset", str(offset))]
         data = await self._request(
-            "GET", "list", f"/cloud/v1/images/{project_id}/{region_id}", params=query
+            "GET", "list", f"/cloud/v1/images/{segment(project_id)}/{segment(region_id)}",
+            params=query,
         )
         if isinstance(data, list):  # tolerate a bare list
             results, count = data, None
-        else:
+        elif isinstance(data, dict):
             results, count = data.get("results") or [], data.get("count")
-        images = [
-            Image.from_api(item, project_id=project_id, region_id=region_id) for item in results
-        ]
-        return images, int(count) if isinstance(count, int) else None
+        else:
+            raise BadAnswer(f"a list page that is a JSON {type(data).__name__}", status=200)
+        images = [_image(item, project_id, region_id) for item in _objects(results)]
+        return images, count if type(count) is int and count >= 0 else None
 
     async def get_image(self, project_id: int, region_id: int, image_id: str) -> Image:
-        data = await self._request(
-            "GET", "get", f"/cloud/v1/images/{project_id}/{region_id}/{image_id}"
-        )
-        return Image.from_api(data, project_id=project_id, region_id=region_id)
+        data = await self._request("GET", "get", _image_path(project_id, region_id, image_id))
+        return _image(data, project_id, region_id)
 
     async def get_task(self, task_id: str) -> dict[str, Any]:
-        data = await self._request("GET", "task", f"/cloud/v1/tasks/{task_id}")
+        if not is_task_id(task_id):
+            raise BadAnswer(f"the task id {task_id!r:.60} is not a UUID", status=None)
+        data = await self._request("GET", "task", f"/cloud/v1/tasks/{segment(task_id)}")
         return data if isinstance(data, dict) else {}
 
     # -- the write ---------------------------------------------------------------------------
@@ -363,7 +394,43 @@ class Client:
             # never: "tags": null wipes every user tag of the image
             raise ValueError("refusing to send 'tags': null")
         data = await self._request(
-            "PATCH", "patch", f"/cloud/v1/images/{project_id}/{region_id}/{image_id}", body=body
+            "PATCH", "patch", _image_path(project_id, region_id, image_id), body=body
         )
+        return _image(data, project_id, region_id)
+
+
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytearray:
+    """The body, refused (``BadAnswer``) past ``MAX_BODY`` bytes without reading the rest."""
+    if resp.content_length is not None and resp.content_length > MAX_BODY:
+        raise BadAnswer(f"an answer of {resp.content_length:,} bytes (at most {MAX_BODY:,} are"
+                        " read)", status=resp.status)
+    body = bytearray()
+    async for chunk in resp.content.iter_any():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise BadAnswer(f"an answer over {MAX_BODY:,} bytes (the rest was not read)",
+                            status=resp.status)
+    return body
+
+
+def _image_path(project_id: int, region_id: int, image_id: str) -> str:
+    problem = image_id_problem(image_id)
+    if problem is not None:  # the caller fails the target first; this is the last guard
+        raise BadAnswer(problem)
+    return f"/cloud/v1/images/{segment(project_id)}/{segment(region_id)}/{segment(image_id)}"
+
+
+def _objects(items: Any) -> list[dict[str, Any]]:
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise BadAnswer("a list whose results are not JSON objects", status=200)
+    return items
+
+
+def _image(data: Any, project_id: int, region_id: int) -> Image:
+    """An image of an answer, or ``BadAnswer`` if it is not shaped as one."""
+    try:
         return Image.from_api(data, project_id=project_id, region_id=region_id)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise BadAnswer("an image in the answer is malformed (it lacks an id, or its tags"
+                        " are not objects)", status=200) from None
 

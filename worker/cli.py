@@ -172,25 +172,27 @@ def _duration(text: str) -> timedelta:
 
 def _read_key(api_key_file: Path | None, *, required: bool) -> str:
     from worker.log import get_logger, redact
+    from worker.safety import read_small_file
 
     key = ""
     if api_key_file is not None:
-        try:
-            mode = api_key_file.stat().st_mode
-            key = api_key_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise JobError(f"cannot read the API key file: {exc.strerror}",
-                           file=str(api_key_file), field="--api-key-file") from None
+        raw = read_small_file(api_key_file, field="--api-key-file", limit=64 * 1024)
+        key = raw.decode("utf-8", "replace").strip()
+        mode = api_key_file.stat().st_mode
         if mode & stat.S_IROTH:
             get_logger("bulk_tagger.cli").warning(
                 "cli.key_file_world_readable", file=str(api_key_file),
                 hint="chmod 600 it: anyone on this machine can read the key")
     else:
         key = os.environ.get("GCORE_API_KEY", "").strip()
+    redact(key)
     if not key and required:
         raise JobError("no API key", field="GCORE_API_KEY",
                        hint="set GCORE_API_KEY, pass --api-key-file, or use --simulate")
-    redact(key)
+    if any(not ch.isprintable() or ch.isspace() for ch in key):
+        raise JobError("the API key holds a space or a control character (a newline?)",
+                       field="--api-key-file" if api_key_file is not None else "GCORE_API_KEY",
+                       hint="the key is one line of printable characters")
     return key
 
 
@@ -328,9 +330,10 @@ def undo(
 ) -> None:
     """Revert exactly what RUN_ID changed, where nobody changed it since."""
     from worker.journal import read_run_info
+    from worker.safety import run_dir
 
     logs.configure()
-    info = read_run_info(state_dir / undone)
+    info = read_run_info(run_dir(state_dir, undone, field="RUN_ID"))
     if not info or info.get("kind") != "run":
         raise JobError(f"no run {undone!r} in {state_dir}", field="RUN_ID",
                        hint="`ls` the state dir; undo takes the id of a `run`")
@@ -407,13 +410,20 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(ExitCode.BAD_INPUT)
     except BulkTaggerError as exc:
         from worker.log import scrub
+        from worker.safety import printable
 
-        click.echo(f"error: {scrub(str(exc))}", err=True)
+        click.echo(f"error: {printable(scrub(str(exc)))}", err=True)
         sys.exit(exc.exit_code)
     except Exception as exc:
         if os.environ.get("BULK_TAGGER_DEBUG"):
             raise
         from worker.log import scrub
+        from worker.safety import operator_mistake, printable
+
+        mistake = operator_mistake(exc)
+        if mistake is not None:  # a path that cannot be used: the operator's to fix
+            click.echo(f"error: {printable(scrub(mistake))}", err=True)
+            sys.exit(2)
 
         click.echo(
             f"internal error: {type(exc).__name__}: {scrub(str(exc))} "

@@ -14,7 +14,8 @@
         ├── Locked                  409, or an image whose task_id names a running task
         ├── Transient               408, 5xx, connection reset, timeouts: retried
         ├── NotFound                404: not retried
-        └── Rejected                400/403/422 on a write: not retried, the API's message kept
+        ├── Rejected                400/403/422 on a write: not retried, the API's message kept
+        └── BadAnswer               an answer too big, too deep, or not the shape the API sends
 
 Per-target failures are not exceptions once the pool has handled them: they become outcomes.
 No message built here ever contains the API key (the client never puts it anywhere but the
@@ -150,3 +151,9 @@ class NotFound(ApiError):
 
 class Rejected(ApiError):
     pass
+
+
+class BadAnswer(ApiError):
+    """A 2xx answer the worker will not use: over the size cap, not JSON, nested too deep, or
+    not shaped as the API documents it (an image without an id, tags that are not objects).
+    Not retried: the target fails (``bad_answer``) or, on a list read, the run stops."""

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import sqlite3
 import threading
 import time
@@ -41,6 +40,7 @@ from typing import Any
 
 import orjson
 
+from worker import safety
 from worker.errors import BulkTaggerError, ExitCode, JobError
 from worker.log import scrub
 from worker.models import RESULT_FIELDS, Changes, Outcome
@@ -171,25 +171,6 @@ class Pending:
     expect: dict[str, Any] | None = None  # undo: the state the image must still show
 
 
-def make_private_dir(path: Path) -> None:
-    """Create ``path`` 0700. One that exists already is left as it is: a volume's root may
-    belong to another user (Kubernetes' fsGroup), who alone may chmod it."""
-    try:
-        path.mkdir(mode=0o700, parents=True)
-    except FileExistsError:
-        if not path.is_dir():
-            raise JobError(f"{path} exists and is not a directory", field="--state-dir") from None
-        return
-    os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask
-
-
-def _private_file(path: Path) -> None:
-    """Create ``path`` empty as 0600 if missing (an empty file is a valid SQLite database):
-    SQLite gives its ``-wal`` and ``-shm`` files the database file's mode."""
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
-    os.close(fd)
-
-
 class Journal:
     """A run's journal: constructing it creates the file or reopens it (writing nothing to an
     existing one); ``start_writer`` begins batched commits, ``stop_writer`` and ``close`` end
@@ -202,12 +183,9 @@ class Journal:
         self.flush_s = flush_s
         self._db = threading.Lock()  # every use of self._conn holds it (two threads use it)
         try:
-            make_private_dir(run_dir)
-            with contextlib.suppress(PermissionError):
-                os.chmod(run_dir, 0o700)  # a resumed run's folder: ours, kept private
-            _private_file(self.path)
-            with contextlib.suppress(PermissionError):
-                os.chmod(self.path, 0o600)
+            # a real folder of ours, 0700; no file in it a symlink or another user's
+            safety.private_run_dir(run_dir)
+            safety.create_private_file(self.path)
             self._conn = _connect(self.path)
             with self._db:
                 # an existing journal (resume, report, undo's parent, maybe a live run) is
@@ -662,8 +640,8 @@ class Journal:
 def read_run_info(run_dir: Path) -> dict[str, Any]:
     """The run row of ``run_dir``'s journal (read-only), or {} where there is none."""
     path = run_dir / "journal.sqlite"
-    if not path.is_file():
-        return {}
+    if not safety.trusted_run_dir(run_dir) or not safety.trusted_file(path):
+        return {}  # another user's, a symlink, or none
     try:
         # as_uri() quotes what a URI would misread (?, #, %, spaces) in the path
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)

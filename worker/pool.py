@@ -44,6 +44,7 @@ from worker.api import Client
 from worker.errors import (
     ApiError,
     AuthFailed,
+    BadAnswer,
     BulkTaggerError,
     Locked,
     NotFound,
@@ -479,6 +480,8 @@ def _reason(exc: ApiError) -> str:
         return "not_found"
     if isinstance(exc, Rejected):
         return "rejected"
+    if isinstance(exc, BadAnswer):
+        return "bad_answer"
     if isinstance(exc, RateLimited):
         return "rate_limited"
     if isinstance(exc, Locked):

@@ -26,18 +26,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from worker import api, defaults, exports, fanout, report, retry, spec, statevol
+from worker import api, defaults, exports, fanout, report, retry, safety, spec, statevol
 from worker.budget import CircuitBreaker, RetryBudget
 from worker.errors import (
     ApiError,
     AuthFailed,
+    BadAnswer,
     BulkTaggerError,
     CircuitOpen,
     ExitCode,
     JobError,
     SafetyLimit,
 )
-from worker.journal import Journal, find_resumable, make_private_dir, read_run_info
+from worker.journal import Journal, find_resumable, read_run_info
 from worker.limiter import AdaptiveLimiter, RateController
 from worker.log import get_logger, scrub
 from worker.metrics import push_metrics
@@ -215,6 +216,10 @@ class Runner:
             except (SafetyLimit, CircuitOpen) as exc:
                 self.fatal = exc
                 code = exc.exit_code
+            except BadAnswer as exc:  # a list read the API answered with what is not a list
+                self.fatal = exc
+                log.error("run.bad_answer", status=exc.status, error=exc.message)
+                code = Interrupted.exit_code
             except ApiError as exc:  # a read that stayed unreachable past the retry budget
                 self.fatal = exc
                 log.error("run.api_unreachable", status=exc.status, error=exc.message)
@@ -246,17 +251,21 @@ class Runner:
                 )
                 log.info("run.simulating", url=sim.url, images=settings.simulate_images)
             api_settings = _with_connections(api_settings, self.concurrency)
+            api_settings = replace(api_settings, request_timeout_s=min(
+                api_settings.request_timeout_s, self._retry_policy().budget_s))
             client = await stack.enter_async_context(api.Client.open(api_settings, limiter))
             client.observe_latency = self.latency.add
             yield client
 
     def _open_journal(self) -> None:
         settings = self.settings
-        make_private_dir(settings.state_dir)
+        safety.state_dir(settings.state_dir)
         shard = str(settings.shard) if settings.shard else None
         job_hash = (self.job.sha256 if self.job else self.parent_run_id) or ""
         kind = self.kind
         run_id = settings.run_id
+        if run_id is not None:
+            safety.run_dir(settings.state_dir, run_id)  # a safe name, and ours if it exists
         if settings.resume and kind != "plan":
             found = run_id if run_id and (settings.state_dir / run_id).is_dir() else None
             if found is None and run_id is None:
@@ -364,7 +373,11 @@ class Runner:
         detail: str | None
         before: dict[str, Any] | None
         patch: dict[str, Any] | None
-        if image is None:
+        bad_id = safety.image_id_problem(target.image_id)
+        if bad_id is not None:  # never sent: an id that would not stay one path segment
+            status, reason, detail, before, patch = "failed", "bad_id", bad_id, None, None
+            name = image.name if image is not None else ""
+        elif image is None:
             status, reason, detail, before, patch = (
                 "failed", "not_found", "no such image", None, None)
             name = ""

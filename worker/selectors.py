@@ -31,10 +31,11 @@ from typing import Any, TypeVar
 
 from worker import defaults, fanout, retry, spec
 from worker.api import Client
-from worker.errors import JobError, NotFound
+from worker.errors import BadAnswer, JobError, NotFound
 from worker.journal import changes_from_json, changes_to_json
 from worker.log import get_logger
 from worker.models import Changes, Image, Target
+from worker.safety import create_private_file, image_id_problem
 
 log = get_logger("bulk_tagger.selectors")
 T = TypeVar("T")
@@ -85,6 +86,7 @@ class _Stage:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.unlink(missing_ok=True)
+        create_private_file(path)  # 0600 like the journal, never through a symlink
         self.conn = sqlite3.connect(path, isolation_level=None)
         self.conn.execute("PRAGMA journal_mode=OFF")
         self.conn.execute("PRAGMA synchronous=OFF")
@@ -231,7 +233,10 @@ class Expander:
             return list(value)
         fetch = self.client.list_projects if kind == "projects" else self.client.list_regions
         items = await self._read(fetch)
-        return [int(item["id"]) for item in items if "id" in item]
+        ids = [item["id"] for item in items if "id" in item]
+        if not all(type(i) is int for i in ids):
+            raise BadAnswer(f"the list of {kind} holds an id that is not a number", status=200)
+        return ids
 
     async def targets(self) -> AsyncIterator[Target]:
         stage = _Stage(self.stage_path)
@@ -277,7 +282,10 @@ class Expander:
         then the next regions' first pages. Pages come out in the order they were asked.
         Tolerant of a server that pages by fewer than ``limit`` (the first page's length is
         then the step) and of one that sends no ``count`` (one page at a time, until a short
-        one).
+        one). Not fooled by one that lies: a region's reading stops (with a warning) at a page
+        that repeats an earlier one of it (the offset ignored), and its pages never reach
+        past what its first ``count`` allowed (plus a page of slack for images added
+        meanwhile), whatever later pages claim.
         """
         size = self.page_size
         client = self.client
@@ -289,6 +297,9 @@ class Expander:
         state: dict[tuple[int, int], list[int]] = {}
         open_: deque[tuple[int, int]] = deque()
         gone: set[tuple[int, int]] = set()
+        # a digest of each page of a region, and the most its list may hold
+        pages: dict[tuple[int, int], set[int]] = {}
+        ceiling: dict[tuple[int, int], int] = {}
 
         def fetch(p: int, r: int, at: int) -> Awaitable[tuple[list[Image], int | None]]:
             return self._read(
@@ -312,6 +323,8 @@ class Expander:
 
         def arrived(key: tuple[int, int], at: int, n: int, count: int | None) -> None:
             end = count if count is not None else at + n + (1 if n >= size else 0)
+            if count is not None:
+                end = min(end, ceiling.setdefault(key, count + size))
             region = state.get(key)
             if region is None:  # its first page: the step is what the server pages by
                 region = state[key] = [at + n, 0, n if 0 < n < size and at + n < end else size]
@@ -341,6 +354,14 @@ class Expander:
                 if key in gone:  # a page of a region that vanished meanwhile
                     ask()
                     continue
+                if page and not self._fresh_page(pages.setdefault(key, set()), page):
+                    gone.add(key)
+                    log.warning("selectors.paging_stopped", project_id=p, region_id=r,
+                                offset=at, reason="a page repeated an earlier one")
+                    with contextlib.suppress(ValueError):
+                        open_.remove(key)
+                    ask()
+                    continue
                 arrived(key, at, len(page), count)
                 ask()
                 if page:
@@ -351,6 +372,15 @@ class Expander:
             for *_, future in flight:
                 with contextlib.suppress(BaseException):
                     await future
+
+    @staticmethod
+    def _fresh_page(earlier: set[int], page: list[Image]) -> bool:
+        """False if ``page`` holds the very images of an earlier page of its region."""
+        digest = hash(tuple(image.id for image in page))
+        if digest in earlier:
+            return False
+        earlier.add(digest)
+        return True
 
     def _emit(
         self,
@@ -457,7 +487,9 @@ class Expander:
             return None
         changes: Changes = self.job_changes.merged(changes_from_json(changes_json))
         client = self.client
-        image: Image | None
+        image: Image | None = None
+        if image_id_problem(image_id) is not None:  # never sent: the plan fails it (bad_id)
+            return Target(project_id, region_id, image_id, changes, None, source)
         try:
             image = await self._read(lambda: client.get_image(project_id, region_id, image_id))
         except NotFound:
