@@ -373,6 +373,9 @@ class Client:
             results, count = data.get("results") or [], data.get("count")
         else:
             raise BadAnswer(f"a list page that is a JSON {type(data).__name__}", status=200)
+        if isinstance(results, list) and len(results) > limit:
+            raise BadAnswer(f"a list page of {len(results):,} images ({limit} were asked)",
+                            status=200)
         images = [_image(item, project_id, region_id) for item in _objects(results)]
         return images, count if type(count) is int and count >= 0 else None
 
