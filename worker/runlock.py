@@ -114,7 +114,7 @@ class RunLock:
     def acquire(cls, run_dir: Path, *, run_id: str, command: str = "") -> RunLock:
         """Take ``run_dir``'s lock (the folder must exist) or raise ``RunHeld`` at once."""
         path = run_dir / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         fh = os.fdopen(fd, "r+b")
         try:
             if not _try_lock(fh):

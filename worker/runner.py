@@ -300,7 +300,7 @@ class Runner:
                 raise RunHeld(held_message(self.parent_run_id, holder))
         if self.run_lock is None:
             self._check_space(None)  # a new run: refused before its folder is made
-            make_private_dir(settings.state_dir / run_id)
+            safety.private_run_dir(settings.state_dir / run_id)
             self._lock_run(run_id)
         self.run_id = run_id
         journal = Journal(settings.state_dir / run_id)

@@ -131,7 +131,8 @@ def private_run_dir(path: Path) -> None:
         raise _os_error(exc, path, "--state-dir") from None
     _trusted(path, os.lstat(path), directory=True, field="--run-id")
     os.chmod(path, 0o700, follow_symlinks=False)
-    for name in ("journal.sqlite", "journal.sqlite-wal", "journal.sqlite-shm", "stage.sqlite"):
+    for name in ("journal.sqlite", "journal.sqlite-wal", "journal.sqlite-shm", "stage.sqlite",
+                 "run.lock"):
         try:
             st = os.lstat(path / name)
         except FileNotFoundError:
