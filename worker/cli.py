@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
         mistake = operator_mistake(exc)
         if mistake is not None:  # a path that cannot be used: the operator's to fix
             click.echo(f"error: {printable(scrub(mistake))}", err=True)
-            sys.exit(2)
+            sys.exit(ExitCode.BAD_INPUT)
 
         click.echo(
             f"internal error: {type(exc).__name__}: {scrub(str(exc))} "

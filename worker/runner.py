@@ -219,7 +219,7 @@ class Runner:
             except BadAnswer as exc:  # a list read the API answered with what is not a list
                 self.fatal = exc
                 log.error("run.bad_answer", status=exc.status, error=exc.message)
-                code = Interrupted.exit_code
+                code = ExitCode.INTERRUPTED
             except ApiError as exc:  # a read that stayed unreachable past the retry budget
                 self.fatal = exc
                 log.error("run.api_unreachable", status=exc.status, error=exc.message)

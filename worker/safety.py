@@ -61,29 +61,26 @@ def state_dir(path: Path) -> Path:
 
     One that exists is not chmodded: a volume's root may belong to another user (Kubernetes'
     fsGroup), who alone may; a group-writable one is accepted for that reason (the run
-    folders inside are then checked one by one).
+    folders inside are then checked one by one). An OSError (a read-only or full volume) is
+    let through for ``worker.statevol`` to name.
     """
+    if "\0" in str(path):
+        raise JobError("the path holds a NUL character", field="--state-dir")
     try:
-        if "\0" in str(path):
-            raise JobError("the path holds a NUL character", field="--state-dir")
-        try:
-            path.mkdir(mode=0o700, parents=True)
-            os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask
-        except FileExistsError:
-            pass
-        st = path.stat()
-    except OSError as exc:
-        raise _os_error(exc, path, "--state-dir") from None
+        path.mkdir(mode=0o700, parents=True)
+        os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask
+    except FileExistsError:
+        pass
+    st = path.stat()
+    shown = printable(str(path))
     if not stat.S_ISDIR(st.st_mode):
-        raise JobError(f"{printable(str(path))} exists and is not a directory",
-                       field="--state-dir")
+        raise JobError(f"{shown} exists and is not a directory", field="--state-dir")
     if st.st_mode & stat.S_IWOTH:
         raise JobError(
-            f"{printable(str(path))} is writable by every user: anyone could plant a run in it",
-            field="--state-dir", hint=f"chmod 700 {printable(str(path))}")
+            f"{shown} is writable by every user: anyone could plant a run in it",
+            field="--state-dir", hint=f"chmod o-w {shown}, or choose another folder")
     if not os.access(path, os.W_OK | os.X_OK):
-        raise JobError(f"{printable(str(path))} is not writable by this user",
-                       field="--state-dir")
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
     return path
 
 
