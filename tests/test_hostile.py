@@ -10,7 +10,10 @@ A small aiohttp server of the test's own (in a thread, so the CLI's peak RSS can
   were asked: a clear stop (75), never 70;
 - ids built to leave the URL path (``../../../../projects``, a task id ``../../evil?x=``):
   never sent, the image fails ``bad_id`` / ``bad_answer``; every path the server saw stayed
-  under the images and tasks it serves.
+  under the images and tasks it serves;
+- image names with ESC, an OSC 8 link, BEL, a C1 CSI, U+202E: escaped in the plan, the logs
+  and ``report --format csv/jsonl`` (JSON lines stay the same JSON); a template copying such
+  a name fails that target (``template``) and nothing of it is sent.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -130,11 +134,25 @@ class Hostile:
         if mode == "tags":
             return web.json_response({"count": 2, "results": [
                 _image("ok-1"), _image("odd-1", tags=["owner", 7])]})
+        if mode == "names":
+            return web.json_response({"count": len(NAMES), "results": [
+                _image(image_id, name=name) for image_id, name in NAMES.items()]})
         if mode == "ids":
             return web.json_response({"count": 3, "results": [
                 _image("../../../../projects"), _image("good-1"),
                 _image("locked-1", task_id="../../../../evil?x=")]})
         raise AssertionError(mode)
+
+
+#: image names a terminal would obey: an OSC 8 link, a CSI (C1), a right-to-left override, BEL
+NAMES = {
+    "n-osc": "evil\x1b]8;;http://x.invalid\x07click\x1b]8;;\x07",
+    "n-csi": "a\x9b2Jb",
+    "n-bidi": "report\u202efdp.exe",
+    "n-bel": "bell\x07",
+    "n-plain": "plain",
+}
+RAW_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 @pytest.fixture
@@ -147,18 +165,22 @@ def job(tmp_path: Path) -> Path:
     })
 
 
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GCORE_", "BULK_TAGGER_"))}
+    env["GCORE_API_KEY"] = "hostile-test-key"
+    return env
+
+
 def run_measured(job: Path, server: Hostile, state: Path,
                  timeout: float = 60) -> tuple[int, str, int]:
     """The CLI's ``run`` in a subprocess: (exit code, stderr, peak RSS in bytes)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GCORE_", "BULK_TAGGER_"))}
-    env["GCORE_API_KEY"] = "hostile-test-key"
     err_path = state.parent / "stderr.txt"
     with err_path.open("wb") as err:
         proc = subprocess.Popen(
             [*CLI, "run", str(job), "--base-url", server.url, "--state-dir", str(state),
              "--log-format", "json", "--retry-base-seconds", "0.05",
              "--lock-poll-seconds", "0.05"],
-            stdout=subprocess.DEVNULL, stderr=err, env=env)
+            stdout=subprocess.DEVNULL, stderr=err, env=_env())
     deadline = time.monotonic() + timeout
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -256,3 +278,47 @@ def test_ids_that_would_leave_the_url_path_are_never_sent(
     assert by_id["locked-1"]["reason"] == "bad_answer"
     assert "not a UUID" in by_id["locked-1"]["error"]
 
+
+
+@pytest.mark.parametrize("hostile", ["names"], indirect=True)
+def test_control_characters_reach_neither_the_terminal_nor_the_api(
+    tmp_path: Path, hostile: Hostile
+) -> None:
+    def cli(*args: str | Path, fmt: str = "console") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, *map(str, args), "--state-dir", str(tmp_path / "state"),
+                               "--log-format", fmt], env=_env(), capture_output=True,
+                              text=True, timeout=60, check=False)
+
+    common = ("--base-url", hostile.url)
+    plain = write_job(tmp_path, {"name": "names", "targets": [
+        {"query": {"projects": [1], "regions": [7]}}], "changes": {"set_tags": {"seen": "1"}}},
+        name="plain.yaml")
+    plan = cli("plan", plain, *common)
+    assert plan.returncode == 0, plan.stderr
+    assert "report\\u202efdp.exe" in plan.stdout  # shown, escaped
+    assert not RAW_CONTROL.search(plan.stdout), plan.stdout
+    assert not RAW_CONTROL.search(plan.stderr), plan.stderr
+
+    # a template copying the name: those names would be sent on, so those targets fail
+    job = write_job(tmp_path, {"name": "names", "targets": [
+        {"query": {"projects": [1], "regions": [7]}}],
+        "changes": {"set_tags": {"label": "{image.name}"}}})
+    run = cli("run", job, *common, "--run-id", "named", fmt="json")
+    assert run.returncode == 1, run.stderr
+    assert not RAW_CONTROL.search(run.stdout + run.stderr)
+    assert hostile.count("PATCH") == 1 and hostile.count(f"PATCH {LIST}/n-plain") == 1
+    rows = {r["image_id"]: r for r in results(tmp_path / "state" / "named")}
+    for image_id in NAMES.keys() - {"n-plain"}:
+        assert (rows[image_id]["status"], rows[image_id]["reason"]) == ("failed", "template")
+        assert "control character" in rows[image_id]["error"]
+
+    csv_out = cli("report", "named", "--format", "csv")
+    jsonl = cli("report", "named", "--format", "jsonl")
+    assert csv_out.returncode == jsonl.returncode == 0
+    assert not RAW_CONTROL.search(csv_out.stdout.replace("\r\n", "\n")), csv_out.stdout
+    assert "evil\\x1b]8;;http://x.invalid\\x07click" in csv_out.stdout
+    assert not RAW_CONTROL.search(jsonl.stdout)
+    # the JSON lines are the same JSON: the names come back whole
+    names = {json.loads(line)["image_id"]: json.loads(line)["name"]
+             for line in jsonl.stdout.splitlines()}
+    assert names == NAMES

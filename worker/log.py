@@ -3,7 +3,8 @@
 Events are namespaced (``target.patched``, ``run.finished``) key-value pairs. JSON goes to
 stderr when it is not a terminal, a console rendering otherwise. ``redact`` registers secrets;
 every string value of every event is scrubbed of them before rendering, whatever the call site
-put there (an exception message, a URL, a header dump).
+put there (an exception message, a URL, a header dump), and its control characters (an image
+name's ESC or U+202E) are shown escaped.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
+
+from worker.safety import printable
 
 _SECRETS: set[str] = set()
 _MASK = "***"
@@ -35,21 +38,19 @@ def scrub(text: str) -> str:
 
 def _scrub_value(value: Any) -> Any:
     if isinstance(value, str):
-        return scrub(value)
+        return printable(scrub(value), newlines=True)
     if isinstance(value, dict):
         return {k: _scrub_value(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_scrub_value(v) for v in value]
     if isinstance(value, BaseException):
-        return scrub(f"{type(value).__name__}: {value}")
+        return printable(scrub(f"{type(value).__name__}: {value}"), newlines=True)
     return value
 
 
 def _redact_processor(
     _logger: Any, _name: str, event: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    if not _SECRETS:
-        return event
     for key, value in list(event.items()):
         event[key] = _scrub_value(value)
     return event

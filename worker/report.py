@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from worker import exports
+from worker import exports, safety
 from worker.errors import ExitCode, JobError
 from worker.journal import Journal, read_run_info
 from worker.models import RESULT_FIELDS, STATUSES
@@ -365,7 +365,7 @@ def print_report(
     ``export`` writes results.jsonl/csv and summary.json anew first. A run without a summary
     (killed, or still going) gets one made of its journal's counts, exit code null.
     """
-    run_dir = state_dir / run_id
+    run_dir = safety.run_dir(state_dir, run_id, field="RUN_ID")  # one segment, ours
     if not read_run_info(run_dir):
         raise JobError(f"no run {run_id!r} in {state_dir}", field="RUN_ID")
     journal = Journal(run_dir)
@@ -380,10 +380,15 @@ def print_report(
         elif fmt == "json":
             out.write(json.dumps(summary, indent=2) + "\n")
         else:
+            # what a person may read on a terminal: no control character goes out raw
+            # (JSON lines stay the same JSON; CSV cells show them escaped, as \x1b)
             if fmt == "csv":
                 out.write(",".join(RESULT_FIELDS) + "\r\n")
-            which = 0 if fmt == "jsonl" else 1
             for row in journal.iter_results(run_id, raw=True):
-                out.write(exports.export_lines(row)[which])
+                jsonl, csv_line = exports.export_lines(row)
+                if fmt == "jsonl":
+                    out.write(safety.json_printable(jsonl))
+                else:
+                    out.write(safety.printable(csv_line.removesuffix("\r\n")) + "\r\n")
     finally:
         journal.close()

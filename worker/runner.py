@@ -571,17 +571,18 @@ class Runner:
         journal.finish_run(code, summary)
         journal.close()
         self._release()
-        out = self.settings.out
+        text: list[str] = []  # for a person: control characters (names, tags) escaped
         if self.kind == "plan":
             # counts from the journal: a target named twice is planned once
-            out.write(report.format_plan(
+            text.append(report.format_plan(
                 counts, self.plan_reasons, self.samples,
                 max(0, counts.get("planned", 0) - len(self.samples)),
-            ) + "\n")
+            ))
         if isinstance(self.fatal, BulkTaggerError) and not isinstance(self.fatal, ApiError):
-            out.write(f"stopped: {scrub(str(self.fatal))}\n")
-        out.write(report.format_summary(summary) + "\n")
-        out.write(f"report: {run_dir}\n")
+            text.append(f"stopped: {scrub(str(self.fatal))}")
+        text += [report.format_summary(summary), f"report: {run_dir}"]
+        out = self.settings.out
+        out.write("".join(safety.printable(line, newlines=True) + "\n" for line in text))
         out.flush()
         log.info("run.finished", run_id=self.run_id, exit_code=code, counts=counts)
         if self.settings.pushgateway and self.kind != "plan":

@@ -30,6 +30,7 @@ import functools
 from dataclasses import dataclass
 
 from worker.models import IMAGE_FIELDS, Image, RunContext, tag_problem
+from worker.safety import has_control
 
 __all__ = [
     "BOOL_TEXT_FORMS",
@@ -244,7 +245,11 @@ def render(text: str, image: Image, ctx: RunContext) -> str:
             out.append(_image_field(image, name))
         else:
             out.append(ctx.run_date if name == "date" else ctx.run_id)
-    return "".join(out)
+    value = "".join(out)
+    if has_control(value):  # copied from the image: never sent on (README: threat model)
+        raise TemplateGap(f"{_short(text)} renders {_short(value)},"
+                          " which holds a control character")
+    return value
 
 
 _BOOL_TEXT = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
