@@ -108,6 +108,8 @@ def changes_to_json(changes: Changes) -> str:
     data: dict[str, Any] = {}
     if changes.set_tags:
         data["set_tags"] = dict(changes.set_tags)
+    if changes.add_tags:
+        data["add_tags"] = dict(changes.add_tags)
     if changes.remove_tags:
         data["remove_tags"] = list(changes.remove_tags)
     if changes.rename_tags:
@@ -132,6 +134,7 @@ def changes_from_json(text: str | None) -> Changes:
         replace_tags=data.get("replace_tags"),
         set_fields=data.get("set_fields", {}),
         literal=data.get("literal", False) is True,
+        add_tags=data.get("add_tags", {}),
     )
 
 

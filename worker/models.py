@@ -116,7 +116,10 @@ class Image:
 
 @dataclass(frozen=True, slots=True)
 class Changes:
-    """What to do to an image. ``replace_tags`` excludes the three other tag changes.
+    """What to do to an image. ``replace_tags`` excludes the other tag changes.
+
+    ``add_tags`` sets a key only where the image has none (an image whose key holds another
+    value keeps it: ``unchanged`` for that key).
 
     ``set_fields`` holds the settable fields (see SETTABLE_FIELDS); string values and tag
     values may hold templates (``{image.name}``, ``{tags.owner}``, ``{run.date}``, ``{run.id}``;
@@ -134,6 +137,7 @@ class Changes:
     replace_tags: Mapping[str, str] | None = None
     set_fields: Mapping[str, str | bool] = field(default_factory=dict)
     literal: bool = False
+    add_tags: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_patch(cls, patch: Mapping[str, Any]) -> Changes:
@@ -153,6 +157,7 @@ class Changes:
             or self.rename_tags
             or self.replace_tags is not None
             or self.set_fields
+            or self.add_tags
         )
 
     def merged(self, row: Changes) -> Changes:
@@ -165,7 +170,9 @@ class Changes:
             return self
         if self.is_empty():
             return row
-        row_keys = set(row.set_tags) | set(row.remove_tags)
+        row_keys = set(row.set_tags) | set(row.remove_tags) | set(row.add_tags)
+        add_tags = {k: v for k, v in self.add_tags.items() if k not in row_keys}
+        add_tags.update(row.add_tags)
         if self.replace_tags is not None:
             replace = {k: v for k, v in self.replace_tags.items() if k not in row.remove_tags}
             replace.update(row.set_tags)
@@ -191,6 +198,7 @@ class Changes:
         rename.update(row.rename_tags)
         return Changes(
             set_tags=set_tags,
+            add_tags={k: v for k, v in add_tags.items() if k not in set_tags},
             remove_tags=remove,
             rename_tags=rename,
             set_fields={**self.set_fields, **row.set_fields},

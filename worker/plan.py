@@ -28,6 +28,10 @@ Tag changes (evaluated on a working copy of the current tags, in this order)
        absent -> nothing.
     4. ``set_tags`` {k: v}: k takes the rendered v; a read-only k is fine when it already holds
        v, a ``read_only`` conflict otherwise.
+    5. ``add_tags`` {k: v}: k takes the rendered v only where the image has no k (after the
+       steps above); a k that holds another value keeps it, never a conflict (``kubectl
+       label`` without ``--overwrite``). An image where nothing else changes is
+       ``unchanged``, its detail naming each key it kept.
     When several changes name one key the later step wins: renames, then removes, then sets
     (a set wins over a remove of the same key). The patch's ``tags`` is then the difference
     between the working copy and the current tags: a key whose final value equals its current
@@ -172,15 +176,23 @@ def plan_changes(image: Image, changes: Changes, ctx: RunContext, *, partial: bo
     replace = changes.replace_tags
     has_tag_changes = bool(
         replace is not None or changes.set_tags or changes.remove_tags or changes.rename_tags
+        or changes.add_tags
     )
     sets: Mapping[str, str]
+    adds: Mapping[str, str]
     replace_values: Mapping[str, str] | None
     fields: Mapping[str, str | bool]
+    kept: list[str] = []
     if changes.literal:
         sets, replace_values, fields = changes.set_tags, replace, changes.set_fields
+        adds = changes.add_tags
     else:
         try:
             sets = _render_tag_values("set_tags", changes.set_tags, image, ctx)
+            adds = _render_tag_values(
+                "add_tags", {k: v for k, v in changes.add_tags.items() if k not in image.tags},
+                image, ctx,
+            ) if changes.add_tags else changes.add_tags
             replace_values = (
                 _render_tag_values("replace_tags", replace, image, ctx)
                 if replace is not None
@@ -252,6 +264,14 @@ def plan_changes(image: Image, changes: Changes, ctx: RunContext, *, partial: bo
             else:
                 work[key] = value
 
+        for key, template in changes.add_tags.items():
+            value = adds.get(key, template)  # rendered where the image has no such key
+            held = work.get(key)
+            if held is None:
+                work[key] = value
+            elif held != value:
+                kept.append(f"add_tags {key!r}: the image holds {held!r}, kept")
+
         if problems and not partial:
             return Plan(None, READ_ONLY if read_only_hit else RENAME_CONFLICT, "; ".join(problems))
 
@@ -274,7 +294,8 @@ def plan_changes(image: Image, changes: Changes, ctx: RunContext, *, partial: bo
         reason = READ_ONLY if read_only_hit else RENAME_CONFLICT
         return Plan(patch or None, reason, "; ".join(problems))
     if not patch:
-        return Plan(None, UNCHANGED, "the image already shows every change")
+        detail = "; ".join(kept) if kept else "the image already shows every change"
+        return Plan(None, UNCHANGED, detail)
     return Plan(patch)
 
 

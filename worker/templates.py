@@ -10,6 +10,10 @@ hold placeholders; tag keys never do.
 ``{tags.<key>}``     the value of a *current* tag (before the plan's changes); a gap if absent.
 ``{run.date}``       the run's UTC date, ``YYYY-MM-DD``.      ``{run.id}``: the run's id.
 
+A placeholder may name a default after ``|``: ``{tags.owner|unknown}``, ``{image.os_version|
+none}`` render the text after the bar where the tag or field is missing (or null, or not a
+single value) instead of a gap. The default is literal text (no braces, no bar).
+
 Text around placeholders is literal; ``{{`` and ``}}`` stand for literal braces. Any other
 ``{...}``, an unmatched ``{`` or ``}`` is an error.
 
@@ -61,8 +65,9 @@ class TemplateGap(Exception):
     """A template names something this image does not have, or renders an invalid value."""
 
 
-# A compiled template: literal text (kind None) and placeholders (kind "image"/"tags"/"run").
-_Part = tuple[str | None, str]
+# A compiled template: literal text (kind None) and placeholders (kind "image"/"tags"/"run"),
+# each with its default (None: a gap where the value is missing).
+_Part = tuple[str | None, str, str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,15 +153,18 @@ def _parse(text: str) -> _Compiled:
             opened = text.find("{", i + 1)
             if end < 0 or 0 <= opened < end:
                 return _Compiled((), _unmatched("{", i, text))
-            body = text[i + 1 : end]
+            body, bar, default = text[i + 1 : end].partition("|")
             error = _placeholder_error(body)
+            if error is None and "|" in default:
+                error = TemplateError(
+                    f"{{{body}|{default}}}: a default holds no '|'", "one default: {tags.k|x}")
             if error is not None:
                 return _Compiled((), error)
             if literal:
-                parts.append((None, "".join(literal)))
+                parts.append((None, "".join(literal), None))
                 literal = []
             kind, _, name = body.partition(".")
-            parts.append((kind, name))
+            parts.append((kind, name, default if bar else None))
             i = end + 1
         elif ch == "}":
             if text.startswith("}}", i):
@@ -168,7 +176,7 @@ def _parse(text: str) -> _Compiled:
             literal.append(ch)
             i += 1
     if literal:
-        parts.append((None, "".join(literal)))
+        parts.append((None, "".join(literal), None))
     return _Compiled(tuple(parts), None)
 
 
@@ -194,7 +202,7 @@ def check(text: str) -> list[str]:
     compiled = _compile(text)
     if compiled.error is not None:
         raise compiled.error
-    return [f"{kind}.{name}" for kind, name in compiled.parts if kind is not None]
+    return [f"{kind}.{name}" for kind, name, _ in compiled.parts if kind is not None]
 
 
 def sample(text: str, fill: str = "x") -> str:
@@ -202,7 +210,7 @@ def sample(text: str, fill: str = "x") -> str:
     checking them as the API would check the result (``text`` must pass ``check``)."""
     if not is_template(text):
         return text
-    return "".join(fill if kind is not None else name for kind, name in _compile(text).parts)
+    return "".join(fill if kind is not None else name for kind, name, _ in _compile(text).parts)
 
 
 def _image_field(image: Image, name: str) -> str:
@@ -233,16 +241,23 @@ def render(text: str, image: Image, ctx: RunContext) -> str:
     if compiled.error is not None:
         raise TemplateGap(compiled.error.message)
     out: list[str] = []
-    for kind, name in compiled.parts:
+    for kind, name, default in compiled.parts:
         if kind is None:
             out.append(name)
         elif kind == "tags":
             tag = image.tags.get(name)
             if tag is None:
-                raise TemplateGap(f"{{tags.{name}}}: the image has no tag {name!r}")
+                if default is None:
+                    raise TemplateGap(f"{{tags.{name}}}: the image has no tag {name!r}")
+                tag = default
             out.append(tag)
         elif kind == "image":
-            out.append(_image_field(image, name))
+            try:
+                out.append(_image_field(image, name))
+            except TemplateGap:
+                if default is None:
+                    raise
+                out.append(default)
         else:
             out.append(ctx.run_date if name == "date" else ctx.run_id)
     value = "".join(out)

@@ -8,6 +8,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -65,7 +66,11 @@ class Query(BaseModel):
     name_glob: NonEmpty | None = None
     name_regex: NonEmpty | None = None
     has_tags: dict[str, str] = Field(default_factory=dict)
-    missing_tags: list[str] = Field(default_factory=list)
+    missing_tags: list[str] | dict[str, str] = Field(default_factory=list)
+    created_before: NonEmpty | None = None
+    created_after: NonEmpty | None = None
+    updated_before: NonEmpty | None = None
+    updated_after: NonEmpty | None = None
 
     _glob: re.Pattern[str] | None = PrivateAttr(default=None)
     _regex: re.Pattern[str] | None = PrivateAttr(default=None)
@@ -107,10 +112,24 @@ class Query(BaseModel):
     def _one_or_many(cls, value: object) -> object:
         return [value] if isinstance(value, str) else value
 
-    @field_validator("tag_key", "missing_tags")
+    @field_validator("tag_key")
     @classmethod
     def _keys(cls, value: list[str]) -> list[str]:
         return _check_keys(value)
+
+    @field_validator("missing_tags")
+    @classmethod
+    def _missing(cls, value: list[str] | dict[str, str]) -> list[str] | dict[str, str]:
+        if isinstance(value, list):
+            return _check_keys(value)
+        return cls._has_tags(value)
+
+    @field_validator("created_before", "created_after", "updated_before", "updated_after")
+    @classmethod
+    def _moment(cls, value: str | None) -> str | None:
+        if value is not None:
+            moment(value)
+        return value
 
     @field_validator("tag_key_value")
     @classmethod
@@ -163,15 +182,28 @@ class Query(BaseModel):
             pairs.append(("tag_key_value", json.dumps(self.tag_key_value, separators=(",", ":"))))
         return pairs
 
-    def matcher(self) -> Callable[[Image], bool] | None:
+    def matcher(self, now: datetime | None = None) -> Callable[[Image], bool] | None:
         """The client-side filters as a plain function, or None when the query has none:
         ``name_glob`` (whole name, case-sensitive), ``name_regex`` (``re.search``), ``has_tags``
-        (``"*"`` = any value), ``missing_tags``. The selectors call it once per listed image: no
-        model attribute lookups there."""
+        (a value: exact, or a glob with ``*``/``?``/``[...]``; ``"*"`` = any value),
+        ``missing_tags`` (a list of keys: none of them present; a mapping: no key holding a
+        value its glob matches), ``created_before``/``created_after``/``updated_before``/
+        ``updated_after`` (a date, a time or a duration back from ``now``; an image without
+        the field does not match). The selectors call it once per listed image: no model
+        attribute lookups there."""
         glob, regex = self._glob, self._regex
-        has_tags = dict(self.has_tags)
-        missing = tuple(self.missing_tags)
-        if glob is None and regex is None and not has_tags and not missing:
+        has_tags = {key: _value_test(value) for key, value in self.has_tags.items()}
+        missing_map = self.missing_tags if isinstance(self.missing_tags, dict) else {}
+        missing = tuple(self.missing_tags) if isinstance(self.missing_tags, list) else ()
+        not_holding = {key: _value_test(value) for key, value in missing_map.items()}
+        now = now or datetime.now(UTC)
+        ages = [
+            (f"{field}_at", edge == "before", _cutoff(value, now))
+            for field in ("created", "updated") for edge in ("before", "after")
+            if (value := getattr(self, f"{field}_{edge}")) is not None
+        ]
+        if (glob is None and regex is None and not has_tags and not missing and not not_holding
+                and not ages):
             return None
 
         def match(image: Image) -> bool:
@@ -180,12 +212,65 @@ class Query(BaseModel):
             if regex is not None and not regex.search(image.name):
                 return False
             tags = image.tags
-            for key, value in has_tags.items():
-                if key not in tags or (value != "*" and tags[key] != value):
+            for key, test in has_tags.items():
+                if key not in tags or not test(tags[key]):
+                    return False
+            for key, test in not_holding.items():
+                if key in tags and test(tags[key]):
+                    return False
+            for name, before, cutoff in ages:
+                at = image_time(image.raw.get(name))
+                if at is None or (at >= cutoff if before else at <= cutoff):
                     return False
             return not any(key in tags for key in missing)
 
         return match
+
+
+_GLOB_CHARS = frozenset("*?[")
+_DURATION = re.compile(r"(\d+)([smhdw])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _value_test(value: str) -> Callable[[str], bool]:
+    """A tag value test: ``*`` any value, a glob (``team-*``) by fnmatch, else exact."""
+    if value == "*":
+        return lambda held: True
+    if _GLOB_CHARS.intersection(value):
+        return re.compile(fnmatch.translate(value)).match  # type: ignore[return-value]
+    return value.__eq__
+
+
+def moment(text: str) -> datetime | timedelta:
+    """An age filter's value: a duration (``90d``, ``12h``, ``2w``) or a date/time (``2024-01-31``,
+    ``2024-01-31T12:00:00Z``; UTC where no offset is given). ``_Problem`` otherwise."""
+    found = _DURATION.fullmatch(text.strip())
+    if found:
+        return timedelta(seconds=int(found.group(1)) * _UNIT_S[found.group(2)])
+    at = image_time(text)
+    if at is None:
+        raise _Problem(
+            f"{_short(text)} is neither a date nor a duration",
+            hint="a date (2024-01-31), a UTC time (2024-01-31T12:00:00Z) or a duration "
+            "back from now (90d, 12h, 2w)",
+        )
+    return at
+
+
+def image_time(value: object) -> datetime | None:
+    """An ISO 8601 date or time as an aware UTC datetime (naive means UTC), or None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        at = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+def _cutoff(value: str, now: datetime) -> datetime:
+    at = moment(value)
+    return now - at if isinstance(at, timedelta) else at
 
 
 class QuerySelector(BaseModel):
@@ -299,17 +384,19 @@ def _none_is_empty(value: object) -> object:
 
 
 class ChangesSpec(BaseModel):
-    """What to do to every target; ``replace_tags`` excludes the three other tag changes."""
+    """What to do to every target; ``replace_tags`` excludes the other tag changes.
+    ``add_tags`` sets a key only where an image has none (one holding another value keeps it)."""
 
     model_config = _CONFIG
 
     set_tags: dict[str, str] = Field(default_factory=dict)
+    add_tags: dict[str, str] = Field(default_factory=dict)
     remove_tags: list[str] = Field(default_factory=list)
     rename_tags: dict[str, str] = Field(default_factory=dict)
     replace_tags: dict[str, str] | None = None
     set: SetFields = Field(default_factory=SetFields)
 
-    @field_validator("set_tags", "rename_tags", "set", mode="before")
+    @field_validator("set_tags", "add_tags", "rename_tags", "set", mode="before")
     @classmethod
     def _none_mapping(cls, value: object) -> object:
         return _none_is_empty(value)
@@ -319,7 +406,7 @@ class ChangesSpec(BaseModel):
     def _none_list(cls, value: object) -> object:
         return [] if value is None else value
 
-    @field_validator("set_tags", "replace_tags")
+    @field_validator("set_tags", "add_tags", "replace_tags")
     @classmethod
     def _tags(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         return None if value is None else _check_tag_map(value)
@@ -356,19 +443,26 @@ class ChangesSpec(BaseModel):
     @model_validator(mode="after")
     def _exclusive(self) -> ChangesSpec:
         if self.replace_tags is not None:
-            for name in ("set_tags", "remove_tags", "rename_tags"):
+            for name in ("set_tags", "add_tags", "remove_tags", "rename_tags"):
                 if getattr(self, name):
                     raise _Problem(
                         f"replace_tags cannot be combined with {name}",
                         hint="replace_tags gives the exact set of writable tags; put every tag "
-                        "you want in it and drop set_tags, remove_tags and rename_tags",
+                        "you want in it and drop set_tags, add_tags, remove_tags and rename_tags",
                         at=("replace_tags",),
                     )
         for i, key in enumerate(self.remove_tags):
             if key in self.set_tags:
                 raise _Problem(f"tag {key!r} is both set and removed", at=("remove_tags", i))
-        for old, new in self.rename_tags.items():
+        for key in self.add_tags:
             for name, keys in (("set_tags", self.set_tags), ("remove_tags", self.remove_tags)):
+                if key in keys:
+                    raise _Problem(f"tag {key!r} is both in add_tags and {name}",
+                                   hint="add_tags sets a key only where it is missing; "
+                                   "set_tags always sets it", at=("add_tags", key))
+        for old, new in self.rename_tags.items():
+            for name, keys in (("set_tags", self.set_tags), ("remove_tags", self.remove_tags),
+                               ("add_tags", self.add_tags)):
                 if old in keys or new in keys:
                     raise _Problem(
                         f"rename {old!r} -> {new!r} conflicts with {name}, which names "
@@ -383,6 +477,7 @@ class ChangesSpec(BaseModel):
     def to_changes(self) -> Changes:
         return Changes(
             set_tags=dict(self.set_tags),
+            add_tags=dict(self.add_tags),
             remove_tags=tuple(self.remove_tags),
             rename_tags=dict(self.rename_tags),
             replace_tags=None if self.replace_tags is None else dict(self.replace_tags),
@@ -462,7 +557,8 @@ class Job(BaseModel):
         if self.changes.is_empty() and any(isinstance(t, QuerySelector) for t in self.targets):
             raise _Problem(
                 "is empty: there is nothing to do",
-                hint="add set_tags, remove_tags, rename_tags, replace_tags or set; only file "
+                hint="add set_tags, add_tags, remove_tags, rename_tags, replace_tags or set; "
+                "only file "
                 "rows that carry their own changes can do without",
                 at=("changes",),
             )
