@@ -47,6 +47,7 @@ from typing import Any
 
 import yaml
 
+from tests.helpers import Key, key_of, state_of
 from worker.models import Changes, Image, RunContext
 from worker.plan import apply_patch, plan_changes
 from worker.simulator import Faults, SimConfig, SimulatorThread
@@ -55,21 +56,11 @@ CLI = [sys.executable, "-m", "worker"]
 #: short waits (the CLI's hidden test knobs): retries from 50 ms up to 1 s, lock polls 0.2 s
 FAST = ("--retry-base-seconds", "0.05", "--retry-max-wait-seconds", "1",
         "--lock-poll-seconds", "0.2")
-Key = tuple[int, int, str]
 
 #: The job's own changes (a row adds its own; see ``Scenario.job``).
 SET_TAGS = {"managed-by": "bulk-tagger", "chaos-run": "{run.id}"}
 RENAME = {"team": "owner"}
 READ_ONLY_KEY = "billing-class"
-
-
-def key_of(image: dict[str, Any]) -> Key:
-    return (int(image["project_id"]), int(image["region_id"]), str(image["id"]))
-
-
-def state_of(image: dict[str, Any]) -> dict[str, Any]:
-    """What a PATCH can change: every tag (read-only ones too) and the settable fields."""
-    return Image.from_api(image).state()
 
 
 def read_only_of(image: dict[str, Any]) -> dict[str, str]:

@@ -9,11 +9,16 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from worker.models import Image
+from worker.report import LatencyStats, build_summary
+from worker.simulator import SimulatorThread
 
 CLI = [sys.executable, "-m", "worker"]
 
@@ -36,6 +41,33 @@ def run_cli(
     )
 
 
+#: an image's place: (project_id, region_id, image id)
+Key = tuple[int, int, str]
+
+
+def key_of(item: dict[str, Any]) -> Key:
+    """The key of an image as the API shows it (``id``) or of a results line (``image_id``)."""
+    return (int(item["project_id"]), int(item["region_id"]),
+            str(item.get("image_id", item.get("id"))))
+
+
+def state_of(image: dict[str, Any]) -> dict[str, Any]:
+    """What a PATCH can change: every tag (read-only ones too) and the settable fields."""
+    return Image.from_api(image).state()
+
+
+def view(image: dict[str, Any]) -> dict[str, Any]:
+    """What must be exactly as expected: every field but updated_at, tags as a mapping."""
+    out = {k: v for k, v in image.items() if k not in ("updated_at", "tags", "tags_v2")}
+    out["tags"] = {t["key"]: (t["value"], bool(t.get("read_only"))) for t in image["tags"]}
+    return out
+
+
+def images(sim: SimulatorThread) -> dict[Key, dict[str, Any]]:
+    """The simulator's images now, by key, each as ``view`` shows it."""
+    return {key_of(image): view(image) for image in sim.call(sim.sim.images)}
+
+
 def run_dirs(state_dir: Path) -> list[Path]:
     return sorted(p for p in state_dir.iterdir() if (p / "journal.sqlite").exists())
 
@@ -46,7 +78,7 @@ def results(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def summary(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / "summary.json").read_text())
+    return dict(json.loads((run_dir / "summary.json").read_text()))
 
 
 def events(stream: io.StringIO, name: str) -> list[dict[str, Any]]:
@@ -75,6 +107,44 @@ class NoLimiter:
 
     def cancel_waiting(self) -> None:
         return None
+
+
+class FakeClock:
+    """A clock a test moves by hand (``time.monotonic``'s stand-in)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+T0 = datetime(2024, 5, 1, 2, 0, 0, tzinfo=UTC)
+
+
+def sample_summary(**overrides: Any) -> dict[str, Any]:
+    """A run's summary.json content, from ``build_summary``; ``overrides`` its arguments."""
+    latency = LatencyStats()
+    for ms in (10, 20, 30, 40, 1000):
+        latency.add(ms)
+    kwargs: dict[str, Any] = {
+        "run_id": "r-1",
+        "job": "nightly-owner-tags",
+        "started_at": T0,
+        "finished_at": T0 + timedelta(seconds=100),
+        "exit_code": 1,
+        "counts": {"updated": 900, "unchanged": 50, "failed": 3},
+        "requests": {
+            "list": 10, "get": 5, "patch": 1000, "task": 5,
+            "retries": 40, "rate_limited": 20, "lock_waits": 4,
+        },
+        "latency": latency,
+    }
+    kwargs.update(overrides)
+    return build_summary(**kwargs)
 
 
 def need(name: str) -> str:

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.chaos_harness import run_cli
-from tests.helpers import NoLimiter
+from tests.helpers import FakeClock, NoLimiter
 from worker import api, retry
 from worker.budget import CircuitBreaker, RetryBudget, Trip
 from worker.errors import Transient
@@ -23,17 +23,6 @@ from worker.retry import RetryPolicy
 from worker.simulator import Faults, SimConfig, Simulator, SimulatorThread
 
 SimFactory = Callable[[SimConfig | None], Awaitable[Simulator]]
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 # -- RetryBudget ---------------------------------------------------------------------------

@@ -10,30 +10,20 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import FakeClock
 from worker.limiter import CEILING_SHARE, AdaptiveLimiter, RateController
 from worker.pacer import Pacer
 from worker.rate_headers import Stated
 
 
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def answer(controller: RateController, clock: Clock, n: int, over: float) -> None:
+def answer(controller: RateController, clock: FakeClock, n: int, over: float) -> None:
     """``n`` accepted answers spread evenly over the next ``over`` seconds."""
     for _ in range(n):
         clock.advance(over / n)
         controller.on_success()
 
 
-def saturated_step(controller: RateController, clock: Clock, seconds: float) -> bool:
+def saturated_step(controller: RateController, clock: FakeClock, seconds: float) -> bool:
     clock.advance(seconds + 1e-9)  # a hair over: float sums must not fall short of a step
     controller.on_wait()
     return controller.tick()
@@ -41,7 +31,7 @@ def saturated_step(controller: RateController, clock: Clock, seconds: float) -> 
 
 # -- slow start --------------------------------------------------------------------------------
 def test_slow_start_doubles_each_step_while_answers_are_plentiful() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = RateController(start=20.0, step_s=0.05, clock=clock)
     assert c.slow_start and c.rate == 20.0
     rates = []
@@ -53,7 +43,7 @@ def test_slow_start_doubles_each_step_while_answers_are_plentiful() -> None:
     assert rates == [40.0, 80.0, 160.0, 320.0, 640.0, 1280.0]
 
 
-def run_slow_start(c: RateController, clock: Clock, until: float, limit: float = 1e9) -> float:
+def run_slow_start(c: RateController, clock: FakeClock, until: float, limit: float = 1e9) -> float:
     """Step 50 ms at a time, the API answering at once what was sent (at most ``limit``/s);
     the fake time it took the rate to reach ``until``."""
     started = clock.now
@@ -67,7 +57,7 @@ def run_slow_start(c: RateController, clock: Clock, until: float, limit: float =
 
 
 def test_slow_start_finds_a_high_rate_within_seconds() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = RateController(start=20.0, step_s=0.05, clock=clock)
     took = run_slow_start(c, clock, 5000.0)
     assert c.slow_start and c.rate >= 5000.0
@@ -75,7 +65,7 @@ def test_slow_start_finds_a_high_rate_within_seconds() -> None:
 
 
 def test_slow_start_grows_no_faster_than_the_answers() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = RateController(start=100.0, step_s=0.05, clock=clock)
     answer(c, clock, 6, 0.3)  # 20 answers/s come back: a slow API, or a long round trip
     assert not saturated_step(c, clock, 0.05)
@@ -86,7 +76,7 @@ def test_slow_start_grows_no_faster_than_the_answers() -> None:
 
 
 def test_no_growth_without_demand() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = RateController(start=20.0, clock=clock)
     answer(c, clock, 10, 0.5)
     clock.advance(0.1)
@@ -95,7 +85,7 @@ def test_no_growth_without_demand() -> None:
 
 
 def test_a_step_waits_for_step_s() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = RateController(start=20.0, step_s=0.05, clock=clock)
     answer(c, clock, 10, 0.2)
     c.tick()  # not saturated: no change, but a step began
@@ -105,7 +95,7 @@ def test_a_step_waits_for_step_s() -> None:
 
 
 def test_the_first_429_ends_slow_start_at_what_was_just_accepted() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = RateController(start=20.0, step_s=0.05, noise_count=1, noise_share=0.0, clock=clock)
     run_slow_start(c, clock, 600.0, limit=300.0)  # the API answers 300/s at most
     assert c.slow_start and c.rate >= 600
@@ -117,7 +107,7 @@ def test_the_first_429_ends_slow_start_at_what_was_just_accepted() -> None:
 
 
 def test_a_first_429_with_no_answer_to_go_by_halves() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = RateController(start=100.0, noise_count=1, noise_share=0.0, clock=clock)
     clock.advance(2.0)
     assert c.on_throttled()
@@ -125,7 +115,7 @@ def test_a_first_429_with_no_answer_to_go_by_halves() -> None:
 
 
 def test_a_second_look_soon_after_the_first_cut_measures_the_limit() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = RateController(1000.0, noise_count=1, noise_share=0.0, epoch_s=0.25, clock=clock)
     answer(c, clock, 800, 1.0)  # the server's burst: 800/s accepted so far
     cut_at = clock.now
@@ -145,7 +135,7 @@ def test_a_second_look_soon_after_the_first_cut_measures_the_limit() -> None:
     assert c.rate < before
 
 
-def settled(rate: float, clock: Clock, **kw: Any) -> RateController:
+def settled(rate: float, clock: FakeClock, **kw: Any) -> RateController:
     """A controller past its run's first cut (and that cut's second look), at about
     ``rate``, with a full second of answers behind it."""
     c = RateController(rate, noise_count=1, noise_share=0.0, clock=clock, **kw)
@@ -157,7 +147,7 @@ def settled(rate: float, clock: Clock, **kw: Any) -> RateController:
 
 
 def test_one_cut_per_epoch_and_none_for_requests_sent_before_it() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = settled(400.0, clock, epoch_s=0.25)
     answer(c, clock, 200, 0.5)
     cut_at = clock.now
@@ -178,7 +168,7 @@ def test_one_cut_per_epoch_and_none_for_requests_sent_before_it() -> None:
 
 
 def test_a_stray_429_is_not_a_limit() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = RateController(1000.0, clock=clock)  # the default filter: 3 a second, and over 2%
     answer(c, clock, 500, 1.0)
     assert not c.on_throttled()
@@ -192,7 +182,7 @@ def test_a_stray_429_is_not_a_limit() -> None:
 
 
 def test_the_floor_holds() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = settled(40.0, clock, floor=2.0)
     for _ in range(40):
         clock.advance(0.5)
@@ -215,7 +205,7 @@ class Server:
     def limit_at(self, t: float) -> float:
         return [v for at, v in self.schedule if t >= at][-1]
 
-    def drive(self, c: RateController, clock: Clock, seconds: float, dt: float = 0.002) -> None:
+    def drive(self, c: RateController, clock: FakeClock, seconds: float, dt: float = 0.002) -> None:
         start, due = clock.now, 0.0
         while clock.now - start < seconds:
             t = clock.now - start
@@ -257,7 +247,7 @@ class Server:
 
 
 def test_step_down_lands_near_what_the_api_now_accepts() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = RateController(clock=clock)
     server = Server([(0.0, 150.0), (5.0, 30.0)])
     server.drive(c, clock, 9.0)
@@ -269,7 +259,7 @@ def test_step_down_lands_near_what_the_api_now_accepts() -> None:
 
 
 def test_step_up_climbs_back_to_what_worked_before() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = RateController(clock=clock)
     server = Server([(0.0, 150.0), (5.0, 30.0), (9.0, 150.0)])
     server.drive(c, clock, 14.0)
@@ -279,7 +269,7 @@ def test_step_up_climbs_back_to_what_worked_before() -> None:
 
 
 def test_a_storm_refusing_everything_costs_little_and_the_climb_is_quick() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = RateController(clock=clock)
     server = Server([(0.0, 150.0), (5.0, 0.0), (5.5, 150.0)])
     server.drive(c, clock, 9.0)
@@ -290,7 +280,7 @@ def test_a_storm_refusing_everything_costs_little_and_the_climb_is_quick() -> No
 
 
 def test_without_memory_the_probe_above_a_steady_limit_is_slow() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = RateController(clock=clock)
     server = Server([(0.0, 150.0)])
     server.drive(c, clock, 20.0)
@@ -299,7 +289,7 @@ def test_without_memory_the_probe_above_a_steady_limit_is_slow() -> None:
 
 
 def test_an_idle_spell_earns_no_climb() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = settled(100.0, clock, step_s=0.05)
     answer(c, clock, 90, 0.5)
     assert c.on_throttled()
@@ -311,7 +301,7 @@ def test_an_idle_spell_earns_no_climb() -> None:
 
 # -- a limit the API states --------------------------------------------------------------------
 def test_a_stated_limit_is_run_at_98_percent_from_the_first_answer() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = RateController(clock=clock)
     assert c.slow_start
     assert c.on_stated(Stated(150.0, 1.0, 140.0, 1.0))
@@ -325,7 +315,7 @@ def test_a_stated_limit_is_run_at_98_percent_from_the_first_answer() -> None:
 
 
 def test_x_ratelimit_without_a_window_takes_the_longest_reset() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = RateController(clock=clock)
     c.on_stated(Stated(200.0, None, 199.0, 1.0))
     assert c.rate == pytest.approx(0.98 * 200)
@@ -334,7 +324,7 @@ def test_x_ratelimit_without_a_window_takes_the_longest_reset() -> None:
 
 
 def test_a_windowed_quota_is_paced_across_its_window() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = RateController(clock=clock)
     c.on_stated(Stated(1200.0, 300.0, 1199.0, 300.0))
     assert c.rate == pytest.approx(0.98 * 4.0, rel=0.01)  # 1,200 / 5 minutes, evenly
@@ -345,14 +335,14 @@ def test_a_windowed_quota_is_paced_across_its_window() -> None:
 
 
 def test_a_known_ceiling_caps_a_stated_limit() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = RateController(50.0, clock=clock)
     c.on_stated(Stated(150.0, 1.0))
     assert c.rate == pytest.approx(0.98 * 50)
 
 
 def test_a_stated_limit_against_a_modelled_server_sees_no_429() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = RateController(clock=clock)
     c.on_stated(Stated(150.0, 1.0))
     server = Server([(0.0, 150.0)])
@@ -362,7 +352,7 @@ def test_a_stated_limit_against_a_modelled_server_sees_no_429() -> None:
     assert server.accepted(0.0, 5.0) >= 0.97 * 150
 
 def test_a_known_ceiling_is_never_exceeded() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = RateController(200.0, clock=clock)
     assert not c.slow_start and c.rate == c.maximum == 200.0 * CEILING_SHARE
     for n in range(3000):
@@ -390,7 +380,7 @@ def test_validation() -> None:
 
 # -- the bucket it drives ----------------------------------------------------------------------
 async def test_a_waiter_sees_a_cut_at_once() -> None:
-    clock = Clock()
+    clock = FakeClock()
     controller = RateController(1000.0, noise_count=1, noise_share=0.0, clock=clock)
     limiter = AdaptiveLimiter(controller)
     for _ in range(30):  # use up the bucket
@@ -471,7 +461,7 @@ async def test_no_one_second_window_above_the_rate(rate: float) -> None:
 
 
 def test_one_of_n_shards_takes_its_share_of_a_stated_limit() -> None:
-    clock = Clock()
+    clock = FakeClock()
     c = RateController(clock=clock, share=1 / 4)
     c.on_stated(Stated(200.0, 1.0))
     assert c.rate == pytest.approx(0.98 * 50)

@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -24,33 +24,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import events, need, run_cli, run_dirs, summary
+from tests.helpers import T0, events, need, run_cli, run_dirs, sample_summary, summary
 from worker.metrics import LATENCY_BUCKETS_S, push_metrics
-from worker.report import LatencyStats, build_summary
-
-T0 = datetime(2024, 5, 1, 2, 0, 0, tzinfo=UTC)
-
-
-def sample_summary(**overrides: Any) -> dict[str, Any]:
-    latency = LatencyStats()
-    for ms in (10, 20, 30, 40, 1000):
-        latency.add(ms)
-    kwargs: dict[str, Any] = {
-        "run_id": "r-1",
-        "job": "nightly-owner-tags",
-        "started_at": T0,
-        "finished_at": T0 + timedelta(seconds=100),
-        "exit_code": 1,
-        "counts": {"updated": 900, "unchanged": 50, "failed": 3},
-        "requests": {
-            "list": 10, "get": 5, "patch": 1000, "task": 5,
-            "retries": 40, "rate_limited": 20, "lock_waits": 4,
-        },
-        "latency": latency,
-    }
-    kwargs.update(overrides)
-    return build_summary(**kwargs)
-
+from worker.report import LatencyStats
 
 
 class Gateway:

@@ -21,19 +21,17 @@ from pathlib import Path
 import pytest
 
 from tests import test_resume
+from tests.helpers import results, summary, write_job
 from tests.test_resume import (
     JOB,
     Cli,
     applying,
     committed,
-    results,
     run_args,
     run_cli,
     settled_counters,
-    summary,
     the_run,
     wait_until,
-    write_job,
 )
 from worker.runlock import is_held
 from worker.simulator import SimulatorThread

@@ -10,12 +10,13 @@ import re
 import stat
 import tracemalloc
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.helpers import T0, sample_summary
 from worker.exports import write_exports
 from worker.models import RESULT_FIELDS
 from worker.report import (
@@ -25,9 +26,6 @@ from worker.report import (
     format_plan,
     format_summary,
 )
-
-T0 = datetime(2024, 5, 1, 2, 0, 0, tzinfo=UTC)
-
 
 # --------------------------------------------------------------------------- exports
 
@@ -86,32 +84,6 @@ def test_csv_cells_a_spreadsheet_would_run_as_formulas_are_neutralised(tmp_path:
     assert all(json.loads(c["patch"]) == rows[0]["patch"] for c in cells)  # JSON cells as they were
     lines = (tmp_path / "results.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(line)["name"] for line in lines] == names
-
-def sample_summary(**overrides: Any) -> dict[str, Any]:
-    latency = LatencyStats()
-    for ms in (10, 20, 30, 40, 1000):
-        latency.add(ms)
-    kwargs: dict[str, Any] = {
-        "run_id": "r-1",
-        "job": "nightly-owner-tags",
-        "started_at": T0,
-        "finished_at": T0 + timedelta(seconds=100),
-        "exit_code": 1,
-        "counts": {"updated": 900, "unchanged": 50, "failed": 3},
-        "requests": {
-            "list": 10,
-            "get": 5,
-            "patch": 1000,
-            "task": 5,
-            "retries": 40,
-            "rate_limited": 20,
-            "lock_waits": 4,
-        },
-        "latency": latency,
-    }
-    kwargs.update(overrides)
-    return build_summary(**kwargs)
-
 
 def test_write_exports_streams_every_row_once_in_order(tmp_path: Path) -> None:
     n = 3000

@@ -28,12 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
+from tests.helpers import Key, images, results, summary, write_job
 from worker.journal import read_run_info
 from worker.simulator import Faults, SimConfig, SimulatorThread
-
-Key = tuple[int, int, str]
 
 JOB: dict[str, Any] = {
     "name": "resume-test",
@@ -52,12 +50,6 @@ FINAL = ("updated", "unchanged", "skipped", "failed")
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def write_job(folder: Path, job: dict[str, Any]) -> Path:
-    path = folder / "job.yaml"
-    path.write_text(yaml.safe_dump(job, sort_keys=False))
-    return path
-
-
 def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("GCORE_", "BULK_TAGGER_", "JOB_COMPLETION_INDEX"))}
@@ -153,30 +145,6 @@ def committed(state: Path) -> dict[Key, tuple[str, int]]:
     finally:
         conn.close()
     return {(p, r, i): (status, attempts) for p, r, i, status, attempts in rows}
-
-
-def results(run_dir: Path) -> list[dict[str, Any]]:
-    with (run_dir / "results.jsonl").open() as fh:
-        return [json.loads(line) for line in fh]
-
-
-def summary(run_dir: Path) -> dict[str, Any]:
-    return dict(json.loads((run_dir / "summary.json").read_text()))
-
-
-def key(image: dict[str, Any]) -> Key:
-    return (int(image["project_id"]), int(image["region_id"]), str(image["id"]))
-
-
-def view(image: dict[str, Any]) -> dict[str, Any]:
-    """What must be exactly as expected: every field but updated_at, tags as a mapping."""
-    out = {k: v for k, v in image.items() if k not in ("updated_at", "tags", "tags_v2")}
-    out["tags"] = {t["key"]: (t["value"], bool(t.get("read_only"))) for t in image["tags"]}
-    return out
-
-
-def images(sim: SimulatorThread) -> dict[Key, dict[str, Any]]:
-    return {key(image): view(image) for image in sim.call(sim.sim.images)}
 
 
 def targeted(image: dict[str, Any]) -> bool:

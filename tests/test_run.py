@@ -7,7 +7,6 @@ Waits are shortened by the CLI's hidden knobs (``--retry-base-seconds``,
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -22,23 +21,15 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.helpers import Key, key_of, results, state_of, summary
 from worker.models import Changes, Image, RunContext
 from worker.plan import apply_patch, plan_changes
 from worker.simulator import Faults, SimConfig, SimulatorThread
 
 CLI = [sys.executable, "-m", "worker", "run"]
 KEY = "run-test-key-8c2f41"
-Key = tuple[int, int, str]
 FAST = ["--retry-base-seconds", "0.02", "--retry-max-wait-seconds", "0.2",
         "--lock-poll-seconds", "0.05"]  # fmt: skip
-
-
-def key_of(image: dict[str, Any]) -> Key:
-    return (int(image["project_id"]), int(image["region_id"]), str(image["id"]))
-
-
-def state_of(image: dict[str, Any]) -> dict[str, Any]:
-    return Image.from_api(image).state()
 
 
 CHANGES = Changes(set_tags={"managed-by": "bulk-tagger", "run": "{run.id}"},
@@ -93,15 +84,6 @@ def only_run(state_dir: Path) -> Path:
     runs = [p for p in state_dir.iterdir() if p.is_dir()]
     assert len(runs) == 1, runs
     return runs[0]
-
-
-def results(run_dir: Path) -> list[dict[str, Any]]:
-    with (run_dir / "results.jsonl").open() as fh:
-        return [json.loads(line) for line in fh]
-
-
-def summary(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / "summary.json").read_text())
 
 
 def one_per_target(rows: list[dict[str, Any]], expected: set[Key]) -> dict[Key, dict[str, Any]]:

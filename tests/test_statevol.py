@@ -19,16 +19,13 @@ from pathlib import Path
 import pytest
 
 from tests import test_resume
+from tests.helpers import images, results, summary, write_job
 from tests.test_resume import (
     JOB,
     expected,
-    images,
-    results,
     run_args,
     run_cli,
-    summary,
     targeted,
-    write_job,
 )
 from worker.simulator import SimulatorThread
 from worker.statevol import DEFAULT_BYTES_PER_TARGET, folder_bytes

@@ -26,11 +26,11 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import Key, images, key_of, results, summary
 from worker.journal import read_run_info
 from worker.models import tag_problem
 from worker.simulator import SimConfig, SimulatorThread
 
-Key = tuple[int, int, str]
 KEY = "undo-test-key"
 
 JOB: dict[str, Any] = {
@@ -66,29 +66,6 @@ def said(folder: Path, name: str) -> str:
 
 def runs(state: Path, kind: str) -> list[Path]:
     return sorted(p for p in state.iterdir() if read_run_info(p).get("kind") == kind)
-
-
-def results(run_dir: Path) -> list[dict[str, Any]]:
-    with (run_dir / "results.jsonl").open() as fh:
-        return [json.loads(line) for line in fh]
-
-
-def summary(run_dir: Path) -> dict[str, Any]:
-    return dict(json.loads((run_dir / "summary.json").read_text()))
-
-
-def key_of(row: dict[str, Any]) -> Key:
-    return (int(row["project_id"]), int(row["region_id"]), str(row.get("image_id", row.get("id"))))
-
-
-def view(image: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in image.items() if k not in ("updated_at", "tags", "tags_v2")}
-    out["tags"] = {t["key"]: (t["value"], bool(t.get("read_only"))) for t in image["tags"]}
-    return out
-
-
-def images(sim: SimulatorThread) -> dict[Key, dict[str, Any]]:
-    return {key_of(image): view(image) for image in sim.call(sim.sim.images)}
 
 
 def patch_image(sim: SimulatorThread, key: Key, body: dict[str, Any]) -> None:
