@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import sqlite3
 import threading
@@ -44,7 +43,7 @@ import orjson
 from worker import safety
 from worker.errors import BulkTaggerError, ExitCode, JobError
 from worker.log import scrub
-from worker.models import RESULT_FIELDS, Changes, Outcome
+from worker.models import RESULT_FIELDS, Changes, Outcome, changes_from_json, changes_to_json
 from worker.statevol import volume_error
 
 SCHEMA_VERSION = 1
@@ -102,40 +101,6 @@ def _load(text: str | None) -> Any:
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def changes_to_json(changes: Changes) -> str:
-    data: dict[str, Any] = {}
-    if changes.set_tags:
-        data["set_tags"] = dict(changes.set_tags)
-    if changes.add_tags:
-        data["add_tags"] = dict(changes.add_tags)
-    if changes.remove_tags:
-        data["remove_tags"] = list(changes.remove_tags)
-    if changes.rename_tags:
-        data["rename_tags"] = dict(changes.rename_tags)
-    if changes.replace_tags is not None:
-        data["replace_tags"] = dict(changes.replace_tags)
-    if changes.set_fields:
-        data["set_fields"] = dict(changes.set_fields)
-    if changes.literal:
-        data["literal"] = True  # undo's values: sent as they are, never rendered
-    return _dumps(data)
-
-
-@functools.lru_cache(maxsize=1024)
-def changes_from_json(text: str | None) -> Changes:
-    """Changes from their JSON (cached: most targets of a run share the job's changes)."""
-    data = _load(text) or {}
-    return Changes(
-        set_tags=data.get("set_tags", {}),
-        remove_tags=tuple(data.get("remove_tags", ())),
-        rename_tags=data.get("rename_tags", {}),
-        replace_tags=data.get("replace_tags"),
-        set_fields=data.get("set_fields", {}),
-        literal=data.get("literal", False) is True,
-        add_tags=data.get("add_tags", {}),
-    )
 
 
 class JournalFailed(BulkTaggerError):

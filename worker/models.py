@@ -6,9 +6,12 @@ job file, where its error messages matter). Units: seconds unless a name says ``
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 #: The image fields a job may set, besides tags (PATCH body of the reference page).
 SETTABLE_FIELDS: tuple[str, ...] = (
@@ -266,3 +269,40 @@ class Outcome:
     lock_wait_s: float = 0.0
     duration_ms: int = 0
     error: str | None = None
+
+
+# The changes as JSON text: how the journal and the selectors' staging file keep them.
+
+
+def changes_to_json(changes: Changes) -> str:
+    data: dict[str, Any] = {}
+    if changes.set_tags:
+        data["set_tags"] = dict(changes.set_tags)
+    if changes.add_tags:
+        data["add_tags"] = dict(changes.add_tags)
+    if changes.remove_tags:
+        data["remove_tags"] = list(changes.remove_tags)
+    if changes.rename_tags:
+        data["rename_tags"] = dict(changes.rename_tags)
+    if changes.replace_tags is not None:
+        data["replace_tags"] = dict(changes.replace_tags)
+    if changes.set_fields:
+        data["set_fields"] = dict(changes.set_fields)
+    if changes.literal:
+        data["literal"] = True  # undo's values: sent as they are, never rendered
+    return orjson.dumps(data).decode()
+
+
+@functools.lru_cache(maxsize=1024)
+def changes_from_json(text: str | None) -> Changes:
+    """Changes from their JSON (cached: most targets of a run share the job's changes)."""
+    data = (None if text is None else orjson.loads(text)) or {}
+    return Changes(
+        set_tags=data.get("set_tags", {}),
+        remove_tags=tuple(data.get("remove_tags", ())),
+        rename_tags=data.get("rename_tags", {}),
+        replace_tags=data.get("replace_tags"),
+        set_fields=data.get("set_fields", {}),
+        literal=data.get("literal", False) is True,
+        add_tags=data.get("add_tags", {}),
+    )

@@ -284,7 +284,7 @@ class Runner:
                 # run refuses here (exit 75) instead of starting a parallel new run
                 self._lock_run(found)
                 finished = read_run_info(settings.state_dir / found).get("exit_code")
-                if run_id is None and finished not in (None, 75):
+                if run_id is None and finished not in (None, ExitCode.INTERRUPTED):
                     self._release()  # its holder finished it meanwhile: the next is new
                     self.run_lock = None
                 else:

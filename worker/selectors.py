@@ -32,9 +32,8 @@ from typing import Any, TypeVar
 from worker import defaults, fanout, retry, spec
 from worker.api import Client
 from worker.errors import BadAnswer, JobError, NotFound
-from worker.journal import changes_from_json, changes_to_json
 from worker.log import get_logger
-from worker.models import Changes, Image, Target
+from worker.models import Changes, Image, Target, changes_from_json, changes_to_json
 from worker.safety import create_private_file, image_id_problem
 
 log = get_logger("bulk_tagger.selectors")
