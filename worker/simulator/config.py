@@ -13,6 +13,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker import defaults
+
 #: Request kinds counted in ``Counters.requests`` (admin paths are never counted).
 KINDS: tuple[str, ...] = ("projects", "regions", "list", "get", "patch", "task", "other")
 #: Fault kinds counted in ``Counters.faults``.
@@ -115,7 +117,7 @@ class SimConfig:
     """How the simulator starts: demo data (``images`` spread over projects x regions, from
     ``seed``), the accepted key (None: any non-empty key), the largest page, and faults."""
 
-    images: int = 60
+    images: int = defaults.SIMULATE_IMAGES
     seed: int = 0
     api_key: str | None = None
     page_max: int = 1000
