@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import FakeClock
-from worker.limiter import CEILING_SHARE, AdaptiveLimiter, RateController
+from worker.limiter import CEILING_SHARE, STATED_SHARE, AdaptiveLimiter, RateController
 from worker.pacer import Pacer
 from worker.rate_headers import Stated
 
@@ -300,45 +300,45 @@ def test_an_idle_spell_earns_no_climb() -> None:
 
 
 # -- a limit the API states --------------------------------------------------------------------
-def test_a_stated_limit_is_run_at_98_percent_from_the_first_answer() -> None:
+def test_a_stated_limit_is_run_at_99_percent_from_the_first_answer() -> None:
     clock = FakeClock()
     c = RateController(clock=clock)
     assert c.slow_start
     assert c.on_stated(Stated(150.0, 1.0, 140.0, 1.0))
-    assert not c.slow_start and c.rate == pytest.approx(0.98 * 150)
+    assert not c.slow_start and c.rate == pytest.approx(STATED_SHARE * 150)
     assert not c.on_stated(Stated(150.0, 1.0, 3.0, 1.0))  # short windows: Remaining ignored
     assert c.on_stated(Stated(100.0, 1.0))  # a lower limit: followed at once
-    assert c.rate == pytest.approx(98.0)
+    assert c.rate == pytest.approx(STATED_SHARE * 100)
     for _ in range(100):  # and never climbed past
         saturated_step(c, clock, 0.05)
-    assert c.rate == pytest.approx(98.0)
+    assert c.rate == pytest.approx(STATED_SHARE * 100)
 
 
 def test_x_ratelimit_without_a_window_takes_the_longest_reset() -> None:
     clock = FakeClock()
     c = RateController(clock=clock)
     c.on_stated(Stated(200.0, None, 199.0, 1.0))
-    assert c.rate == pytest.approx(0.98 * 200)
+    assert c.rate == pytest.approx(STATED_SHARE * 200)
     c.on_stated(Stated(1200.0, None, 1190.0, 60.0))  # a minute's window shows itself
-    assert c.rate == pytest.approx(0.98 * 20, rel=0.01)
+    assert c.rate == pytest.approx(STATED_SHARE * 20, rel=0.01)
 
 
 def test_a_windowed_quota_is_paced_across_its_window() -> None:
     clock = FakeClock()
     c = RateController(clock=clock)
     c.on_stated(Stated(1200.0, 300.0, 1199.0, 300.0))
-    assert c.rate == pytest.approx(0.98 * 4.0, rel=0.01)  # 1,200 / 5 minutes, evenly
+    assert c.rate == pytest.approx(STATED_SHARE * 4.0, rel=0.01)  # 1,200 / 5 minutes, evenly
     c.on_stated(Stated(1200.0, 300.0, 300.0, 200.0))  # another client took most of it
-    assert c.rate == pytest.approx(0.98 * 1.5, rel=0.01)
+    assert c.rate == pytest.approx(STATED_SHARE * 1.5, rel=0.01)
     c.on_stated(Stated(1200.0, 300.0, 1199.0, 300.0))  # a new window
-    assert c.rate == pytest.approx(0.98 * 4.0, rel=0.01)
+    assert c.rate == pytest.approx(STATED_SHARE * 4.0, rel=0.01)
 
 
 def test_a_known_ceiling_caps_a_stated_limit() -> None:
     clock = FakeClock()
     c = RateController(50.0, clock=clock)
     c.on_stated(Stated(150.0, 1.0))
-    assert c.rate == pytest.approx(0.98 * 50)
+    assert c.rate == pytest.approx(CEILING_SHARE * 50)
 
 
 def test_a_stated_limit_against_a_modelled_server_sees_no_429() -> None:
@@ -464,4 +464,4 @@ def test_one_of_n_shards_takes_its_share_of_a_stated_limit() -> None:
     clock = FakeClock()
     c = RateController(clock=clock, share=1 / 4)
     c.on_stated(Stated(200.0, 1.0))
-    assert c.rate == pytest.approx(0.98 * 50)
+    assert c.rate == pytest.approx(STATED_SHARE * 50)

@@ -1,6 +1,6 @@
 """Stated limits end to end: the header forms read (``worker.rate_headers``), the simulator's
 limits (schedule, storm, windowed quota, each header style), and a run's client and limiter
-against a simulator that states its limit: no 429, at 98% of it from the first answers."""
+against a simulator that states its limit: no 429, at 99% of it from the first answers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from multidict import CIMultiDict
 
 from tests.conftest import SimFactory
 from worker.api import Client, Settings
-from worker.limiter import CEILING_SHARE, AdaptiveLimiter, RateController
+from worker.limiter import STATED_SHARE, AdaptiveLimiter, RateController
 from worker.rate_headers import Stated, stated
 from worker.simulator import Faults, SimConfig
 from worker.simulator.limits import Limits
@@ -93,7 +93,7 @@ async def test_the_client_follows_a_stated_limit_with_no_429(
     async with Client.open(Settings(base_url=sim.url, api_key="k"),
                            AdaptiveLimiter(controller)) as client:
         await client.get_image(*images[0])
-        assert controller.rate == pytest.approx(CEILING_SHARE * limit)  # at once
+        assert controller.rate == pytest.approx(STATED_SHARE * limit)  # at once
         started = time.monotonic()
         await asyncio.gather(*(client.get_image(*images[i % len(images)]) for i in range(150)))
         took = time.monotonic() - started

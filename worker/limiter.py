@@ -7,9 +7,10 @@ Three parts, so the arithmetic is tested without sleeping:
 
   * A known ceiling (``--rate``) is run at 98% of itself and never exceeded. A limit the
     API states (``RateLimit-Policy``/``RateLimit``, ``X-RateLimit-*``: ``worker.rate_headers``)
-    is one too, from its first answer: no probing, no 429. A windowed quota (say 1,200 per
-    5 minutes) is paced evenly across its window: never faster than 98% of the quota per
-    second, nor than what is left of the window's quota over the time left to its reset.
+    is run at 99% of itself from its first answer: no probing, no 429. A windowed quota
+    (say 1,200 per 5 minutes) is paced evenly across its window: never faster than 99% of
+    the quota per second, nor than what is left of the window's quota over the time left to
+    its reset.
   * Without either it finds the limit: it starts at ``start`` and doubles every ``step_s``
     while demand exceeds it (slow start), but never past twice the rate the answers come
     back at. The run's first 429 cuts to 95% of what the API has just been accepting (the
@@ -60,8 +61,11 @@ Clock = Callable[[], float]
 
 log = get_logger("bulk_tagger.limiter")
 
-#: A known or stated ceiling is run at this share of itself (see the module docstring).
+#: A known ceiling is run at this share of itself (see the module docstring).
 CEILING_SHARE = 0.98
+#: A limit the API states, at this share: its own bucket enforces it, and any burst it
+#: allows covers the pacer's jitter
+STATED_SHARE = 0.99
 #: The bucket under a known ceiling holds at most this share of it (see above).
 CEILING_BURST_SHARE = 0.01
 _BINS = 10  # the last second, in 100 ms bins
@@ -77,6 +81,7 @@ _ABOVE = 1.02  # a rate this far above what the API last accepted is a probe
 _STORM_SHARE = 0.1  # accepting less than this share of the rate since a cut is a storm
 _FAR = 1.1  # what the API accepted before counts as a goal of its own this far above
 _GROW = 0.01  # the probe above the top: +_GROW * t**3 of it, t in seconds
+_CATCHUP_S = 0.02  # slots missed by a wake-up this late are given at once (no --rate)
 _STATED_WINDOW_S = 2.0  # a stated window this long or longer is paced by what is left of it
 
 
@@ -327,8 +332,8 @@ class RateController:
     def on_stated(self, said: Stated) -> bool:
         """An answer stated the limit (``worker.rate_headers``); True when the rate moved.
 
-        The pace: 98% of the quota per second, and for a window of 2 s or more, no faster
-        than 98% of what is left of its quota over the time left to its reset; of both, this
+        The pace: 99% of the quota per second, and for a window of 2 s or more, no faster
+        than 99% of what is left of its quota over the time left to its reset; of both, this
         process's ``share`` (one of N shards: 1/N)."""
         window = said.window_s
         if window is None:  # X-RateLimit-*: the window is the longest Reset seen
@@ -336,9 +341,9 @@ class RateController:
                 self._window_guess = max(self._window_guess, float(said.reset_s))
             window = self._window_guess
         per_s = said.quota / window * self.share
-        pace = CEILING_SHARE * per_s
+        pace = STATED_SHARE * per_s
         if window >= _STATED_WINDOW_S and said.remaining is not None and said.reset_s:
-            pace = min(pace, CEILING_SHARE * said.remaining * self.share / said.reset_s)
+            pace = min(pace, STATED_SHARE * said.remaining * self.share / said.reset_s)
         cap = max(self.floor, min(self._top_limit, pace))
         first = self.stated is None
         self.stated = per_s
@@ -367,7 +372,9 @@ class AdaptiveLimiter:
             raise ValueError(f"burst_s must be > 0 seconds, got {burst_s!r}")
         self.controller = controller
         self.burst_s = burst_s
-        self._pacer = Pacer(controller.rate, self._capacity(controller.rate))
+        # a known ceiling: no catching up of slots a late wake-up missed (see worker.pacer)
+        catchup = 0.0 if controller.ceiling is not None else _CATCHUP_S
+        self._pacer = Pacer(controller.rate, self._capacity(controller.rate), catchup)
         self._waiting: set[asyncio.Task[object]] = set()
 
     def _capacity(self, rate: float) -> float:

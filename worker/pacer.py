@@ -21,11 +21,17 @@ from collections import deque
 
 class Pacer:
     """Slots evenly spaced at ``rate``, first come first served; at most ``capacity`` at once
-    after an idle spell (GCRA). The rate and capacity change in place (``set``)."""
+    after an idle spell (GCRA). The rate and capacity change in place (``set``).
 
-    def __init__(self, rate: float, capacity: float = 1.0) -> None:
+    ``catchup_s``: a waiter woken this late (a busy machine) does not lose the slots it
+    missed: they are given at once, as the bucket alone would give only ``capacity`` of them.
+    That keeps the rate under load; 0 keeps every one-second window within ``rate`` plus
+    ``capacity`` (a known ceiling's promise)."""
+
+    def __init__(self, rate: float, capacity: float = 1.0, catchup_s: float = 0.0) -> None:
         self._interval = 1.0 / rate
         self._slack = (max(1.0, capacity) - 1.0) * self._interval
+        self._catchup = catchup_s
         self._next = 0.0  # the theoretical time of the next slot
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._timer: asyncio.TimerHandle | None = None
@@ -85,6 +91,6 @@ class Pacer:
             if future.done():  # cancelled while it waited
                 continue
             future.set_result(None)
-            self._take(now)
+            self._next = max(self._next, now - self._catchup) + self._interval
         if waiters:
             self._arm()
