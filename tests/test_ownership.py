@@ -109,13 +109,7 @@ def test_two_resumes_at_once_one_works_the_run_the_other_refuses(
     tmp_path: Path, fresh_sim: Callable[..., SimulatorThread],
     relays: Callable[[SimulatorThread], Relay],
 ) -> None:
-    sim = fresh_sim(images=2000, latency_ms=20.0)
-    job = write_job(tmp_path, {**JOB, "options": {"concurrency": 4}})
-    state = tmp_path / "state"
-    first = Cli.start(tmp_path, "first", *run_args(job, sim, state, "--grace-seconds", "5"))
-    wait_until(lambda: applying(state), first, step_s=0.02)
-    first.proc.send_signal(signal.SIGTERM)
-    assert first.wait() == 75, first.text()
+    sim, job, state = stopped_while_applying(tmp_path, fresh_sim)
     run_dir = the_run(state)
     assert is_held(run_dir) is None, "the stopped process let go of the run"
     at_stop = committed(state)
@@ -152,6 +146,21 @@ def test_two_resumes_at_once_one_works_the_run_the_other_refuses(
     patches, _ = settled_counters(sim)
     twice = {k for k, n in patches.items() if n > 1}
     assert twice <= in_flight, f"PATCHed twice: {sorted(twice - in_flight)[:5]}"
+
+
+def stopped_while_applying(
+    tmp_path: Path, fresh_sim: Callable[..., SimulatorThread]
+) -> tuple[SimulatorThread, Path, Path]:
+    """A run of JOB over 2,000 images (~700 targets, 20 ms answers) stopped by SIGTERM once
+    it applies: (the simulator, the job file, the state folder)."""
+    sim = fresh_sim(images=2000, latency_ms=20.0)
+    job = write_job(tmp_path, {**JOB, "options": {"concurrency": CONCURRENCY}})
+    state = tmp_path / "state"
+    first = Cli.start(tmp_path, "first", *run_args(job, sim, state, "--grace-seconds", "5"))
+    wait_until(lambda: applying(state), first, step_s=0.02)
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.wait() == 75, first.text()
+    return sim, job, state
 
 
 def test_a_sigkilled_holder_releases_the_run(

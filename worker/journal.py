@@ -43,7 +43,14 @@ import orjson
 from worker import safety
 from worker.errors import BulkTaggerError, ExitCode, JobError
 from worker.log import scrub
-from worker.models import RESULT_FIELDS, Changes, Outcome, changes_from_json, changes_to_json
+from worker.models import (
+    RESULT_FIELDS,
+    Changes,
+    Image,
+    Outcome,
+    changes_from_json,
+    changes_to_json,
+)
 from worker.statevol import volume_error
 
 SCHEMA_VERSION = 1
@@ -84,6 +91,14 @@ COUNTERS_S = 0.05
 
 #: what a process reports of itself: (requests by kind, seconds it has run)
 Counters = Callable[[], tuple[dict[str, int], float]]
+
+
+#: the pending targets (planned, no outcome yet): what the apply phase sends
+_PENDING = (
+    "SELECT t.seq, t.project_id, t.region_id, t.image_id, t.name, t.changes, t.before, t.patch,"
+    " t.lock_task, t.expect FROM targets t LEFT JOIN outcomes o ON o.seq = t.seq"
+    " WHERE o.seq IS NULL AND t.plan_status IN ('planned', 'pending')"
+)
 
 
 def _dumps(value: Any) -> str:
@@ -138,6 +153,9 @@ class Pending:
     patch: dict[str, Any] | None
     lock_task: str | None
     expect: dict[str, Any] | None = None  # undo: the state the image must still show
+    #: a resumed run: the image as read again just now (``read``; None: no such image)
+    image: Image | None = None
+    read: bool = False
 
 
 class Journal:
@@ -510,31 +528,63 @@ class Journal:
         ``add_outcome`` buffered after this started may still come out: the pool reads a
         stream it alone ends)."""
         conn = self._reader()
-        handed = self._handed
         try:
             last = 0
             while True:
                 rows = conn.execute(
-                    "SELECT t.seq, t.project_id, t.region_id, t.image_id, t.name, t.changes,"
-                    " t.before, t.patch, t.lock_task, t.expect FROM targets t"
-                    " LEFT JOIN outcomes o ON o.seq = t.seq"
-                    " WHERE t.seq > ? AND o.seq IS NULL AND t.plan_status IN ('planned', 'pending')"
-                    " ORDER BY t.seq LIMIT ?",
-                    (last, chunk),
+                    _PENDING + " AND t.seq > ? ORDER BY t.seq LIMIT ?", (last, chunk)
                 ).fetchall()
                 if not rows:
                     return
-                for seq, p, r, image_id, name, changes, before, patch, lock_task, expect in rows:
-                    item = Pending(
-                        # ``before`` stays in the journal: the outcome does not carry it
-                        seq, p, r, image_id, name or "", changes_from_json(changes),
-                        None, _load(patch), lock_task, _load(expect),
-                    )
-                    handed[seq] = (item.before, before, item.patch, patch)
-                    yield item
+                yield from self._hand(rows)
                 last = rows[-1][0]
         finally:
             conn.close()
+
+    def _hand(self, rows: list[Any]) -> Iterator[Pending]:
+        handed = self._handed
+        for seq, p, r, image_id, name, changes, before, patch, lock_task, expect in rows:
+            item = Pending(
+                # ``before`` stays in the journal: the outcome does not carry it
+                seq, p, r, image_id, name or "", changes_from_json(changes),
+                None, _load(patch), lock_task, _load(expect),
+            )
+            handed[seq] = (item.before, before, item.patch, patch)
+            yield item
+
+    def pending_keys(self, chunk: int = 5000) -> Iterator[tuple[int, int, str, str]]:
+        """(project, region, image, seq as text) of every pending target, in plan order."""
+        conn = self._reader()
+        try:
+            last = 0
+            while True:
+                rows = conn.execute(
+                    "SELECT t.seq, t.project_id, t.region_id, t.image_id FROM targets t"
+                    " LEFT JOIN outcomes o ON o.seq = t.seq WHERE o.seq IS NULL"
+                    " AND t.plan_status IN ('planned', 'pending') AND t.seq > ?"
+                    " ORDER BY t.seq LIMIT ?", (last, chunk),
+                ).fetchall()
+                if not rows:
+                    return
+                for seq, p, r, image_id in rows:
+                    yield p, r, image_id, str(seq)
+                last = rows[-1][0]
+        finally:
+            conn.close()
+
+    def pending_of(self, seqs: list[int]) -> list[Pending]:
+        """The targets among ``seqs`` still pending, in plan order (handed out as by
+        ``iter_pending``)."""
+        if not seqs:
+            return []
+        conn = self._reader()
+        try:
+            marks = ",".join("?" * len(seqs))
+            rows = conn.execute(
+                _PENDING + f" AND t.seq IN ({marks}) ORDER BY t.seq", seqs).fetchall()
+        finally:
+            conn.close()
+        return list(self._hand(rows))
 
     def iter_results(
         self, run_id: str, chunk: int = 2000, *, raw: bool = False

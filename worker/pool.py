@@ -7,7 +7,9 @@ as exactly one outcome (data, handed to ``sink``), never an exception.
   read) is parked: a task of its own polls the lock's task with backoff, without holding a
   worker slot, then the target goes back in the queue to be read again, planned again against
   what the task left, and sent. Past ``lock_timeout_s`` it ends ``failed`` / ``lock_timeout``.
-- A target flagged ``reread`` (a resumed run) is read and planned again before it is sent.
+- A target flagged ``reread`` (a resumed run) is read and planned again before it is sent;
+  one whose ``Pending.read`` is set was read just now (by a list page) and is planned again
+  against that image without a GET of its own.
 - ``AuthFailed`` stops the whole pool at once (the client sends nothing more); ``run``
   re-raises it. So does a retryable error that outlived its budget while the API answered
   nothing at all with a 2xx: the API is unreachable, the run stops (exit 75) and the target
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -183,7 +185,9 @@ class Pool:
         self._fatal = self._fatal or exc
         self.stop()
 
-    async def run(self, items: Iterable[Pending], *, reread: bool = False) -> None:
+    async def run(
+        self, items: Iterable[Pending] | AsyncIterable[Pending], *, reread: bool = False
+    ) -> None:
         """Send every item; returns when all have an outcome, or after ``stop()``.
 
         Raises ``AuthFailed`` (or the ``ApiError`` of an unreachable API) that stopped it.
@@ -215,16 +219,24 @@ class Pool:
                     self.abort(exc)
                     return
 
-    async def _feed(self, items: Iterable[Pending], reread: bool) -> None:
+    async def _feed(self, items: Iterable[Pending] | AsyncIterable[Pending], reread: bool) -> None:
         queue = self._queue
-        for item in items:
-            if self._stopping:
-                return
-            self._open += 1
-            work = _Work(item, reread=reread, maybe_applied=reread)
-            if item.lock_task:
-                work.lock_task = item.lock_task
-            await queue.put(work)
+        if isinstance(items, AsyncIterable):
+            async for item in items:
+                if self._stopping:
+                    return
+                self._open += 1
+                # read just now: its lock, if any, shows in that read
+                await queue.put(_Work(item, reread=reread, maybe_applied=reread))
+        else:
+            for item in items:
+                if self._stopping:
+                    return
+                self._open += 1
+                work = _Work(item, reread=reread, maybe_applied=reread)
+                if item.lock_task:
+                    work.lock_task = item.lock_task
+                await queue.put(work)
         self._fed_all = True
         if self._open == 0:
             self._drained.set()
@@ -373,9 +385,16 @@ class Pool:
         if work.lock_task is not None:
             self._park(work, work.lock_task)
             return False
-        image: Image = await self._call(
-            work, lambda: client.get_image(item.project_id, item.region_id, item.image_id)
-        )
+        image: Image | None
+        if item.read:  # read again by a list page just now (a resumed run): used once
+            image, work.item = item.image, replace(item, image=None, read=False)
+            item = work.item
+            if image is None:
+                raise NotFound("no such image (it was deleted since the plan)", status=404)
+        else:
+            image = await self._call(
+                work, lambda: client.get_image(item.project_id, item.region_id, item.image_id)
+            )
         if image.task_id:
             self._park(work, image.task_id)
             return False

@@ -38,11 +38,11 @@ from worker.errors import (
     JobError,
     SafetyLimit,
 )
-from worker.journal import Journal, find_resumable, read_run_info
+from worker.journal import Journal, Pending, find_resumable, read_run_info
 from worker.limiter import AdaptiveLimiter, RateController
 from worker.log import get_logger, scrub
 from worker.metrics import push_metrics
-from worker.models import Changes, Outcome, RunContext, Target
+from worker.models import Changes, Image, Outcome, RunContext, Target
 from worker.plan import inverse_patch, plan_changes, shows
 from worker.pool import Pool, PoolSettings
 from worker.progress import Progress
@@ -513,12 +513,42 @@ class Runner:
         )
         ticker = asyncio.create_task(progress.run())
         try:
-            await pool.run(journal.iter_pending(), reread=self.resumed)
+            items = self._reread(client) if self.resumed else journal.iter_pending()
+            await pool.run(items, reread=self.resumed)
         finally:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
             progress.close()
+
+    async def _reread(self, client: api.Client, batch: int = 500) -> AsyncIterator[Pending]:
+        """A resumed run's pending targets, each with its image as read just now: by list
+        pages where a region holds enough of them (the file selectors' join), else a GET
+        each. The pool plans each again against it (a target whose image changed since the
+        plan is planned against what it is now; one whose PATCH landed is recorded so)."""
+        journal = self.journal
+        assert journal is not None
+        expander = Expander(
+            None, client, stage_path=journal.run_dir / "stage.sqlite",
+            policy=self._retry_policy(), concurrency=self.concurrency, on_retry=self._on_retry,
+            page_size=self.job.options.page_size if self.job else None,
+        )
+        read: dict[int, Image | None] = {}
+
+        def take() -> list[Pending]:
+            items = journal.pending_of(sorted(read))
+            for item in items:
+                item.image, item.read = read[item.seq], True
+            read.clear()
+            return items
+
+        async for tag, image in expander.reread(journal.pending_keys()):
+            read[int(tag)] = image
+            if len(read) >= batch:
+                for item in take():
+                    yield item
+        for item in take():
+            yield item
 
     # -- the end --------------------------------------------------------------------------
     def _counters(self) -> tuple[dict[str, int], float]:

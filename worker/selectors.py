@@ -137,6 +137,24 @@ class _Stage:
         if batch:
             flush()
 
+    def add_keys(self, keys: Iterable[tuple[int, int, str, str]]) -> None:
+        """Stage ``(project, region, image, source)`` rows without changes of their own."""
+        batch: list[tuple[int, int, str, str]] = []
+        for key in keys:
+            batch.append(key)
+            if len(batch) >= _CHUNK:
+                self._insert_keys(batch)
+        if batch:
+            self._insert_keys(batch)
+
+    def _insert_keys(self, batch: list[tuple[int, int, str, str]]) -> None:
+        self.conn.execute("BEGIN")
+        cur = self.conn.executemany(
+            "INSERT OR IGNORE INTO rows (p, r, id, changes, source) VALUES (?,?,?,'{}',?)", batch)
+        self.rows += cur.rowcount
+        self.conn.execute("COMMIT")
+        batch.clear()
+
     def claim(
         self, project_id: int, region_id: int, ids: list[str]
     ) -> tuple[set[str], dict[str, tuple[str, str]]]:
@@ -195,11 +213,12 @@ class _Stage:
 
 
 class Expander:
-    """Expands a job's selectors. ``requests`` are counted by the client."""
+    """Expands a job's selectors (``targets``), or reads given images again (``reread``, which
+    needs no job). ``requests`` are counted by the client."""
 
     def __init__(
         self,
-        job: spec.Job,
+        job: spec.Job | None,
         client: Client,
         *,
         stage_path: Path,
@@ -208,6 +227,7 @@ class Expander:
         shard: Shard | None = None,
         env: Mapping[str, str] | None = None,
         on_retry: Callable[[BaseException, float], None] | None = None,
+        page_size: int | None = None,
     ) -> None:
         self.job = job
         self.client = client
@@ -217,11 +237,11 @@ class Expander:
         self.shard = shard
         self.env = env
         self.on_retry = on_retry
-        self.job_changes = job.changes_model()
-        self.page_size = job.options.page_size
+        self.job_changes = job.changes_model() if job else Changes()
+        self.page_size = page_size or (job.options.page_size if job else defaults.PAGE_SIZE)
         self.read_ahead = min(READ_AHEAD, self.concurrency)
-        queries = sum(isinstance(s, spec.QuerySelector) for s in job.targets)
-        self.dedup = queries > 1 or queries < len(job.targets)
+        queries = sum(isinstance(s, spec.QuerySelector) for s in job.targets) if job else 0
+        self.dedup = job is None or queries > 1 or queries < len(job.targets)
 
     async def _read(self, fn: Callable[[], Awaitable[T]]) -> T:
         result, _ = await retry.call(fn, self.policy, on_retry=self.on_retry)
@@ -238,17 +258,34 @@ class Expander:
         return ids
 
     async def targets(self) -> AsyncIterator[Target]:
+        job = self.job
+        assert job is not None
         stage = _Stage(self.stage_path)
         try:
-            for selector in self.job.targets:
+            for selector in job.targets:
                 if isinstance(selector, spec.FileSelector):
-                    stage.add_rows(spec.iter_rows(self.job, selector, env=self.env), self.shard)
-            for number, selector in enumerate(self.job.targets, start=1):
+                    stage.add_rows(spec.iter_rows(job, selector, env=self.env), self.shard)
+            for number, selector in enumerate(job.targets, start=1):
                 if isinstance(selector, spec.QuerySelector):
                     async for target in self._query(stage, selector.query, number):
                         yield target
             async for target in self._file_rows(stage):
                 yield target
+        finally:
+            stage.close()
+
+    async def reread(
+        self, keys: Iterable[tuple[int, int, str, str]]
+    ) -> AsyncIterator[tuple[str, Image | None]]:
+        """The state now of each ``(project, region, image, tag)`` (a resumed run's pending
+        targets), as ``(tag, image)``, image None where there is no such image. Read by the
+        file rows' join: a region is listed where that costs fewer requests than one GET per
+        key, the rest are read one GET each. Staged on disk, never held in memory."""
+        stage = _Stage(self.stage_path)
+        try:
+            stage.add_keys(keys)
+            async for target in self._file_rows(stage):
+                yield target.source, target.image
         finally:
             stage.close()
 

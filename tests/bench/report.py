@@ -101,6 +101,18 @@ COLUMNS: dict[str, list[Column]] = {
             f"{at} s: {'-' if v is None else f'{v:.2f}'}" for at, v in r["recovery_s"].items())),
         ("span s", lambda r: _num(r["span_s"])),
     ],
+    "r": [
+        ("run", lambda r: r["label"]),
+        ("images", lambda r: _num(r["images"])),
+        ("targets", lambda r: _num(r["targets"])),
+        ("PATCHed before SIGTERM", lambda r: _num(r["patched_before_stop"])),
+        ("pending", lambda r: _num(r["pending"])),
+        ("regions", lambda r: _num(r["regions"])),
+        ("resume reads", lambda r: _num(r["resume_reads"])),
+        ("resume requests (server)", lambda r: ", ".join(
+            f"{k} {v:,}" for k, v in r["resume_requests"].items())),
+        ("resume wall s", lambda r: _num(r["resume_wall_s"])),
+    ],
     "j": [
         ("command", lambda r: r["label"]),
         ("targets", lambda r: _num(r["targets"])),

@@ -10,6 +10,7 @@ dict: parameters, one row per contender, and the checks against the targets.
     f  requests per change: a query job (from a's run) and a file job
     j  the journal's write cost: ``plan`` against ``run`` on one job, and (with py-spy) the
        share of bulk-tagger's CPU samples in the journal and the exports
+    r  a resume's reads: a query run SIGTERMed near 10% and resumed (tests/bench/resume.py)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 from worker.simulator.demo import COMBOS, Demo
 
-from . import contenders
+from . import contenders, resume
 from .contenders import Run
 from .harness import SimServer
 from .metrics import windows
@@ -57,6 +58,7 @@ class Sizes:
     m_images: int = 4_000
     h_images: int = 2_000
     h_quota_images: int = 500
+    r_images: int = 20_000
     #: (a) and (b): rounds of every contender in turn (the median of per-round ratios counts)
     rounds: int = 5
 
@@ -506,3 +508,8 @@ def requests_by_kind(rows: list[dict[str, Any]]) -> Counter[str]:
     for r in rows:
         total.update(r.get("server", {}).get("requests", {}))
     return total
+
+
+def scenario_r(sizes: Sizes, progress: Callable[[str], None]) -> dict[str, Any]:
+    with workdir() as wd:
+        return resume.scenario_r(sizes, progress, wd, CONCURRENCY, check)
