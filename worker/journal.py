@@ -527,16 +527,17 @@ class Journal:
         """Planned targets with no committed outcome, in plan order, read in chunks (what
         ``add_outcome`` buffered after this started may still come out: the pool reads a
         stream it alone ends)."""
+        for rows in self._chunks(_PENDING + " AND t.seq > ? ORDER BY t.seq LIMIT ?", chunk):
+            yield from self._hand(rows)
+
+    def _chunks(self, sql: str, chunk: int) -> Iterator[list[Any]]:
+        """``sql`` (ending ``t.seq > ? ORDER BY t.seq LIMIT ?``, seq first) in chunks, through a
+        reader connection of its own."""
         conn = self._reader()
         try:
             last = 0
-            while True:
-                rows = conn.execute(
-                    _PENDING + " AND t.seq > ? ORDER BY t.seq LIMIT ?", (last, chunk)
-                ).fetchall()
-                if not rows:
-                    return
-                yield from self._hand(rows)
+            while rows := conn.execute(sql, (last, chunk)).fetchall():
+                yield rows
                 last = rows[-1][0]
         finally:
             conn.close()
@@ -554,23 +555,9 @@ class Journal:
 
     def pending_keys(self, chunk: int = 5000) -> Iterator[tuple[int, int, str, str]]:
         """(project, region, image, seq as text) of every pending target, in plan order."""
-        conn = self._reader()
-        try:
-            last = 0
-            while True:
-                rows = conn.execute(
-                    "SELECT t.seq, t.project_id, t.region_id, t.image_id FROM targets t"
-                    " LEFT JOIN outcomes o ON o.seq = t.seq WHERE o.seq IS NULL"
-                    " AND t.plan_status IN ('planned', 'pending') AND t.seq > ?"
-                    " ORDER BY t.seq LIMIT ?", (last, chunk),
-                ).fetchall()
-                if not rows:
-                    return
-                for seq, p, r, image_id in rows:
-                    yield p, r, image_id, str(seq)
-                last = rows[-1][0]
-        finally:
-            conn.close()
+        for rows in self._chunks(_PENDING + " AND t.seq > ? ORDER BY t.seq LIMIT ?", chunk):
+            for seq, p, r, image_id, *_ in rows:
+                yield p, r, image_id, str(seq)
 
     def pending_of(self, seqs: list[int]) -> list[Pending]:
         """The targets among ``seqs`` still pending, in plan order (handed out as by
@@ -596,63 +583,40 @@ class Journal:
         ``patch`` as the JSON text the journal holds (the exports embed it as it is instead
         of decoding and encoding it again)."""
         load = (lambda text: text) if raw else _load
-        conn = self._reader()
-        try:
-            last = 0
-            while True:
-                rows = conn.execute(
-                    "SELECT t.seq, t.project_id, t.region_id, t.image_id, t.name, t.plan_status,"
-                    " t.plan_reason, t.plan_detail, t.before, t.patch, o.status, o.reason,"
-                    " o.after, o.patch, o.attempts, o.http_status, o.lock_wait_s,"
-                    " o.duration_ms, o.error, o.before FROM targets t"
-                    " LEFT JOIN outcomes o ON o.seq = t.seq"
-                    " WHERE t.seq > ? ORDER BY t.seq LIMIT ?",
-                    (last, chunk),
-                ).fetchall()
-                if not rows:
-                    return
-                for (_seq, p, r, image_id, name, plan_status, plan_reason, plan_detail, before,
-                     patch, status, reason, after, opatch, attempts, http_status, lock_wait,
-                     duration, error, obefore) in rows:
-                    result = (
-                        run_id, p, r, image_id, name,
-                        status or "planned",
-                        reason if status else (plan_reason or None),
-                        load(obefore if obefore is not None else before),
-                        load(after),
-                        # an ended target shows what was sent (none for a no-op), a pending
-                        # one what the plan would send
-                        load(opatch if status else patch),
-                        attempts or 0, http_status, lock_wait or 0.0, duration or 0,
-                        error if status else (plan_detail if plan_status != "planned" else None),
-                    )
-                    yield result if raw else dict(zip(RESULT_FIELDS, result, strict=True))
-                last = rows[-1][0]
-        finally:
-            conn.close()
+        for rows in self._chunks(
+            "SELECT t.seq, t.project_id, t.region_id, t.image_id, t.name, t.plan_status,"
+            " t.plan_reason, t.plan_detail, t.before, t.patch, o.status, o.reason, o.after,"
+            " o.patch, o.attempts, o.http_status, o.lock_wait_s, o.duration_ms, o.error,"
+            " o.before FROM targets t LEFT JOIN outcomes o ON o.seq = t.seq"
+            " WHERE t.seq > ? ORDER BY t.seq LIMIT ?", chunk):
+            for (_seq, p, r, image_id, name, plan_status, plan_reason, plan_detail, before,
+                 patch, status, reason, after, opatch, attempts, http_status, lock_wait,
+                 duration, error, obefore) in rows:
+                result = (
+                    run_id, p, r, image_id, name,
+                    status or "planned",
+                    reason if status else (plan_reason or None),
+                    load(obefore if obefore is not None else before),
+                    load(after),
+                    # an ended target shows what was sent (none for a no-op), a pending
+                    # one what the plan would send
+                    load(opatch if status else patch),
+                    attempts or 0, http_status, lock_wait or 0.0, duration or 0,
+                    error if status else (plan_detail if plan_status != "planned" else None),
+                )
+                yield result if raw else dict(zip(RESULT_FIELDS, result, strict=True))
 
     def iter_updated(self, chunk: int = 2000) -> Iterator[tuple[int, int, str, str, dict[str, Any],
                                                                dict[str, Any]]]:
         """For undo: (project, region, image, name, before, patch) of each updated target:
         the state it was read in and the patch sent (after a lock or a resume, the last read)."""
-        conn = self._reader()
-        try:
-            last = 0
-            while True:
-                rows = conn.execute(
-                    "SELECT t.seq, t.project_id, t.region_id, t.image_id, t.name,"
-                    " COALESCE(o.before, t.before), COALESCE(o.patch, t.patch)"
-                    " FROM targets t JOIN outcomes o ON o.seq = t.seq"
-                    " WHERE t.seq > ? AND o.status = 'updated' ORDER BY t.seq LIMIT ?",
-                    (last, chunk),
-                ).fetchall()
-                if not rows:
-                    return
-                for _seq, p, r, image_id, name, before, patch in rows:
-                    yield p, r, image_id, name or "", _load(before) or {}, _load(patch) or {}
-                last = rows[-1][0]
-        finally:
-            conn.close()
+        for rows in self._chunks(
+            "SELECT t.seq, t.project_id, t.region_id, t.image_id, t.name,"
+            " COALESCE(o.before, t.before), COALESCE(o.patch, t.patch)"
+            " FROM targets t JOIN outcomes o ON o.seq = t.seq"
+            " WHERE o.status = 'updated' AND t.seq > ? ORDER BY t.seq LIMIT ?", chunk):
+            for _seq, p, r, image_id, name, before, patch in rows:
+                yield p, r, image_id, name or "", _load(before) or {}, _load(patch) or {}
 
 
 # -- finding runs ------------------------------------------------------------------------------
