@@ -3,7 +3,7 @@ against a simulator.
 
 A run stopped by SIGTERM while applying; meanwhile someone else changed three of its pending
 images: one got a tag of theirs through the API, one was deleted, one is locked by a task for
-a moment. ``--resume`` then reads at most pending/100 + regions (one list page a region here),
+a while. ``--resume`` then reads at most pending/100 + regions (one list page a region here),
 not one GET a pending image; plans each target again against what it is now (the changed one:
 its record's ``before`` is what the resume read, their tag kept; the deleted one: ``failed`` /
 ``not_found``; the locked one: waited for, then sent); sends nothing to a target with a final
@@ -20,15 +20,16 @@ from pathlib import Path
 from tests import test_resume
 from tests.test_ownership import stopped_while_applying
 from tests.test_resume import (
+    Cli,
     Key,
     committed,
     results,
     run_args,
-    run_cli,
     settled_counters,
     summary,
     targeted,
     the_run,
+    wait_until,
 )
 from worker.simulator import SimulatorThread
 
@@ -60,12 +61,16 @@ def test_a_resume_reads_by_the_page_and_plans_again_against_what_is_there_now(
     changed, deleted, locked = pending[0], pending[1], pending[2]
     patch_as_someone_else(sim, changed, {"tags": {"owner": "them"}})
     sim.call(sim.sim.delete_image, *deleted)
-    sim.call(sim.sim.lock_image, *locked, 1.0)
+    task = sim.call(sim.sim.lock_image, *locked, None)
     patches_before, _ = settled_counters(sim)
     before = sim.call(lambda: dict(sim.sim.counters.requests))
 
-    second = run_cli(tmp_path, "second", *run_args(
+    second = Cli.start(tmp_path, "second", *run_args(
         job, sim, state, "--resume", "--lock-poll-seconds", "0.2"))
+    # everything else ended: only the locked one waits (its task then ends)
+    wait_until(lambda: len(committed(state)) >= len(ended) + len(pending) - 1, second)
+    sim.call(sim.sim.end_task, task)
+    second.wait()
     assert second.proc.returncode == 1, second.text()  # 1: the deleted image
     after = sim.call(lambda: dict(sim.sim.counters.requests))
     reads = (after["list"] - before["list"]) + (after["get"] - before["get"])
