@@ -247,11 +247,18 @@ class RateController:
             self.slow_start = False
             self._second_look = True
         elif now - last > _EPISODE_GAP_S or self._t >= self.climb_s:
-            # a new episode: remember what the API accepted before it, cut to 95% of what
-            # it accepted in the last half second, and take a second look soon
-            self._remember(min(rate, self._accepted_rate(now, 1.0)), now)
+            # a new episode: remember what the API accepted before it (no more than the top
+            # if this ends a probe above it: what it accepted then was the server's burst),
+            # cut to 95% of what it accepted in the last half second (at once to half if
+            # most answers of the last 100 ms were 429s) and take a second look soon
+            before = min(rate, self._accepted_rate(now, 1.0))
+            self._remember(min(before, self._top) if rate > self._top else before, now)
             accepted = min(rate, self._accepted_rate(now, 0.5))
             target = max(rate * _CUT_MOST, min(rate * _CUT_LEAST, _LAND * accepted))
+            current = self._roll(now)
+            refused = self._no[current] + self._no[current - 1]
+            if refused > self._ok[current] + self._ok[current - 1]:
+                target = rate * _CUT_MOST
             self._second_look = True
             self._first_episode = False
         else:
