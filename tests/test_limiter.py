@@ -381,11 +381,10 @@ def test_validation() -> None:
 # -- the bucket it drives ----------------------------------------------------------------------
 async def test_a_waiter_sees_a_cut_at_once() -> None:
     clock = FakeClock()
-    controller = RateController(1000.0, noise_count=1, noise_share=0.0, clock=clock)
-    limiter = AdaptiveLimiter(controller)
-    for _ in range(30):  # use up the bucket
-        await limiter.acquire()
-    waiter = asyncio.create_task(limiter.acquire())
+    controller = RateController(100.0, noise_count=1, noise_share=0.0, clock=clock)
+    limiter = AdaptiveLimiter(controller)  # 98/s, one slot at a time
+    await limiter.acquire()
+    waiter = asyncio.create_task(limiter.acquire())  # its slot: about 10 ms on
     await asyncio.sleep(0)
     for _ in range(50):
         clock.advance(0.3)

@@ -28,7 +28,9 @@ Three parts, so the arithmetic is tested without sleeping:
     ``climb_s`` to 98% of what the API accepted at the cut; if it had accepted more than
     that before the episode (within ``memory_s``), it climbs on to that rate along an
     S-curve over ``probe_s`` (slow near both ends, where the API may be limiting, fast in
-    between); then it probes above, convex and slowly (+1% after a second, +8% after two).
+    between; three times slower when that rate is less than 1.5 times the present one: more
+    likely a server's burst than a limit that came back); then it probes above, convex and
+    slowly (+1% after a second, +8% after two).
     Where the rate is above what the API last accepted, the first 429 is the answer to that
     probe and cuts at once; elsewhere a 429 counts only when the last second holds at least
     ``noise_count`` and they are more than ``noise_share`` of its answers (a stray 429 among
@@ -80,6 +82,7 @@ _PLATEAU = 0.98  # the climb after a cut aims at this share of what the API acce
 _ABOVE = 1.02  # a rate this far above what the API last accepted is a probe
 _STORM_SHARE = 0.1  # accepting less than this share of the rate since a cut is a storm
 _FAR = 1.1  # what the API accepted before counts as a goal of its own this far above
+_NEAR = 1.5  # a remembered rate less than this far above is climbed to over 3 x probe_s
 _GROW = 0.01  # the probe above the top: +_GROW * t**3 of it, t in seconds
 _CATCHUP_S = 0.02  # slots missed by a wake-up this late are given at once (no --rate)
 _STATED_WINDOW_S = 2.0  # a stated window this long or longer is paced by what is left of it
@@ -247,12 +250,10 @@ class RateController:
             self.slow_start = False
             self._second_look = True
         elif now - last > _EPISODE_GAP_S or self._t >= self.climb_s:
-            # a new episode: remember what the API accepted before it (no more than the top
-            # if this ends a probe above it: what it accepted then was the server's burst),
-            # cut to 95% of what it accepted in the last half second (at once to half if
-            # most answers of the last 100 ms were 429s) and take a second look soon
-            before = min(rate, self._accepted_rate(now, 1.0))
-            self._remember(min(before, self._top) if rate > self._top else before, now)
+            # a new episode: remember what the API accepted before it, cut to 95% of what
+            # it accepted in the last half second (at once to half if most answers of the
+            # last 200 ms were 429s) and take a second look soon
+            self._remember(min(rate, self._accepted_rate(now, 1.0)), now)
             accepted = min(rate, self._accepted_rate(now, 0.5))
             target = max(rate * _CUT_MOST, min(rate * _CUT_LEAST, _LAND * accepted))
             current = self._roll(now)
@@ -303,10 +304,12 @@ class RateController:
             t -= self.climb_s
         top = self._top
         if top > w:
-            if t < self.probe_s:
-                x = t / self.probe_s
+            # a near goal is more likely the server's burst than a limit that came back
+            span = self.probe_s if top > _NEAR * w else 3.0 * self.probe_s
+            if t < span:
+                x = t / span
                 return w + (top - w) * x * x * (3.0 - 2.0 * x)
-            t -= self.probe_s
+            t -= span
         return top * (1.0 + _GROW * t * t * t)
 
     def tick(self) -> bool:
