@@ -19,7 +19,7 @@ CLI in a subprocess while a controller thread fires the mid-run events (triggere
 simulator's PATCH count, so they land in the apply phase), then checks the invariants and
 returns a ``ChaosResult`` whose ``problems`` list is empty when every invariant held:
 
-- every target has exactly one final record (``results.jsonl``), and every image the job
+- every target has exactly one final record (``results.jsonl.gz``), and every image the job
   selects has one;
 - for every ``updated`` target the image equals ``plan.apply_patch(before, patch)``, its
   ``before`` is the image as it was (after any lock that ended applied its tags), and its
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gzip
 import json
 import os
 import random
@@ -392,11 +393,11 @@ def run_scenario(
     run_dir = state_dir / run_id
     problems: list[str] = []
     records: list[dict[str, Any]] = []
-    if (run_dir / "results.jsonl").exists():
-        with (run_dir / "results.jsonl").open() as fh:
+    if (run_dir / "results.jsonl.gz").exists():
+        with gzip.open(run_dir / "results.jsonl.gz", "rt", encoding="utf-8") as fh:
             records = [json.loads(line) for line in fh]
     else:
-        problems.append(f"no results.jsonl in {run_dir}")
+        problems.append(f"no results.jsonl.gz in {run_dir}")
     by_key: dict[Key, dict[str, Any]] = {}
     per_target: Counter[Key] = Counter()
     for row in records:
@@ -412,7 +413,7 @@ def run_scenario(
         summary = json.loads((run_dir / "summary.json").read_text())
         counted = sum(summary.get("counts", {}).values())
         if counted != len(records):
-            problems.append(f"summary counts {counted} targets, results.jsonl {len(records)}")
+            problems.append(f"summary counts {counted} targets, results.jsonl.gz {len(records)}")
 
     # every image the job selects has its record (unless the run stopped early: 401)
     selected = set(private) | set(row_changes) | set(missing)

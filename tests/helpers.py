@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -73,7 +74,8 @@ def run_dirs(state_dir: Path) -> list[Path]:
 
 
 def results(run_dir: Path) -> list[dict[str, Any]]:
-    with (run_dir / "results.jsonl").open() as fh:
+    """The run's results lines: results.jsonl.gz as the run wrote it."""
+    with gzip.open(run_dir / "results.jsonl.gz", "rt", encoding="utf-8") as fh:
         return [json.loads(line) for line in fh]
 
 

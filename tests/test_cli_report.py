@@ -1,13 +1,15 @@
 """``bulk-tagger report RUN_ID``: the run's report again, from its journal alone.
 
-``--format summary`` prints what the run printed, ``json`` is summary.json, ``jsonl`` and
-``csv`` carry the rows of results.jsonl and results.csv, and ``--export`` writes the three
-files anew, byte for byte, also for a run that was killed before it could write them.
+``--format summary`` prints what the run printed, ``json`` is summary.json, ``jsonl`` carries
+the lines of the run's results.jsonl.gz and ``csv`` the same rows, and ``--export`` writes the
+plain results.jsonl (byte for byte what results.jsonl.gz holds), results.csv and summary.json,
+also for a run that was killed before it could write them.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import os
@@ -32,7 +34,7 @@ JOB = {
                 "set": {"ssh_key": "allow"}},
     "options": {"concurrency": 4},
 }
-EXPORTS = ("results.jsonl", "results.csv", "summary.json")
+EXPORTS = ("results.jsonl", "results.csv", "summary.json")  # what --export writes
 OBJECTS = ("before", "after", "patch")
 
 
@@ -106,9 +108,10 @@ def test_jsonl_and_csv_carry_the_rows_of_the_exports(finished: tuple[Path, str, 
     code, out, _ = output("report", run_id, "--state-dir", state, "--format", "jsonl")
     assert code == 0
     printed = [json.loads(line) for line in out.splitlines()]
-    exported = [json.loads(line)
-                for line in (run_dir / "results.jsonl").read_text("utf-8").splitlines()]
+    with gzip.open(run_dir / "results.jsonl.gz", "rt", encoding="utf-8") as fh:
+        exported = [json.loads(line) for line in fh]
     assert printed == exported
+    assert not (run_dir / "results.jsonl").exists() and not (run_dir / "results.csv").exists()
     assert len({(r["project_id"], r["region_id"], r["image_id"]) for r in printed}) == len(
         printed)
     assert any(r["patch"] and r["patch"]["tags"].get("note") == "café-ü" for r in printed)
@@ -116,6 +119,8 @@ def test_jsonl_and_csv_carry_the_rows_of_the_exports(finished: tuple[Path, str, 
     code, out, _ = output("report", run_id, "--state-dir", state, "--format", "csv")
     assert code == 0
     from_report = csv_rows(out)
+    code, _, err = output("report", run_id, "--state-dir", state, "--export")
+    assert code == 0, err
     from_export = csv_rows((run_dir / "results.csv").read_text("utf-8"))
     assert from_report == from_export
     assert len(from_report) == len(printed)
@@ -131,15 +136,20 @@ def test_export_writes_the_files_anew_byte_for_byte(
     (copy / run_id).mkdir()
     for f in (state / run_id).iterdir():
         (copy / run_id / f.name).write_bytes(f.read_bytes())
-    originals = {name: (copy / run_id / name).read_bytes() for name in EXPORTS}
+    compressed = (copy / run_id / "results.jsonl.gz").read_bytes()
+    originals = {"results.jsonl": gzip.decompress(compressed),
+                 "summary.json": (copy / run_id / "summary.json").read_bytes()}
     for name in EXPORTS:
-        (copy / run_id / name).unlink()
+        (copy / run_id / name).unlink(missing_ok=True)
     # from another directory, with the state dir from the environment
     code, _, err = output("report", run_id, "--export", cwd=tmp_path,
                           env={"BULK_TAGGER_STATE_DIR": str(copy)})
     assert code == 0, err
-    for name in EXPORTS:
-        assert (copy / run_id / name).read_bytes() == originals[name], name
+    for name, data in originals.items():
+        assert (copy / run_id / name).read_bytes() == data, name
+    assert (copy / run_id / "results.jsonl.gz").read_bytes() == compressed  # left as it was
+    rows = csv_rows((copy / run_id / "results.csv").read_text("utf-8"))
+    assert len(rows) == len(originals["results.jsonl"].splitlines()) > 0
 
 
 def test_report_of_a_killed_run(tmp_path: Path) -> None:

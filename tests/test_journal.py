@@ -23,10 +23,10 @@ from worker.errors import JobError
 from worker.journal import (
     Journal,
     JournalFailed,
-    find_resumable,
     read_run_info,
 )
 from worker.models import Changes, Outcome, changes_from_json, changes_to_json
+from worker.retention import find_resumable
 
 CHANGES = Changes(set_tags={"managed-by": "bulk-tagger"}, remove_tags=("legacy",),
                   rename_tags={"team": "owner"}, set_fields={"ssh_key": "allow"})

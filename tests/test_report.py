@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import math
 import random
@@ -75,7 +76,7 @@ def test_csv_cells_a_spreadsheet_would_run_as_formulas_are_neutralised(tmp_path:
         row = make_row(4 * i)  # updated: no error text
         row["name"] = name
         rows.append(row)
-    write_exports(tmp_path, rows, sample_summary())
+    write_exports(tmp_path, rows, sample_summary(), formats=("jsonl", "csv"))
     with (tmp_path / "results.csv").open(newline="", encoding="utf-8") as f:
         cells = [dict(zip(RESULT_FIELDS, r, strict=True)) for r in list(csv.reader(f))[1:]]
     assert [c["name"] for c in cells] == [
@@ -88,15 +89,22 @@ def test_csv_cells_a_spreadsheet_would_run_as_formulas_are_neutralised(tmp_path:
 def test_write_exports_streams_every_row_once_in_order(tmp_path: Path) -> None:
     n = 3000
     summary = sample_summary()
-    write_exports(tmp_path, (make_row(i) for i in range(n)), summary)
+    written = write_exports(tmp_path, (make_row(i) for i in range(n)), summary,
+                            formats=("jsonl.gz", "jsonl", "csv"))
+    assert written == n
 
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "results.csv",
         "results.jsonl",
+        "results.jsonl.gz",
         "summary.json",
     ]  # no temp file left behind
-    for name in ("results.csv", "results.jsonl", "summary.json"):
+    for name in ("results.csv", "results.jsonl", "results.jsonl.gz", "summary.json"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+    # the compressed file holds the plain one's bytes, in a fraction of the space
+    compressed = (tmp_path / "results.jsonl.gz").read_bytes()
+    assert gzip.decompress(compressed) == (tmp_path / "results.jsonl").read_bytes()
+    assert len(compressed) < (tmp_path / "results.jsonl").stat().st_size / 4
 
     lines = (tmp_path / "results.jsonl").read_text(encoding="utf-8").split("\n")
     assert lines[-1] == ""  # the file ends with a newline, and nothing after it
@@ -142,7 +150,11 @@ def test_write_exports_streams_every_row_once_in_order(tmp_path: Path) -> None:
 
 
 def test_write_exports_with_no_rows(tmp_path: Path) -> None:
-    write_exports(tmp_path / "new", [], sample_summary())
+    assert write_exports(tmp_path / "run", [], sample_summary()) == 0
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "results.jsonl.gz", "summary.json"]  # what a run writes: no plain file
+    assert gzip.decompress((tmp_path / "run" / "results.jsonl.gz").read_bytes()) == b""
+    write_exports(tmp_path / "new", [], sample_summary(), formats=("jsonl", "csv"))
     assert (tmp_path / "new" / "results.jsonl").read_text() == ""
     assert (tmp_path / "new" / "results.csv").read_text().strip() == ",".join(RESULT_FIELDS)
 
@@ -172,7 +184,8 @@ def test_write_exports_memory_stays_flat(tmp_path: Path) -> None:
             tracemalloc.stop()
 
     small, large = peak(500), peak(3000)
-    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3000
+    with gzip.open(tmp_path / "results.jsonl.gz", "rt") as fh:
+        assert sum(1 for _ in fh) == 3000
     # holding 2,500 more rows' values (a dict and a list each, ~1 KB) would add megabytes
     assert large - small < 200_000, (small, large)
 

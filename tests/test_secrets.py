@@ -1,5 +1,6 @@
 """The API key is in no byte a command writes: stdout, stderr (JSON and console logs, at debug
-level), the journal and its -wal/-shm files, the staging file, results.jsonl/csv, summary.json.
+level), the journal and its -wal/-shm files, the staging file, results.jsonl.gz (decompressed
+too), the plain results.jsonl/csv of ``report --export``, summary.json.
 
 A canary key is handed over as a mounted secret (``--api-key-file``) and through
 ``GCORE_API_KEY``, to a simulator that accepts that key alone, so a successful run proves the
@@ -9,6 +10,7 @@ key was used; a wrong key ends with exit 4 and is not written anywhere either. F
 
 from __future__ import annotations
 
+import gzip
 import os
 import secrets
 import signal
@@ -69,7 +71,12 @@ def bulk_tagger(folder: Path, name: str, *args: str | Path, key_env: str | None 
 def every_byte_written(folder: Path) -> dict[Path, bytes]:
     """Every file under ``folder`` but the inputs the test wrote (the key file, the job)."""
     inputs = {"key", "key-open", "job.yaml", "rows.csv"}  # the key file is the only one with it
-    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name not in inputs}
+    written = {p: p.read_bytes() for p in folder.rglob("*")
+               if p.is_file() and p.name not in inputs}
+    for path, data in list(written.items()):
+        if path.suffix == ".gz":  # what is inside counts too: a key compressed is still there
+            written[path.with_suffix(path.suffix + " (decompressed)")] = gzip.decompress(data)
+    return written
 
 
 def assert_absent(folder: Path, *keys: str) -> int:
@@ -104,7 +111,13 @@ def test_the_key_is_in_no_byte_written(tmp_path: Path, sim: SimulatorThread) -> 
     assert counters["requests"]["patch"] > 20, "the key was accepted"
     assert counters["faults"]["5xx"] + counters["faults"]["429"] > 0, "error paths were taken"
     (run_dir,) = [p for p in state.iterdir() if p.is_dir()]
-    for name in ("journal.sqlite", "results.jsonl", "results.csv", "summary.json"):
+    for name in ("journal.sqlite", "results.jsonl.gz", "summary.json"):
+        assert (run_dir / name).stat().st_size > 0
+    # the plain exports, on request
+    export = bulk_tagger(tmp_path, "export", "report", run_dir.name, "--state-dir", state,
+                         "--export", "--log-level", "debug")
+    assert export.returncode == 0, (tmp_path / "export.err").read_text()[-3000:]
+    for name in ("results.jsonl", "results.csv"):
         assert (run_dir / name).stat().st_size > 0
 
     # the environment, console logs: an undo of that run
@@ -131,7 +144,9 @@ def test_the_key_is_in_no_byte_written(tmp_path: Path, sim: SimulatorThread) -> 
     assert down.returncode == 75, (tmp_path / "down.err").read_text()[-3000:]
 
     files = assert_absent(tmp_path, CANARY, WRONG)
-    assert files >= 4 * 4 + 4 * 2  # four run folders and the four commands' stdout/stderr
+    # four run folders (journal, results.jsonl.gz and what it holds, summary), the plain
+    # exports of one, and the five commands' stdout/stderr
+    assert files >= 4 * 4 + 2 + 5 * 2
 
 
 def test_the_staging_file_of_a_killed_plan_holds_no_key(

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
 import socket
@@ -226,8 +227,7 @@ def test_state_folder_0700_files_0600_whatever_the_umask(tmp_path: Path, job: Pa
     assert _mode(state) == 0o700
     assert _mode(run_dir) == 0o700
     files = [p for p in run_dir.rglob("*") if p.is_file()]
-    assert {p.name for p in files} >= {"journal.sqlite", "results.jsonl", "results.csv",
-                                       "summary.json"}
+    assert {p.name for p in files} >= {"journal.sqlite", "results.jsonl.gz", "summary.json"}
     loose = {p.name: oct(_mode(p)) for p in files if _mode(p) != 0o600}
     assert not loose, loose
     assert all(_mode(p) == 0o700 for p in run_dir.rglob("*") if p.is_dir())
@@ -339,7 +339,8 @@ async def test_key_redacted_when_the_api_echoes_it(
     summary = json.loads((state / "echo" / "summary.json").read_text())
     assert summary["exit_code"] == exit_code
     texts = {"stdout": out, "stderr": err}
-    assert "***" in out + err + (state / "echo" / "results.jsonl").read_text() + json.dumps(
+    assert "***" in out + err + gzip.decompress(
+        (state / "echo" / "results.jsonl.gz").read_bytes()).decode() + json.dumps(
         summary)  # the echoed key was there, masked
     code, report, _ = await _cli_async("report", "echo", "--format", "jsonl",
                                        "--state-dir", state)

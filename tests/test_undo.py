@@ -157,7 +157,7 @@ def test_undo_restores_untouched_images_exactly_and_skips_changed_ones(
     (undo_dir,) = runs(state, "undo")
     assert undo_dir != run_dir
     assert undo_dir.name.startswith("undo-test-undo-")
-    for name in ("journal.sqlite", "results.jsonl", "results.csv", "summary.json"):
+    for name in ("journal.sqlite", "results.jsonl.gz", "summary.json"):
         assert (undo_dir / name).exists()
 
     final = images(sim)

@@ -88,6 +88,7 @@ class ApplyOptions:
     grace_seconds: float
     resume: bool
     resume_within: str
+    keep_days: float
     lock_poll_seconds: float
 
 
@@ -144,6 +145,9 @@ _apply = _group(ApplyOptions, "apply", [
     click.option("--resume-within", default=f"{defaults.RESUME_WITHIN_HOURS}h",
                  show_default=True,
                  help="How old an unfinished run --resume may continue (e.g. 90m, 24h)."),
+    click.option("--keep-days", type=click.FloatRange(min=0), envvar="BULK_TAGGER_KEEP_DAYS",
+                 default=defaults.KEEP_DAYS, show_default=True,
+                 help="First delete finished runs older than this many days (0 keeps all)."),
     # a knob for tests and benchmarks: how fast task-lock polls go
     click.option("--lock-poll-seconds", type=click.FloatRange(min=0, min_open=True),
                  default=defaults.LOCK_POLL_S, hidden=True),
@@ -162,10 +166,10 @@ _job = _group(JobOptions, "job_opts", [
 ])
 
 
-def _duration(text: str) -> timedelta:
+def _duration(text: str, field: str = "--resume-within") -> timedelta:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
     if not match:
-        raise JobError(f"not a duration: {text!r}", field="--resume-within", hint="e.g. 90m, 24h")
+        raise JobError(f"not a duration: {text!r}", field=field, hint="e.g. 90m, 24h, 30d")
     value, unit = float(match.group(1)), match.group(2) or "s"
     return timedelta(seconds=value * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit])
 
@@ -233,6 +237,7 @@ def _settings(
         settings.resume_within = _duration(apply.resume_within)
         settings.grace_s = apply.grace_seconds
         settings.lock_poll_s = apply.lock_poll_seconds
+        settings.keep_days = apply.keep_days
     if job_opts is not None:
         settings.simulate_images = job_opts.simulate_images
         settings.shard = _shard(job_opts.shard)
@@ -345,17 +350,58 @@ def undo(
 @click.argument("run_id")
 @click.option("--format", "fmt", type=click.Choice(["summary", "jsonl", "csv", "json"]),
               default="summary", show_default=True)
-@click.option("--export", is_flag=True, help="Write results.jsonl/csv and summary.json anew.")
+@click.option("--export", is_flag=True,
+              help="Write the plain results.jsonl and results.csv (and summary.json) anew.")
 @_STATE_DIR
 @_logs
 def report(
     run_id: str, *, fmt: ReportFormat, export: bool, state_dir: Path, logs: LogOptions
 ) -> None:
-    """Print or re-export RUN_ID's report (from its journal)."""
+    """Print or export RUN_ID's report (a finished run's from its results.jsonl.gz)."""
     from worker.report import print_report
 
     logs.configure()
     print_report(state_dir, run_id, fmt, export=export, out=sys.stdout)
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+@_STATE_DIR
+@_logs
+def runs(*, fmt: str, state_dir: Path, logs: LogOptions) -> None:
+    """The runs in the state folder, newest first: one line each."""
+    from worker import retention
+
+    logs.configure()
+    click.echo(retention.format_runs(retention.list_runs(state_dir), fmt, state_dir))
+
+
+@cli.command()
+@click.option("--older-than", default=None,
+              help="Delete finished runs older than this (e.g. 30d, 12h; default: --keep-days).")
+@click.option("--keep-last", type=click.IntRange(0), default=None,
+              help="Keep the newest N finished runs whatever their age.")
+@click.option("--keep-days", type=click.FloatRange(min=0), envvar="BULK_TAGGER_KEEP_DAYS",
+              default=defaults.KEEP_DAYS, show_default=True, hidden=True)
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
+@_STATE_DIR
+@_logs
+def prune(
+    *, older_than: str | None, keep_last: int | None, keep_days: float, dry_run: bool,
+    state_dir: Path, logs: LogOptions,
+) -> None:
+    """Delete finished runs; never an unfinished one, one a live process holds, or one whose
+    undo is unfinished."""
+    from worker import retention
+
+    logs.configure()
+    age = _duration(older_than, field="--older-than") if older_than else None
+    if age is None and keep_last is None and keep_days > 0:
+        age = timedelta(days=keep_days)
+    click.echo(retention.format_prune(
+        retention.prune(state_dir, older_than=age, keep_last=keep_last, dry_run=dry_run),
+        dry_run=dry_run))
 
 
 @cli.command()

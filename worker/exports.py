@@ -1,17 +1,20 @@
-"""The run's exports: ``results.jsonl``, ``results.csv`` and ``summary.json``, written from the
-journal's rows (streamed: memory stays flat for any number of rows), each file atomically.
+"""The run's exports: ``results.jsonl.gz`` (or the plain ``results.jsonl``), ``results.csv``
+and ``summary.json``, written from the journal's rows (streamed: memory stays flat for any
+number of rows), each file atomically.
 
-``export_lines`` gives a result's JSON Lines and CSV lines (``bulk-tagger report --format`` prints
-them); ``write_exports`` writes the three files into a run's folder.
+``jsonl_line`` and ``csv_line`` give a result's JSON Lines and CSV lines (``bulk-tagger report
+--format`` prints them); ``write_exports`` writes the files into a run's folder: a run writes
+``results.jsonl.gz`` and ``summary.json``, ``report --export`` the plain files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -57,14 +60,26 @@ def _csv_text(text: str) -> str:
     return text
 
 
-def export_lines(row: tuple[Any, ...] | Mapping[str, Any]) -> tuple[str, str]:
-    """A result's ``results.jsonl`` line and ``results.csv`` line, each with its line end.
+def jsonl_line(row: tuple[Any, ...] | Mapping[str, Any]) -> bytes:
+    """A result's ``results.jsonl`` line (UTF-8, with its line end).
 
     ``row``: a dict, or a tuple in RESULT_FIELDS order. ``before``/``after``/``patch`` given
     as JSON text (as the journal holds them) are embedded as they are: never decoded and
-    encoded again. In the CSV they are compact JSON text, None an empty cell.
+    encoded again.
     """
     values = list(row) if isinstance(row, tuple) else _row_values(row)
+    for i in _OBJECT_INDEXES:
+        value = values[i]
+        if isinstance(value, str):
+            values[i] = orjson.Fragment(value)
+    return orjson.dumps(dict(zip(RESULT_FIELDS, values, strict=True)), default=str,
+                        option=orjson.OPT_APPEND_NEWLINE)
+
+
+def csv_line(row: tuple[Any, ...] | Mapping[str, Any]) -> str:
+    """A result's ``results.csv`` line (with its line end): ``before``/``after``/``patch`` as
+    compact JSON text, None an empty cell, a would-be formula led by an apostrophe."""
+    values = row if isinstance(row, tuple) else _row_values(row)
     cells = []
     for value in values:
         if value is None:
@@ -77,27 +92,53 @@ def export_lines(row: tuple[Any, ...] | Mapping[str, Any]) -> tuple[str, str]:
             cells.append(_csv_text(orjson.dumps(value, default=str).decode()))
         else:
             cells.append(str(value))
-    for i in _OBJECT_INDEXES:
-        value = values[i]
-        if isinstance(value, str):
-            values[i] = orjson.Fragment(value)
-    line = orjson.dumps(dict(zip(RESULT_FIELDS, values, strict=True)), default=str,
-                        option=orjson.OPT_APPEND_NEWLINE)
-    return line.decode(), ",".join(cells) + "\r\n"
+    return ",".join(cells) + "\r\n"
+
+
+def export_lines(row: tuple[Any, ...] | Mapping[str, Any]) -> tuple[str, str]:
+    """A result's ``results.jsonl`` line and ``results.csv`` line, each with its line end."""
+    return jsonl_line(row).decode(), csv_line(row)
+
+
+#: gzip level of results.jsonl.gz: level 1 keeps most of the gain (the lines repeat their
+#: keys and tags) for a fraction of level 6's CPU (README: "The run's record")
+GZIP_LEVEL = 1
+#: The files ``write_exports`` can write, by format: the run writes the compressed results,
+#: ``report --export`` the plain ones.
+EXPORT_FILES = {"jsonl.gz": "results.jsonl.gz", "jsonl": "results.jsonl", "csv": "results.csv"}
 
 
 class _AtomicFile:
-    """A temp file in ``directory`` (mode 0600) that replaces ``target`` only on commit."""
+    """A temp file in ``directory`` (mode 0600) that replaces ``target`` only on commit.
 
-    def __init__(self, directory: Path, target: str, *, newline: str | None = None) -> None:
+    ``file`` takes text, or bytes where ``binary``; ``gzip``: bytes, compressed on the way.
+    """
+
+    def __init__(
+        self, directory: Path, target: str, *, newline: str | None = None,
+        binary: bool = False, gzip_level: int | None = None,
+    ) -> None:
         self.path = directory / target
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target}.", suffix=".tmp")
         self.tmp = Path(tmp)
-        self.file: IO[str] = open(  # noqa: SIM115 (closed in commit/discard)
-            fd, "w", encoding="utf-8", newline=newline, buffering=_BUFFER
-        )
+        self.raw: IO[bytes] | None = None
+        self.file: Any  # a text file, a binary one, or a GzipFile over a binary one
+        if gzip_level is not None:
+            self.raw = open(fd, "wb", buffering=_BUFFER)  # noqa: SIM115 (closed in commit)
+            # mtime 0 and no name: the same rows give the same bytes
+            self.file = gzip.GzipFile(filename="", mode="wb", fileobj=self.raw,
+                                      compresslevel=gzip_level, mtime=0)
+        elif binary:
+            self.file = open(fd, "wb", buffering=_BUFFER)  # noqa: SIM115
+        else:
+            self.file = open(  # noqa: SIM115 (closed in commit/discard)
+                fd, "w", encoding="utf-8", newline=newline, buffering=_BUFFER
+            )
 
     def commit(self) -> None:
+        if self.raw is not None:
+            self.file.close()  # a GzipFile writes its trailer and leaves the raw file open
+            self.file = self.raw
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
@@ -105,8 +146,10 @@ class _AtomicFile:
         os.replace(self.tmp, self.path)
 
     def discard(self) -> None:
-        with contextlib.suppress(OSError):  # its buffer may not fit (disk full): dropped
+        with contextlib.suppress(OSError, ValueError):  # its buffer may not fit (disk full)
             self.file.close()
+        if self.raw is not None:
+            self.raw.close()
         self.tmp.unlink(missing_ok=True)
 
 
@@ -123,32 +166,47 @@ def write_exports(
     run_dir: Path,
     results: Iterable[Mapping[str, Any] | tuple[Any, ...]],
     summary: Mapping[str, Any],
-) -> None:
-    """Write ``results.jsonl``, ``results.csv`` and ``summary.json`` into ``run_dir``.
+    formats: Sequence[str] = ("jsonl.gz",),
+) -> int:
+    """Write the results in ``formats`` (keys of EXPORT_FILES) and ``summary.json`` into
+    ``run_dir``; the number of result rows written.
 
     ``results`` is consumed once, row by row (memory stays flat for any number of rows). Each
     row becomes one JSON object a line, keys in RESULT_FIELDS order (other keys are left out,
-    missing ones are null), and one CSV row with the same columns (``before``/``after``/
-    ``patch`` as compact JSON text, None as an empty cell, a text a spreadsheet would run as
-    a formula led by an apostrophe: see ``export_lines``). Each file is written to a temp
-    file in ``run_dir`` and renamed into place, results first and ``summary.json`` last, so a
-    reader never sees half a file and a present summary means the exports are complete. Files
-    are mode 0600. On an error no temp file is left and earlier exports stay as they were.
+    missing ones are null): ``results.jsonl``, or gzip-compressed ``results.jsonl.gz`` (the
+    same lines); and one CSV row with the same columns (see ``csv_line``). Each file is
+    written to a temp file in ``run_dir`` and renamed into place, results first and
+    ``summary.json`` last, so a reader never sees half a file and a present summary means the
+    exports are complete. Files are mode 0600. On an error no temp file is left and earlier
+    exports stay as they were.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     files: list[_AtomicFile] = []
+    rows = 0
     try:
-        jsonl = _AtomicFile(run_dir, "results.jsonl")
-        files.append(jsonl)
-        csv_file = _AtomicFile(run_dir, "results.csv", newline="")
-        files.append(csv_file)
-        csv_file.file.write(",".join(RESULT_FIELDS) + "\r\n")
-        write_jsonl, write_csv = jsonl.file.write, csv_file.file.write
-        for row in results:
-            jsonl_line, csv_line = export_lines(row)
-            write_jsonl(jsonl_line)
-            write_csv(csv_line)
+        writers: list[Any] = []
+        for fmt in formats:
+            if fmt == "csv":
+                csv_file = _AtomicFile(run_dir, EXPORT_FILES[fmt], newline="")
+                csv_file.file.write(",".join(RESULT_FIELDS) + "\r\n")
+                files.append(csv_file)
+                writers.append((csv_line, csv_file.file.write))
+            else:
+                level = GZIP_LEVEL if fmt == "jsonl.gz" else None
+                jsonl = _AtomicFile(run_dir, EXPORT_FILES[fmt], binary=True, gzip_level=level)
+                files.append(jsonl)
+                writers.append((jsonl_line, jsonl.file.write))
+        if len(writers) == 1:  # the run's case: one format, no inner loop
+            ((line, write),) = writers
+            for row in results:
+                write(line(row))
+                rows += 1
+        else:
+            for row in results:
+                for line, write in writers:
+                    write(line(row))
+                rows += 1
         summary_file = _AtomicFile(run_dir, "summary.json")
         files.append(summary_file)
         json.dump(dict(summary), summary_file.file, indent=2, ensure_ascii=False, default=str)
@@ -160,3 +218,4 @@ def write_exports(
     finally:
         for f in files:
             f.discard()
+    return rows

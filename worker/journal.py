@@ -34,14 +34,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from worker import safety
-from worker.errors import BulkTaggerError, ExitCode, JobError
+from worker import record, safety
+from worker.errors import BulkTaggerError, ExitCode
 from worker.log import scrub
 from worker.models import (
     RESULT_FIELDS,
@@ -114,8 +114,10 @@ def _load(text: str | None) -> Any:
     return None if text is None else orjson.loads(text)
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def now_iso(moment: datetime | None = None) -> str:
+    """``moment`` (default: now) as UTC ISO 8601 text to the millisecond, ``Z``-suffixed."""
+    moment = moment or datetime.now(UTC)
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class JournalFailed(BulkTaggerError):
@@ -181,6 +183,10 @@ class Journal:
                 if not version:
                     self._conn.executescript(SCHEMA)
                     self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                #: a finished run's journal holds its run row only; record.py reads its targets
+                self.compacted = self._conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'targets'"
+                ).fetchone() is None
         except (OSError, sqlite3.Error) as exc:  # a full or unwritable volume, said plainly
             plain = volume_error(exc, run_dir.parent)
             if plain is None:
@@ -213,12 +219,13 @@ class Journal:
         options: Mapping[str, Any],
         parent_run_id: str | None = None,
         shard: str | None = None,
+        started_at: str | None = None,
     ) -> None:
         self._execute(
             "INSERT INTO run (id, run_id, kind, job_name, job_path, job_hash, options,"
             " parent_run_id, shard, started_at) VALUES (1,?,?,?,?,?,?,?,?,?)",
             (run_id, kind, job_name, job_path, job_hash, _json(dict(options)),
-             parent_run_id, shard, now_iso()),
+             parent_run_id, shard, started_at or now_iso()),
         )
 
     def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
@@ -248,10 +255,12 @@ class Journal:
     def reopen_run(self) -> None:
         self._execute("UPDATE run SET finished_at = NULL, exit_code = NULL")
 
-    def finish_run(self, exit_code: int, summary: Mapping[str, Any]) -> None:
+    def finish_run(
+        self, exit_code: int, summary: Mapping[str, Any], finished_at: str | None = None
+    ) -> None:
         self._execute(
             "UPDATE run SET finished_at = ?, exit_code = ?, summary = ?",
-            (now_iso(), exit_code, scrub(_dumps(dict(summary)))),
+            (finished_at or now_iso(), exit_code, scrub(_dumps(dict(summary)))),
         )
 
     # -- buffered writes ---------------------------------------------------------------------
@@ -506,12 +515,24 @@ class Journal:
                 self._conn.close()
             self._closed = True
 
+    def compact(self, exported: int) -> bool:
+        """Compact a finished run's journal whose ``results.jsonl.gz`` holds its ``exported``
+        rows (call after ``finish_run``): ``record.compact``. False: left whole."""
+        if not self.compacted:
+            self.flush_sync()
+            with self._db:
+                self.compacted = record.compact(self._conn, self.run_dir, exported)
+        return self.compacted
+
     # -- reads --------------------------------------------------------------------------------
     def _reader(self) -> sqlite3.Connection:
         return _connect(self.path)
 
     def counts(self) -> dict[str, int]:
         """Targets by final status; pending ones as ``planned``."""
+        if self.compacted:
+            counts = (self.run_info().get("summary") or {}).get("counts") or {}
+            return {status: int(n) for status, n in counts.items() if n}
         rows = self._execute(
             "SELECT COALESCE(o.status, 'planned'), COUNT(*) FROM targets t"
             " LEFT JOIN outcomes o ON o.seq = t.seq GROUP BY 1"
@@ -582,6 +603,9 @@ class Journal:
         ``raw``: a tuple in ``models.RESULT_FIELDS`` order instead, with ``before``/``after``/
         ``patch`` as the JSON text the journal holds (the exports embed it as it is instead
         of decoding and encoding it again)."""
+        if self.compacted:
+            yield from record.iter_results(self.run_dir, raw=raw)
+            return
         load = (lambda text: text) if raw else _load
         for rows in self._chunks(
             "SELECT t.seq, t.project_id, t.region_id, t.image_id, t.name, t.plan_status,"
@@ -610,6 +634,9 @@ class Journal:
                                                                dict[str, Any]]]:
         """For undo: (project, region, image, name, before, patch) of each updated target:
         the state it was read in and the patch sent (after a lock or a resume, the last read)."""
+        if self.compacted:
+            yield from record.iter_updated(self.run_dir)
+            return
         for rows in self._chunks(
             "SELECT t.seq, t.project_id, t.region_id, t.image_id, t.name,"
             " COALESCE(o.before, t.before), COALESCE(o.patch, t.patch)"
@@ -632,8 +659,8 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
         return {}
     try:
         row = conn.execute(
-            "SELECT run_id, kind, job_name, job_hash, started_at, finished_at, exit_code, shard"
-            " FROM run"
+            "SELECT run_id, kind, job_name, job_hash, started_at, finished_at, exit_code, shard,"
+            " parent_run_id, summary FROM run"
         ).fetchone()
     except sqlite3.Error:
         return {}
@@ -642,46 +669,10 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
     if row is None:
         return {}
     keys = ("run_id", "kind", "job_name", "job_hash", "started_at", "finished_at", "exit_code",
-            "shard")
-    return dict(zip(keys, row, strict=True))
-
-
-def find_resumable(
-    state_dir: Path, *, job_name: str, job_hash: str, kind: str, shard: str | None,
-    within: timedelta,
-) -> str | None:
-    """The latest unfinished run of this job (and shard) started within ``within``.
-
-    Unfinished: no exit code yet (killed) or 75 (interrupted). Raises JobError when that run
-    was made from a different job file: resuming it would mix two jobs in one record. For
-    ``undo`` runs ``job_hash`` is the undone run's id, and only undos of that run count.
-    """
-    if not state_dir.is_dir():
-        return None
-    cutoff = datetime.now(UTC) - within
-    best: tuple[str, dict[str, Any]] | None = None
-    for child in state_dir.iterdir():
-        info = read_run_info(child)
-        if not info or info["kind"] != kind or info["job_name"] != job_name:
-            continue
-        if info["shard"] != shard:
-            continue
-        if kind == "undo" and info["job_hash"] != job_hash:
-            continue
-        if info["exit_code"] not in (None, ExitCode.INTERRUPTED):
-            continue
-        started = datetime.fromisoformat(info["started_at"].replace("Z", "+00:00"))
-        if started < cutoff:
-            continue
-        if best is None or info["started_at"] > best[1]["started_at"]:
-            best = (child.name, info)
-    if best is None:
-        return None
-    if best[1]["job_hash"] != job_hash:
-        raise JobError(
-            f"the unfinished run {best[0]} was made from another version of this job file",
-            field="--resume",
-            hint="finish it with the old file, or start afresh without --resume "
-            "(or wait until it is older than --resume-within)",
-        )
-    return best[0]
+            "shard", "parent_run_id", "summary")
+    info = dict(zip(keys, row, strict=True))
+    try:
+        info["summary"] = _load(info["summary"])
+    except orjson.JSONDecodeError:
+        info["summary"] = None
+    return info

@@ -362,8 +362,10 @@ def print_report(
 ) -> None:
     """``bulk-tagger report``: RUN_ID's summary or results, read from its journal alone.
 
-    ``export`` writes results.jsonl/csv and summary.json anew first. A run without a summary
-    (killed, or still going) gets one made of its journal's counts, exit code null.
+    ``export`` writes the plain results.jsonl and results.csv, and summary.json, anew first. A
+    finished run's results come from its results.jsonl.gz (``Journal.iter_results``). A run
+    without a summary (killed, or still going) gets one made of its journal's counts, exit
+    code null.
     """
     run_dir = safety.run_dir(state_dir, run_id, field="RUN_ID")  # one segment, ours
     if not read_run_info(run_dir):
@@ -374,7 +376,8 @@ def print_report(
         summary = info.get("summary") or {"run_id": run_id, "job": info.get("job_name"),
                                           "counts": journal.counts(), "exit_code": None}
         if export:
-            exports.write_exports(run_dir, journal.iter_results(run_id, raw=True), summary)
+            exports.write_exports(run_dir, journal.iter_results(run_id, raw=True), summary,
+                                  formats=("jsonl", "csv"))
         if fmt == "summary":
             out.write(format_summary(summary) + "\n")
         elif fmt == "json":
@@ -385,10 +388,10 @@ def print_report(
             if fmt == "csv":
                 out.write(",".join(RESULT_FIELDS) + "\r\n")
             for row in journal.iter_results(run_id, raw=True):
-                jsonl, csv_line = exports.export_lines(row)
                 if fmt == "jsonl":
-                    out.write(safety.json_printable(jsonl))
+                    out.write(safety.json_printable(exports.jsonl_line(row).decode()))
                 else:
-                    out.write(safety.printable(csv_line.removesuffix("\r\n")) + "\r\n")
+                    line = exports.csv_line(row)
+                    out.write(safety.printable(line.removesuffix("\r\n")) + "\r\n")
     finally:
         journal.close()

@@ -20,13 +20,13 @@ import signal
 import sqlite3
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from worker import api, defaults, exports, fanout, report, retry, safety, spec, statevol
+from worker import api, defaults, exports, fanout, report, retention, retry, safety, spec, statevol
 from worker.budget import CircuitBreaker, RetryBudget
 from worker.errors import (
     ApiError,
@@ -38,7 +38,7 @@ from worker.errors import (
     JobError,
     SafetyLimit,
 )
-from worker.journal import Journal, Pending, find_resumable, read_run_info
+from worker.journal import Journal, Pending, now_iso, read_run_info
 from worker.limiter import AdaptiveLimiter, RateController
 from worker.log import get_logger, scrub
 from worker.metrics import push_metrics
@@ -76,10 +76,16 @@ class RunSettings:
     retry_base_s: float = defaults.RETRY_BASE_S
     retry_max_wait_s: float = defaults.RETRY_MAX_WAIT_S
     lock_poll_s: float = defaults.LOCK_POLL_S
+    #: retention: finished runs older than this many days are pruned at the start (0: none)
+    keep_days: float = defaults.KEEP_DAYS
+    #: the run's clock (tests move it to simulate nights gone by)
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
 
 
-def new_run_id(name: str, shard: Shard | None, kind: str = "run") -> str:
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+def new_run_id(
+    name: str, shard: Shard | None, kind: str = "run", now: datetime | None = None
+) -> str:
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
     suffix = f"-shard{shard.index}of{shard.count}" if shard else ""
     middle = "-undo" if kind == "undo" else ""
     return f"{name}{middle}-{stamp}-{secrets.token_hex(2)}{suffix}"
@@ -110,7 +116,7 @@ class Runner:
         self.interrupted = False
         self.resumed = False
         self.fatal: BaseException | None = None
-        self.started_at = datetime.now(UTC)
+        self.started_at = settings.clock()
         #: the summary of the process this one resumes (requests and time are added up)
         self.earlier: dict[str, Any] | None = None
         self.run_id = ""
@@ -206,6 +212,7 @@ class Runner:
             self._open_journal()
             assert self.journal is not None
             self.journal.track_process(self._counters, self.started_at)
+            self._prune()
             self.journal.start_writer()
             try:
                 code = await self._phases(client)
@@ -269,7 +276,7 @@ class Runner:
         if settings.resume and kind != "plan":
             found = run_id if run_id and (settings.state_dir / run_id).is_dir() else None
             if found is None and run_id is None:
-                found = find_resumable(
+                found = retention.find_resumable(
                     settings.state_dir, job_name=self.job_name, job_hash=job_hash,
                     kind=kind, shard=shard, within=settings.resume_within,
                 )
@@ -290,7 +297,7 @@ class Runner:
                 else:
                     run_id, self.resumed = found, True
         if run_id is None:
-            run_id = new_run_id(self.job_name, settings.shard, kind)
+            run_id = new_run_id(self.job_name, settings.shard, kind, self.started_at)
         elif not self.resumed and (settings.state_dir / run_id / "journal.sqlite").exists():
             raise JobError(f"run {run_id} exists already", field="--run-id",
                            hint="pass --resume to continue it, or choose another id")
@@ -307,6 +314,10 @@ class Runner:
         if self.resumed:
             self._check_space(journal)
         run_started = self.started_at
+        if self.resumed and journal.compacted:
+            journal.close()
+            raise JobError(f"run {run_id} has finished: there is nothing to resume",
+                           field="--resume", hint="`bulk-tagger report` shows its record")
         if self.resumed:
             info = journal.run_info()
             # what the earlier process recorded (none if it was killed before its end): the
@@ -323,6 +334,7 @@ class Runner:
                 run_id=run_id, kind=kind, job_name=self.job_name,
                 job_path=str(self.job.path) if self.job else None, job_hash=job_hash,
                 options=options, parent_run_id=self.parent_run_id, shard=shard,
+                started_at=now_iso(self.started_at),
             )
             log.info("run.started", run_id=run_id, kind=kind, job=self.job_name)
         self.ctx = RunContext(run_id=run_id, run_date=run_started.strftime("%Y-%m-%d"))
@@ -345,6 +357,22 @@ class Runner:
         self.run_lock = RunLock.acquire(
             self.settings.state_dir / run_id, run_id=run_id, command=command
         )
+
+    def _prune(self) -> None:
+        """Retention: delete finished runs older than ``keep_days`` (README: "Retention")."""
+        days = self.settings.keep_days
+        if self.kind == "plan" or days <= 0:
+            return
+        try:
+            result = retention.prune(self.settings.state_dir, older_than=timedelta(days=days),
+                                     now=self.settings.clock(), exclude=self.run_id)
+        except OSError as exc:  # retention must never stop a run
+            log.warning("retention.failed", error=str(exc))
+            return
+        if result.pruned or result.kept:
+            log.info("retention.pruned", runs=[e.run_id for e in result.pruned],
+                     bytes=result.bytes, keep_days=days,
+                     kept={e.run_id: why for e, why in result.kept})
 
     async def _phases(self, client: api.Client) -> int:
         journal = self.journal
@@ -561,7 +589,7 @@ class Runner:
             requests["rate_limited"] = self.client.counts.rate_limited
         requests["retries"] = self.retries + (pool.stats.retries if pool else 0)
         requests["lock_waits"] = pool.stats.lock_waits if pool else 0
-        return requests, (datetime.now(UTC) - self.started_at).total_seconds()
+        return requests, (self.settings.clock() - self.started_at).total_seconds()
 
     async def _finish(self, code: int) -> int:
         journal = self.journal
@@ -574,7 +602,7 @@ class Runner:
         counts = journal.counts()
         if code == ExitCode.OK and counts.get("failed"):
             code = ExitCode.FAILED
-        finished = datetime.now(UTC)
+        finished = self.settings.clock()
         requests, _ = self._counters()
         # every process that worked the run before this one, killed ones too (journalled)
         earlier = journal.earlier_processes() or self.earlier
@@ -587,18 +615,26 @@ class Runner:
             extra["error"] = scrub(str(self.fatal))
         if self.client is not None:
             extra["rate_limit_final"] = round(self.client.limiter_rate(), 2)
+        # the folder at its largest (the whole journal), before the record is compacted: what
+        # the next run of this job measures its need on the state volume by
+        extra["record_bytes_peak"] = statevol.folder_bytes(journal.run_dir)
         summary = report.build_summary(
             run_id=self.run_id, job=self.job_name, started_at=self.started_at,
             finished_at=finished, exit_code=code, counts=counts, requests=requests,
             latency=self.latency, extra=extra, earlier=earlier,
         )
         run_dir = journal.run_dir
-        await asyncio.to_thread(
+        rows = await asyncio.to_thread(
             exports.write_exports, run_dir, journal.iter_results(self.run_id, raw=True), summary
         )
+        for stale in ("results.jsonl", "results.csv"):  # an earlier `report --export`'s
+            (run_dir / stale).unlink(missing_ok=True)
         # finished only once the exports exist: a kill while writing them leaves the run
         # resumable, and the resume writes them
-        journal.finish_run(code, summary)
+        journal.finish_run(code, summary, now_iso(finished))
+        if code != ExitCode.INTERRUPTED:
+            # finished for good: results.jsonl.gz is the targets' record from now on
+            await asyncio.to_thread(journal.compact, rows)
         journal.close()
         self._release()
         text: list[str] = []  # for a person: control characters (names, tags) escaped

@@ -121,7 +121,9 @@ def measured_bytes_per_target(state_dir: Path, job_name: str) -> tuple[float, in
         targets = sum(v for v in counts.values() if isinstance(v, int))
         started = str(summary.get("started_at") or "")
         if targets and (best is None or started > best[0]):
-            best = (started, folder_bytes(folder) / targets, targets)
+            # a finished run's folder is compacted: its size while it ran is in the summary
+            size = max(folder_bytes(folder), int(summary.get("record_bytes_peak") or 0))
+            best = (started, size / targets, targets)
     if best is None:
         return float(DEFAULT_BYTES_PER_TARGET), 0
     return best[1], best[2]

@@ -122,6 +122,15 @@ COLUMNS: dict[str, list[Column]] = {
         ("wall s", lambda r: _num(r["wall_s"])),
         ("record MB", lambda r: _num(sum((r.get("record_bytes") or {}).values()) / 1e6, 1)),
     ],
+    "s": [
+        ("run", lambda r: r["label"]),
+        ("targets", lambda r: _num(r["targets"])),
+        ("bytes on disk", lambda r: _num(r["disk_bytes"])),
+        ("B/target (disk)", lambda r: _num(r["disk_per_target"], 1)),
+        ("B/target (file sizes)", lambda r: _num(r["file_per_target"], 1)),
+        ("files", lambda r: ", ".join(f"{k} {v:,}" for k, v in r["files"].items())),
+        ("CPU s", lambda r: _num(r["cpu_s"])),
+    ],
 }
 
 

@@ -11,6 +11,7 @@ dict: parameters, one row per contender, and the checks against the targets.
     j  the journal's write cost: ``plan`` against ``run`` on one job, and (with py-spy) the
        share of bulk-tagger's CPU samples in the journal and the exports
     r  a resume's reads: a query run SIGTERMed near 10% and resumed (tests/bench/resume.py)
+    s  the run's record on disk: bytes per target of a mass retag and of the same job again
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 
 from worker.simulator.demo import COMBOS, Demo
 
-from . import contenders, resume
+from . import contenders, resume, storage
 from .contenders import Run
 from .harness import SimServer
 from .metrics import windows
@@ -59,6 +60,7 @@ class Sizes:
     h_images: int = 2_000
     h_quota_images: int = 500
     r_images: int = 20_000
+    s_targets: int = 20_000
     #: (a) and (b): rounds of every contender in turn (the median of per-round ratios counts)
     rounds: int = 5
 
@@ -501,6 +503,22 @@ def scenario_j(sizes: Sizes, progress: Callable[[str], None]) -> dict[str, Any]:
         "per_target": per_target, "checks": [],
     }
     return result
+
+
+# -- s: the record on disk ---------------------------------------------------------------------
+def scenario_s(sizes: Sizes, progress: Callable[[str], None]) -> dict[str, Any]:
+    with workdir() as wd:
+        rows = storage.measure(sizes.s_targets, progress, wd)
+    checks = []
+    for row in rows:
+        expect, n = row["expect"], row["targets"]
+        checks.append(check(
+            f"s: bytes on disk per target, a run of {n:,} targets all {expect}",
+            row["disk_bytes"] / max(n, 1), "<=", storage.LIMITS[expect],
+            f"{row['counts'].get(expect, 0):,} {expect}; files: "
+            + ", ".join(f"{k} {v:,} B" for k, v in row["files"].items())))
+    return {"scenario": "s", "title": "the run's record on disk (a finished run's folder)",
+            "params": {"targets": sizes.s_targets}, "rows": rows, "checks": checks}
 
 
 def requests_by_kind(rows: list[dict[str, Any]]) -> Counter[str]:

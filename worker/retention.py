@@ -1,0 +1,266 @@
+"""The runs in the state folder: the list (``bulk-tagger runs``), retention (``bulk-tagger
+prune``, and ``--keep-days`` at the start of every run and undo), and the unfinished run
+``--resume`` continues (``find_resumable``).
+
+A run folder is a child of the state folder holding a ``journal.sqlite`` with its run row;
+anything else in the state folder is neither listed nor touched. A run is *finished* once it
+has an exit code other than 75; pruning deletes finished runs only, and never:
+
+- an unfinished run (killed, or exit 75): ``--resume`` continues it;
+- a run a live process holds (the OS lock on its ``run.lock``, taken here too while the
+  folder is deleted, so no process can start on it meanwhile);
+- a run with an unfinished undo: resuming that undo reads the run's record.
+
+A run's age is counted from when it finished (else started).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from worker.errors import ExitCode, JobError
+from worker.journal import read_run_info
+from worker.runlock import RunHeld, RunLock, is_held
+from worker.statevol import folder_bytes
+
+UNFINISHED = (None, ExitCode.INTERRUPTED)
+
+
+@dataclass(frozen=True)
+class RunEntry:
+    """One run folder as ``runs`` lists it."""
+
+    run_id: str
+    job: str
+    kind: str
+    started_at: str
+    finished_at: str | None
+    exit_code: int | None
+    duration_s: float | None
+    counts: dict[str, int]
+    bytes: int
+    parent_run_id: str | None = None
+    shard: str | None = None
+    path: Path = field(default=Path(), compare=False, repr=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.exit_code not in UNFINISHED
+
+    def moment(self) -> datetime:
+        """When it finished (else started), as an aware UTC datetime."""
+        return parse_time(self.finished_at or self.started_at)
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("path")
+        data["finished"] = self.finished
+        return data
+
+
+def parse_time(text: str) -> datetime:
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _entry(child: Path) -> RunEntry | None:
+    if child.is_symlink() or not child.is_dir():
+        return None
+    info = read_run_info(child)
+    if not info or not info.get("started_at"):
+        return None
+    summary: dict[str, Any] = info["summary"] if isinstance(info.get("summary"), dict) else {}
+    counts = {str(k): int(v) for k, v in (summary.get("counts") or {}).items() if v}
+    duration = summary.get("duration_s")
+    return RunEntry(
+        run_id=str(info.get("run_id") or child.name), job=str(info.get("job_name") or ""),
+        kind=str(info.get("kind") or ""), started_at=str(info["started_at"]),
+        finished_at=info.get("finished_at"), exit_code=info.get("exit_code"),
+        duration_s=float(duration) if isinstance(duration, int | float) else None,
+        counts=counts, bytes=folder_bytes(child), parent_run_id=info.get("parent_run_id"),
+        shard=info.get("shard"), path=child,
+    )
+
+
+def list_runs(state_dir: Path) -> list[RunEntry]:
+    """Every run in ``state_dir``, newest (by start) first."""
+    if not state_dir.is_dir():
+        return []
+    entries = [e for e in map(_entry, state_dir.iterdir()) if e is not None]
+    entries.sort(key=lambda e: (e.started_at, e.run_id), reverse=True)
+    return entries
+
+
+@dataclass
+class PruneResult:
+    """What ``prune`` deleted (or, dry, would delete) and what it kept back, and why."""
+
+    pruned: list[RunEntry] = field(default_factory=list)
+    kept: list[tuple[RunEntry, str]] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        return sum(e.bytes for e in self.pruned)
+
+
+def select(
+    entries: Sequence[RunEntry], *, older_than: timedelta | None, keep_last: int | None,
+    now: datetime, exclude: str | None = None,
+) -> tuple[list[RunEntry], list[tuple[RunEntry, str]]]:
+    """(the finished runs to prune, those it would but may not with the reason).
+
+    A finished run is pruned when it is older than ``older_than`` (where given) and not one of
+    the ``keep_last`` newest finished runs (where given); with both, it must be both; with
+    neither, none is (retention off).
+    """
+    if older_than is None and keep_last is None:
+        return [], []
+    protected = {e.parent_run_id for e in entries
+                 if e.kind == "undo" and not e.finished and e.parent_run_id}
+    finished = [e for e in entries if e.finished and e.run_id != exclude]
+    finished.sort(key=lambda e: (e.moment(), e.run_id), reverse=True)
+    chosen: list[RunEntry] = []
+    kept: list[tuple[RunEntry, str]] = []
+    for rank, entry in enumerate(finished):
+        if keep_last is not None and rank < keep_last:
+            continue
+        if older_than is not None and now - entry.moment() <= older_than:
+            continue
+        if entry.run_id in protected:
+            kept.append((entry, "its undo is unfinished"))
+        else:
+            chosen.append(entry)
+    return chosen, kept
+
+
+def prune(
+    state_dir: Path, *, older_than: timedelta | None, keep_last: int | None = None,
+    dry_run: bool = False, now: datetime | None = None, exclude: str | None = None,
+) -> PruneResult:
+    """Delete the finished runs ``select`` chooses (see the module's doc for what never is)."""
+    now = now or datetime.now(UTC)
+    chosen, kept = select(list_runs(state_dir), older_than=older_than, keep_last=keep_last,
+                          now=now, exclude=exclude)
+    result = PruneResult(kept=kept)
+    for entry in chosen:
+        if dry_run:
+            if is_held(entry.path) is not None:
+                result.kept.append((entry, "a live process holds it"))
+            else:
+                result.pruned.append(entry)
+            continue
+        try:
+            lock = RunLock.acquire(entry.path, run_id=entry.run_id, command="bulk-tagger prune")
+        except RunHeld:
+            result.kept.append((entry, "a live process holds it"))
+            continue
+        try:
+            # read again under the lock: a process may have reopened it meanwhile
+            if read_run_info(entry.path).get("exit_code") in UNFINISHED:
+                result.kept.append((entry, "it is unfinished"))
+            else:
+                shutil.rmtree(entry.path)
+                result.pruned.append(entry)
+        finally:
+            lock.release()
+    return result
+
+
+# -- what a person reads ------------------------------------------------------------------------
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def format_runs(entries: Sequence[RunEntry], fmt: str, state_dir: Path) -> str:
+    """``runs``' output (no trailing newline): a table, one line a run, newest first; or
+    (``fmt`` json) a JSON list of the same."""
+    if fmt == "json":
+        return json.dumps([e.as_json() for e in entries], indent=2)
+    if not entries:
+        return f"no runs in {state_dir}"
+    header = ("RUN", "JOB", "KIND", "STARTED", "DURATION", "EXIT", "COUNTS", "SIZE")
+    rows = [header]
+    for e in entries:
+        exit_text = "-" if e.exit_code is None else str(e.exit_code)
+        if not e.finished:
+            exit_text += " (unfinished)"
+        counts = " ".join(f"{k}={v}" for k, v in e.counts.items()) or "-"
+        rows.append((e.run_id, e.job, e.kind, e.started_at, _duration(e.duration_s), exit_text,
+                     counts, _size(e.bytes)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
+        for r in rows
+    )
+
+
+def format_prune(result: PruneResult, *, dry_run: bool) -> str:
+    verb = "would delete" if dry_run else "deleted"
+    lines = [f"{verb} {e.run_id} ({e.job}, {e.kind}, finished {e.finished_at}, {_size(e.bytes)})"
+             for e in result.pruned]
+    lines += [f"kept {e.run_id}: {why}" for e, why in result.kept]
+    lines.append(f"{verb} {len(result.pruned)} run(s), {_size(result.bytes)}")
+    return "\n".join(lines)
+
+
+# -- the run --resume continues -----------------------------------------------------------------
+def find_resumable(
+    state_dir: Path, *, job_name: str, job_hash: str, kind: str, shard: str | None,
+    within: timedelta,
+) -> str | None:
+    """The latest unfinished run of this job (and shard) started within ``within``.
+
+    Unfinished: no exit code yet (killed) or 75 (interrupted). Raises JobError when that run
+    was made from a different job file: resuming it would mix two jobs in one record. For
+    ``undo`` runs ``job_hash`` is the undone run's id, and only undos of that run count.
+    """
+    if not state_dir.is_dir():
+        return None
+    cutoff = datetime.now(UTC) - within
+    best: tuple[str, dict[str, Any]] | None = None
+    for child in state_dir.iterdir():
+        info = read_run_info(child)
+        if not info or info["kind"] != kind or info["job_name"] != job_name:
+            continue
+        if info["shard"] != shard:
+            continue
+        if kind == "undo" and info["job_hash"] != job_hash:
+            continue
+        if info["exit_code"] not in (None, ExitCode.INTERRUPTED):
+            continue
+        started = datetime.fromisoformat(info["started_at"].replace("Z", "+00:00"))
+        if started < cutoff:
+            continue
+        if best is None or info["started_at"] > best[1]["started_at"]:
+            best = (child.name, info)
+    if best is None:
+        return None
+    if best[1]["job_hash"] != job_hash:
+        raise JobError(
+            f"the unfinished run {best[0]} was made from another version of this job file",
+            field="--resume",
+            hint="finish it with the old file, or start afresh without --resume "
+            "(or wait until it is older than --resume-within)",
+        )
+    return best[0]
