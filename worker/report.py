@@ -1,8 +1,8 @@
 """The report stage: the summary, latency percentiles and the plan's text.
 
 The journal is the truth; this module turns it into what a person reads (``format_summary``,
-``format_plan``) and summary.json's content (``build_summary``); the exports (results.jsonl,
-results.csv, summary.json on disk) are in ``worker.exports``, the progress bar in
+``format_plan``) and summary.json's content (``build_summary``); the exports (results.jsonl.gz,
+summary.json on disk) are in ``worker.exports``, the progress bar in
 ``worker.progress``, the Pushgateway metrics in ``worker.metrics``. It keeps no module-level
 state and nothing here grows with the number of targets: latencies go into a fixed histogram.
 Units: seconds unless a name says ``_ms``.
@@ -34,7 +34,7 @@ _NOT_KINDS = frozenset({"total", "retries", "rate_limited", "lock_waits"})
 EXIT_MEANINGS: dict[int, str] = {
     ExitCode.OK: "every target ended updated, unchanged or skipped",
     ExitCode.FAILED: "the run finished and some targets failed (each failure has its record in "
-    "results.jsonl)",
+    "results.jsonl.gz: `bulk-tagger report RUN_ID --format jsonl`)",
     ExitCode.BAD_INPUT: "bad command line, job spec or selector file; nothing was sent",
     ExitCode.SAFETY_LIMIT: "safety limit: the plan has more changes than the job allows; nothing "
     "was changed",
