@@ -118,6 +118,10 @@ def test_runs_and_prune_dry_run_through_the_cli(tmp_path: Path) -> None:
             proc = run_cli("run", job, "--base-url", sim.url, "--state-dir", state,
                            "--run-id", run_id)
             assert proc.returncode == 0, proc.stderr[-3000:]
+        # a finished run's record is compacted: there is nothing left to resume in it
+        proc = run_cli("run", job, "--base-url", sim.url, "--state-dir", state, "--resume",
+                       "--run-id", "first")
+        assert proc.returncode == 2 and "run first has finished" in proc.stderr, proc.stderr
     unfinished(state, "killed", started=datetime.now(UTC) - timedelta(days=90))
     (state / "not-a-run").mkdir()
 

@@ -124,6 +124,13 @@ def test_undo_restores_untouched_images_exactly_and_skips_changed_ones(
 ) -> None:
     before = images(sim)
     state, run_dir = do_run(tmp_path, sim)
+    # the run finished: its journal is compacted, undo reads the run from results.jsonl.gz
+    conn = sqlite3.connect(run_dir / "journal.sqlite")
+    try:
+        tables = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    finally:
+        conn.close()
+    assert tables == [("run",)]
     rows = results(run_dir)
     updated = [r for r in rows if r["status"] == "updated"]
     assert len(updated) > 100

@@ -311,13 +311,13 @@ class Runner:
             self._lock_run(run_id)
         self.run_id = run_id
         journal = Journal(settings.state_dir / run_id)
-        if self.resumed:
-            self._check_space(journal)
-        run_started = self.started_at
         if self.resumed and journal.compacted:
             journal.close()
             raise JobError(f"run {run_id} has finished: there is nothing to resume",
                            field="--resume", hint="`bulk-tagger report` shows its record")
+        if self.resumed:
+            self._check_space(journal)
+        run_started = self.started_at
         if self.resumed:
             info = journal.run_info()
             # what the earlier process recorded (none if it was killed before its end): the
