@@ -85,7 +85,8 @@ async def test_the_compacted_record_reads_as_the_whole_journal(tmp_path: Path) -
     assert journal.path.stat().st_size <= 2 * 4096
     tables = sqlite3.connect(journal.path).execute(
         "SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
-    assert tables == [("run",)]
+    assert "run" in {name for (name,) in tables}
+    assert not {"targets", "outcomes"} & {name for (name,) in tables}
 
     reopened = Journal(run_dir)
     assert reopened.compacted
