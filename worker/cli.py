@@ -411,7 +411,8 @@ def prune(
               show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--api-key", default=None, help="Accept only this key (default: any key).")
-@click.option("--page-max", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--page-max", type=click.IntRange(1), default=defaults.PAGE_SIZE,
+              show_default=True)
 @click.option("--rate-limit", type=float, default=None, help="Server-side limit, requests/s.")
 @click.option("--latency-ms", type=float, default=0.0)
 @click.option("--latency-jitter-ms", type=float, default=0.0)

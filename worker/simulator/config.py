@@ -120,7 +120,7 @@ class SimConfig:
     images: int = defaults.SIMULATE_IMAGES
     seed: int = 0
     api_key: str | None = None
-    page_max: int = 1000
+    page_max: int = defaults.PAGE_SIZE
     faults: Faults = field(default_factory=Faults)
 
     def __post_init__(self) -> None:
