@@ -179,3 +179,34 @@ def test_a_world_readable_key_file_is_warned_about(tmp_path: Path, sim: Simulato
     err = (tmp_path / "open.err").read_text()
     assert "cli.key_file_world_readable" in err and "chmod 600" in err
     assert_absent(tmp_path, CANARY)
+
+
+def test_no_selector_file_prints_the_key(tmp_path: Path) -> None:
+    """The key file itself, /proc/self/environ, and a CSV whose header holds the key, named as
+    selector files: each is exit 2, and no command prints the key (nor its secret part)."""
+    secret = CANARY[len("canary-KEY-"):]
+    key = key_file(tmp_path)
+    (tmp_path / "echo.csv").write_text(f"project_id,region_id,image_id,{CANARY}\n1,7,img-1\n")
+    selectors = {"keyfile": str(key), "environ": "/proc/self/environ", "header": "echo.csv"}
+    for name, selector in selectors.items():
+        job = tmp_path / f"{name}.yaml"
+        job.write_text(yaml.safe_dump({**JOB, "targets": [{"file": selector, "format": "csv"}]}))
+        for command, extra in (("validate", {}), ("run", {"--api-key-file": key}),
+                               ("plan", {})):
+            args: list[str | Path] = [command, job]
+            if command != "validate":
+                args += ["--base-url", "http://127.0.0.1:9", "--state-dir", tmp_path / "state"]
+            for option, value in extra.items():
+                args += [option, value]
+            out = f"{name}-{command}"
+            proc = bulk_tagger(tmp_path, out, *args, key_env=CANARY)
+            err = (tmp_path / f"{out}.err").read_text()
+            assert proc.returncode == 2, (out, err)
+            assert secret not in err + (tmp_path / f"{out}.out").read_text(), (out, err)
+            if name == "environ":
+                assert "under /proc, /sys or /dev" in err, err
+            elif name == "header":
+                assert "echo.csv:1" in err and "unknown column" in err, err
+    (tmp_path / "echo.csv").unlink()  # the one input holding it, besides the key file
+    assert_absent(tmp_path, CANARY)
+    assert not (tmp_path / "state").exists()  # nothing was begun

@@ -41,19 +41,23 @@ def _mode(path: Path) -> int:
 
 
 # -- door 2: run ids ----------------------------------------------------------------------------
-@pytest.mark.parametrize("run_id", ["../x", "/tmp/abs-run", ".", "..", "", "a/b", "x" * 200,
+@pytest.mark.parametrize("run_id", ["../x", "ABSOLUTE", ".", "..", "", "a/b", "x" * 200,
                                     "esc\x1b[2Jid"])
 def test_a_run_id_is_one_safe_path_segment(tmp_path: Path, job: Path, run_id: str) -> None:
     state = tmp_path / "state" / "inner"
     state.mkdir(parents=True)
+    absolute = tmp_path / "abs-run"
+    run_id = str(absolute) if run_id == "ABSOLUTE" else run_id
     before = {p: _mode(p) for p in (tmp_path, tmp_path / "state", state)}
     plan = run_cli("plan", job, *SIM, "--state-dir", state, "--run-id", run_id)
     assert plan.returncode == 2, plan.stderr
     assert "is not a run id" in plan.stderr and "1 to 128 characters" in plan.stderr
     assert "\x1b" not in plan.stderr  # shown escaped
     assert list(state.iterdir()) == []
-    assert not (tmp_path / "state" / "x").exists() and not Path("/tmp/abs-run").exists()
+    assert not (tmp_path / "state" / "x").exists() and not absolute.exists()
     assert {p: _mode(p) for p in before} == before  # nothing chmodded
+    if run_id not in ("../x", "..", "", "esc\x1b[2Jid"):
+        return  # report and undo take the same check: a few of the ids suffice
     for command in (("report", run_id), ("undo", run_id, "--base-url", "http://127.0.0.1:9")):
         refused = run_cli(*command, "--state-dir", state)
         assert refused.returncode == 2, refused.stderr
@@ -171,3 +175,56 @@ def test_an_unusable_state_path_is_a_plain_exit_2(tmp_path: Path, job: Path) -> 
     refused = run_cli("plan", job, *SIM, "--state-dir", a_file / "state")
     assert refused.returncode == 2, refused.stderr
     assert "Not a directory" in refused.stderr and "internal error" not in refused.stderr
+
+
+# -- door 4 and door 8: the job file ------------------------------------------------------------
+BOMB = "".join(
+    [f"{chr(97 + i)}: &{chr(97 + i)} [" + ",".join([f"*{chr(96 + i)}"] * 9) + "]\n"
+     for i in range(1, 9)]
+)
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
+    text = ('name: bomb\nx: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+            + BOMB.replace("a: &a", "a1: &a", 1)
+            + "targets: [{query: {projects: [1], regions: [7]}}]\n"
+            "changes: {set_tags: {a: b}}\noptions: {on_read_only: *h}\n")
+    assert len(text) < 700
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    refused = run_cli("validate", path, timeout=30)
+    assert refused.returncode == 2, refused.stderr
+    assert "expands to more than 100,000 values" in refused.stderr
+    assert len(refused.stderr) < 500
+
+
+def test_a_job_file_over_the_size_limit_is_refused(tmp_path: Path) -> None:
+    path = write_job(tmp_path, {**JOB, "description": "x" * (1 << 20)})
+    refused = run_cli("validate", path)
+    assert refused.returncode == 2, refused.stderr
+    assert "over 1,048,576 bytes" in refused.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_a_job_file_that_is_not_a_regular_file_is_refused(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "job.yaml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    refused = run_cli("validate", path, timeout=30)
+    assert refused.returncode == 2, refused.stderr
+    assert ("not a regular file" if kind == "fifo" else "under /proc, /sys or /dev") \
+        in refused.stderr
+
+
+# -- door 6 in a selector file: ids that would not stay one path segment ----------------------
+@pytest.mark.parametrize("image_id", ["..", ".", "a/b", "x?y"])
+def test_a_selector_file_id_that_is_no_path_segment_is_refused(
+    tmp_path: Path, image_id: str
+) -> None:
+    (tmp_path / "rows.csv").write_text(f"project_id,region_id,image_id\n1,7,{image_id}\n")
+    path = write_job(tmp_path, {**JOB, "targets": [{"file": "rows.csv"}]})
+    refused = run_cli("validate", path)
+    assert refused.returncode == 2, refused.stderr
+    assert "rows.csv:2: image_id:" in refused.stderr and "is not an image ID" in refused.stderr

@@ -250,10 +250,11 @@ def _execute(kind: str, job_path: str | None, settings: Callable[[], RunSettings
     from worker import spec
     from worker.runner import Runner
 
+    made = settings()  # reads the key first: it is redacted before any job file is read
     job = spec.load_job(job_path) if job_path else None
     if job is not None:
         spec.check_selector_files(job)
-    runner = Runner(settings(), kind=kind, job=job, parent_run_id=parent_run_id)
+    runner = Runner(made, kind=kind, job=job, parent_run_id=parent_run_id)
     # what start-up made (modules, the job's models) lives as long as the process: full
     # collections need not scan it again (a 20,000-image run's GC time halved)
     gc.freeze()
@@ -287,8 +288,10 @@ def cli() -> None:
 def validate(job: str, *, logs: LogOptions) -> None:
     """Parse and check JOB and its selector files; nothing is sent."""
     from worker import spec
+    from worker.log import redact
 
     logs.configure()
+    redact(os.environ.get("GCORE_API_KEY", "").strip())  # should a file echo it
     loaded = spec.load_job(job)
     rows = spec.check_selector_files(loaded)
     click.echo(f"{job}: valid ({len(loaded.targets)} selectors, {sum(rows.values())} file rows)")

@@ -169,15 +169,20 @@ def create_private_file(path: Path) -> None:
 _SPECIAL = ("/proc", "/sys", "/dev")
 
 
+def is_special(path: Path) -> bool:
+    """Whether ``path`` (symlinks resolved) lies under /proc, /sys or /dev."""
+    real = os.path.realpath(path)
+    return any(real == top or real.startswith(top + "/") for top in _SPECIAL)
+
+
 def open_regular(path: Path, *, field: str, file: str | None = None) -> int:
     """A descriptor of ``path`` opened for reading, if it is a regular file outside /proc,
     /sys and /dev (``JobError`` else): a FIFO would hang the read, /dev/zero never ends,
     /proc/self/environ holds the key."""
     shown = file or printable(str(path))
-    real = os.path.realpath(path)
-    if any(real == top or real.startswith(top + "/") for top in _SPECIAL):
-        raise JobError(f"{excerpt(real, 60)} is under /proc, /sys or /dev: not read",
-                       file=shown, field=field, hint="name a regular file")
+    if is_special(path):
+        raise JobError(f"{excerpt(os.path.realpath(path), 60)} is under /proc, /sys or /dev:"
+                       " not read", file=shown, field=field, hint="name a regular file")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
     except OSError as exc:
@@ -190,13 +195,13 @@ def open_regular(path: Path, *, field: str, file: str | None = None) -> int:
     return fd
 
 
-def read_small_file(path: Path, *, field: str, limit: int) -> bytes:
+def read_small_file(path: Path, *, field: str, limit: int, file: str | None = None) -> bytes:
     """The bytes of a regular file (see ``open_regular``) of at most ``limit`` bytes."""
-    fd = open_regular(path, field=field)
+    fd = open_regular(path, field=field, file=file)
     with os.fdopen(fd, "rb") as handle:
         data = handle.read(limit + 1)
     if len(data) > limit:
-        raise JobError(f"over {limit:,} bytes: not read", file=printable(str(path)),
+        raise JobError(f"over {limit:,} bytes: not read", file=file or printable(str(path)),
                        field=field)
     return data
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import reprlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,8 +34,14 @@ class _Problem(ValueError):
         self.at = at
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring = 2, 4, 4, 200
+
+
 def _short(value: object, limit: int = 40) -> str:
-    text = repr(value)
+    """A short repr of ``value`` (control characters escaped): bounded in time and size, even
+    for a structure a YAML alias bomb expands to billions of values."""
+    text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 4] + "...'"
 
 

@@ -7,9 +7,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
+from worker import safety
 from worker.models import SETTABLE_FIELDS, Changes
 from worker.spec.checks import _check_field, _check_key, _check_value, _did_you_mean, _Problem
-from worker.spec.rows import _NO_CHANGES, Row, _id_text, _image_id, _Rows
+from worker.spec.rows import _NO_CHANGES, CSV_SHOWN, Row, _id_text, _image_id, _Rows
 
 
 @dataclass(slots=True)
@@ -27,7 +28,8 @@ def _csv_header(header: list[str], rows: _Rows) -> list[_Column]:
     for i, raw in enumerate(header):
         name = raw.strip()
         if name in seen:
-            rows.fail(f"column {name!r} appears twice", 1, name)
+            shown = safety.excerpt(name, CSV_SHOWN)
+            rows.fail(f"column {shown} appears twice", 1, shown)
         seen.add(name)
         if name.startswith("tag:"):
             try:
@@ -43,10 +45,13 @@ def _csv_header(header: list[str], rows: _Rows) -> list[_Column]:
             hint = _did_you_mean(name, known)
             if not hint and ":" in name:
                 hint = f"a tag column is named tag:{name.split(':', 1)[1]}"
+                if len(name) > CSV_SHOWN:
+                    hint = None
+            shown = safety.excerpt(name, CSV_SHOWN)
             rows.fail(
-                f"unknown column {name!r}" if name else "a column has no name",
+                f"unknown column {shown}" if name else "a column has no name",
                 1,
-                name or f"column {i + 1}",
+                (name if len(name) <= CSV_SHOWN else shown) or f"column {i + 1}",
                 hint=hint or "columns: " + ", ".join(known) + ", tag:<KEY>",
             )
     if "image_id" not in seen:

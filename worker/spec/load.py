@@ -13,6 +13,7 @@ from pydantic import (
     ValidationError,
 )
 
+from worker import safety
 from worker.errors import JobError
 from worker.spec.checks import _kind
 from worker.spec.csv_rows import _csv_rows
@@ -22,18 +23,18 @@ from worker.spec.rows import Row, _Rows
 from worker.spec.source import _parse_json, _parse_yaml
 from worker.spec.translate import _translate
 
+#: The largest job file read (bytes): a job is a page of YAML, its rows live in selector files.
+MAX_JOB_BYTES = 1024 * 1024
+
 
 def _read_bytes(path: Path, display: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise JobError("no such file", file=display) from None
-    except IsADirectoryError:
-        raise JobError("is a folder, not a file", file=display) from None
-    except PermissionError:
-        raise JobError("not readable (permission denied)", file=display) from None
-    except OSError as exc:
-        raise JobError(f"cannot read: {exc.strerror or exc}", file=display) from None
+    """The job file's bytes: a regular file (not a FIFO, not under /dev, /proc or /sys) of at
+    most ``MAX_JOB_BYTES``."""
+    if not path.exists():
+        raise JobError("no such file", file=display)
+    if path.is_dir():
+        raise JobError("is a folder, not a file", file=display)
+    return safety.read_small_file(path, field="JOB", limit=MAX_JOB_BYTES, file=display)
 
 
 def _decode(data: bytes, display: str) -> str:
@@ -108,15 +109,14 @@ def iter_rows(
     """
     rows = _Rows(job, selector, os.environ if env is None else env)
     reader = _READERS[selector.format or _EXTENSIONS.get(selector.path.suffix.lower(), "csv")]
-    try:
-        fh = open(selector.path, encoding="utf-8-sig", newline="")  # noqa: SIM115
-    except FileNotFoundError:
+    if not selector.path.exists():
         rows.fail("no such file", None, hint=f"named by the job's target file: {selector.file}")
-    except IsADirectoryError:
+    if selector.path.is_dir():
         rows.fail("is a folder, not a file", None)
-    except OSError as exc:
-        rows.fail(f"cannot read: {exc.strerror or exc}", None)
-    with fh:
+    # a regular file only, never under /proc, /sys or /dev (a FIFO would hang, and
+    # /proc/self/environ holds the key)
+    fd = safety.open_regular(selector.path, field="file", file=selector.display)
+    with open(fd, encoding="utf-8-sig", newline="") as fh:
         yield from reader(fh, rows)
 
 

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from worker import defaults
+from worker import defaults, safety
 from worker.models import SETTABLE_FIELDS, Changes, Image
 from worker.spec.checks import (
     _ID_ENV,
@@ -329,6 +329,9 @@ class FileSelector(BaseModel):
                 raise _Problem(f"selector file not found: {self.display}", at=("file",))
             if not self._path.is_file():
                 raise _Problem(f"selector file is not a file: {self.display}", at=("file",))
+            if safety.is_special(self._path):  # /proc/self/environ holds the key
+                raise _Problem(f"selector file is under /proc, /sys or /dev: {self.display}",
+                               at=("file",), hint="name a regular file")
             if not os.access(self._path, os.R_OK):
                 raise _Problem(f"selector file is not readable: {self.display}", at=("file",))
         return self

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NoReturn
 
+from worker import safety
 from worker.errors import JobError
 from worker.models import Changes
 from worker.spec.checks import PROJECT_ENV, REGION_ENV, _env_id, _kind, _Problem, _short
@@ -30,7 +31,11 @@ class Row:
 
 
 _NO_CHANGES = Changes()
-_IMAGE_ID = re.compile(r"[A-Za-z0-9._~-]{1,255}")
+#: the most characters of a field an error shows (a header cell is cut shorter: CSV_SHOWN)
+_FIELD_SHOWN = 64
+#: the most characters of a CSV header cell an error shows: the file may be anything, the
+#: key file included, and a header line is all of such a file
+CSV_SHOWN = 16
 _DIGITS = re.compile(r"[0-9]{1,18}")
 
 
@@ -46,6 +51,10 @@ class _Rows:
     def fail(
         self, message: str, line: int | None, field: str | None = None, hint: str | None = None
     ) -> NoReturn:
+        # a field named by the file's own text (a header cell, a key) is shown as a short
+        # escaped excerpt: the file may be anything, the key file included
+        if field is not None and (len(field) > _FIELD_SHOWN or safety.has_control(field)):
+            field = safety.excerpt(field, _FIELD_SHOWN)
         raise JobError(message, file=self.file, line=line, field=field, hint=hint)
 
     def default(self, column: str, line: int | None) -> int:
@@ -91,9 +100,9 @@ def _image_id(value: object) -> str:
     value = value.strip()
     if not value:
         raise _Problem("is empty", hint="every row needs an image_id")
-    if not _IMAGE_ID.fullmatch(value):
+    if safety.image_id_problem(value) is not None:  # never "." or "..": it goes into a URL
         raise _Problem(
             f"{_short(value)} is not an image ID",
-            hint="image IDs are made of letters, digits and . _ ~ -",
+            hint="1 to 128 letters, digits and . _ ~ -, starting with a letter or digit",
         )
     return value

@@ -71,6 +71,8 @@ def _construct_int(loader: yaml.constructor.SafeConstructor, node: Node) -> int:
 _Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)  # type: ignore[type-var]
 
 Lines = dict[Path_, int]
+#: The most values a job file may hold with its aliases expanded (a YAML alias bomb stops here).
+MAX_VALUES = 100_000
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
 
@@ -84,20 +86,32 @@ class _YamlTree:
         self.lines: Lines = {(): 1}
         self.done: dict[int, Any] = {}
         self.active: set[int] = set()
+        # values the tree holds once aliases are expanded, and each read node's share of it
+        self.expanded = 0
+        self.sizes: dict[int, int] = {}
 
     def fail(self, node: Node, message: str, hint: str | None = None) -> NoReturn:
         raise JobError(message, file=self.file, line=node.start_mark.line + 1, hint=hint)
 
+    def grow(self, node: Node, n: int) -> None:
+        self.expanded += n
+        if self.expanded > MAX_VALUES:
+            self.fail(node, f"the YAML expands to more than {MAX_VALUES:,} values (aliases"
+                      " repeating aliases?)", "a job is short: write it out, or use fewer aliases")
+
     def walk(self, node: Node, path: Path_) -> Any:
         if isinstance(node, ScalarNode):
+            self.grow(node, 1)
             try:
                 return self.loader.construct_object(node)
             except (ValueError, TypeError, OverflowError) as exc:
                 reason = str(exc).split(";")[0]
                 self.fail(node, f"cannot read the value {_short(node.value)}: {reason}")
         key = id(node)
-        if key in self.done:  # an alias of a node already read
+        if key in self.done:  # an alias of a node already read: its values count again
+            self.grow(node, self.sizes[key])
             return self.done[key]
+        before = self.expanded
         if key in self.active:
             self.fail(node, "a YAML alias refers to itself")
         self.active.add(key)
@@ -113,6 +127,7 @@ class _YamlTree:
             self.fail(node, f"YAML tag {node.tag!r} is not supported here")
         self.active.discard(key)
         self.done[key] = out
+        self.sizes[key] = self.expanded - before
         return out
 
     def walk_mapping(self, node: MappingNode, path: Path_) -> dict[Any, Any]:
