@@ -20,7 +20,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import click
 
@@ -351,20 +351,38 @@ def undo(
 
 @cli.command()
 @click.argument("run_id")
-@click.option("--format", "fmt", type=click.Choice(["summary", "jsonl", "csv", "json"]),
+@click.option("--format", "fmt",
+              type=click.Choice(["summary", "jsonl", "csv", "json", "html"]),
               default="summary", show_default=True)
 @click.option("--export", is_flag=True,
               help="Write the plain results.jsonl and results.csv (and summary.json) anew.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the report to this file instead of printing it.")
 @_STATE_DIR
 @_logs
 def report(
-    run_id: str, *, fmt: ReportFormat, export: bool, state_dir: Path, logs: LogOptions
+    run_id: str, *, fmt: ReportFormat | Literal["html"], export: bool, output: Path | None,
+    state_dir: Path, logs: LogOptions,
 ) -> None:
-    """Print or export RUN_ID's report (a finished run's from its results.jsonl.gz)."""
+    """Print or export RUN_ID's report (a finished run's from its results.jsonl.gz);
+    --format html: one page to look at in a browser."""
     from worker.report import print_report
 
     logs.configure()
-    print_report(state_dir, run_id, fmt, export=export, out=sys.stdout)
+    if fmt == "html":  # built whole first: a bad run id leaves no file behind
+        from worker.html_report import build
+
+        page = build(state_dir, run_id)
+        if output is None:
+            sys.stdout.write(page)
+        else:
+            output.write_text(page, encoding="utf-8")
+        return
+    if output is None:
+        print_report(state_dir, run_id, fmt, export=export, out=sys.stdout)
+        return
+    with output.open("w", encoding="utf-8", newline="") as out:
+        print_report(state_dir, run_id, fmt, export=export, out=out)
 
 
 @cli.command()

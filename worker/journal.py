@@ -40,7 +40,7 @@ from typing import Any
 
 import orjson
 
-from worker import record, safety
+from worker import record, safety, timeline
 from worker.errors import BulkTaggerError, ExitCode
 from worker.log import scrub
 from worker.models import (
@@ -206,6 +206,7 @@ class Journal:
         self._closed = False
         self._process: tuple[int, Counters] | None = None
         self._counted: tuple[Any, ...] | None = None  # the counters last committed
+        self._timeline: timeline.Timeline | None = None  # the report's seconds (timeline.py)
 
     # -- the run row ------------------------------------------------------------------------
     def create_run(
@@ -324,17 +325,20 @@ class Journal:
             self._wake.set()
 
     def _write(self, targets: list[tuple[Any, ...]], outcomes: list[tuple[Any, ...]],
-               counted: tuple[Any, ...] | None = None) -> None:
+               counted: tuple[Any, ...] | None = None, seconds: list[timeline.Row] | None = None,
+               ) -> None:
         with self._db:
-            self._write_locked(targets, outcomes, counted)
+            self._write_locked(targets, outcomes, counted, seconds)
 
     def _write_locked(
         self, targets: list[tuple[Any, ...]], outcomes: list[tuple[Any, ...]],
-        counted: tuple[Any, ...] | None = None,
+        counted: tuple[Any, ...] | None = None, seconds: list[timeline.Row] | None = None,
     ) -> None:
         conn = self._conn
         conn.execute("BEGIN")
         try:
+            if seconds:
+                timeline.write(conn, seconds)
             if counted is not None:
                 conn.execute("UPDATE processes SET requests = ?, running_s = ? WHERE id = ?",
                              counted)
@@ -393,11 +397,12 @@ class Journal:
                 outcomes, self._outcomes = self._outcomes, []
                 self._wake.clear()
             counted = self._counters()
-            if targets or outcomes or counted:
+            seconds = self._timeline.take() if self._timeline else None
+            if targets or outcomes or counted or seconds:
                 # shielded: a cancelled flush must not cancel a commit whose thread has not
                 # started yet (its rows would be lost); the thread lock orders the commits
                 write = asyncio.ensure_future(
-                    asyncio.to_thread(self._write, targets, outcomes, counted))
+                    asyncio.to_thread(self._write, targets, outcomes, counted, seconds))
                 write.add_done_callback(self._written)
                 try:
                     await asyncio.shield(write)
@@ -413,9 +418,10 @@ class Journal:
         targets, self._targets = self._targets, []
         outcomes, self._outcomes = self._outcomes, []
         counted = self._counters(force=True)  # the last word on this process's time too
-        if targets or outcomes or counted:
+        seconds = self._timeline.take(final=True) if self._timeline else None
+        if targets or outcomes or counted or seconds:
             try:
-                self._write(targets, outcomes, counted)
+                self._write(targets, outcomes, counted, seconds)
             except sqlite3.Error as exc:
                 self._failed = exc
                 raise self._failure(exc) from None
@@ -457,6 +463,12 @@ class Journal:
                                      (os.getpid(), since.replace("+00:00", "Z")))
         assert cur.lastrowid is not None
         self._process = (cur.lastrowid, counters)
+
+    def track_timeline(self, sample: timeline.Sample) -> None:
+        """From now on every commit carries the seconds ended since (worker.timeline)."""
+        with self._db:
+            timeline.create(self._conn)
+        self._timeline = timeline.Timeline(sample)
 
     def _counters(self, *, force: bool = False) -> tuple[Any, ...] | None:
         """This process's counters as a row update, or None when unchanged since the last."""

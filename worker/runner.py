@@ -213,6 +213,7 @@ class Runner:
             assert self.journal is not None
             self.journal.track_process(self._counters, self.started_at)
             self._prune()
+            self.journal.track_timeline(self._totals)
             self.journal.start_writer()
             try:
                 code = await self._phases(client)
@@ -590,6 +591,19 @@ class Runner:
         requests["retries"] = self.retries + (pool.stats.retries if pool else 0)
         requests["lock_waits"] = pool.stats.lock_waits if pool else 0
         return requests, (self.settings.clock() - self.started_at).total_seconds()
+
+    def _totals(self) -> tuple[tuple[int, ...], float]:
+        """This process's running totals for the report's chart (worker.timeline.FIELDS) and
+        the limiter's rate now."""
+        client, pool = self.client, self.pool
+        sent = limited = errors = 0
+        if client is not None:
+            counts = client.counts
+            sent, limited, errors = counts.total, counts.rate_limited, counts.transient
+        retries = self.retries + (pool.stats.retries if pool else 0)
+        lock_waits = pool.stats.lock_waits if pool else 0
+        rate = client.limiter_rate() if client is not None else 0.0
+        return (sent, limited, errors, retries, lock_waits), rate
 
     async def _finish(self, code: int) -> int:
         journal = self.journal

@@ -1,0 +1,159 @@
+"""`bulk-tagger report RUN --format html`: a real run through the CLI, its page opened in a
+real headless browser with the network off (tests/browser.py), and the page's parts read back.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tests.browser import Browser
+from tests.helpers import results, run_cli, run_dirs, summary, write_job
+from worker import timeline
+from worker.simulator import SimulatorThread
+from worker.tally import KeyTally, Tally
+
+XSS = "<script>alert(1)</script>"
+CANARY = "canary-key-7f3a9c1e"
+
+
+#: a project and region of the demo data with few images (three private)
+WHERE = (1338, 38)
+
+
+def _job(tmp_path: Path, where: tuple[int, int] | None = None) -> Path:
+    query = ({"projects": [where[0]], "regions": [where[1]]} if where
+             else {"projects": "all", "regions": "all"})
+    return write_job(tmp_path, {
+        "name": "html-report",
+        # public images too: they are refused (403), a failure group with their names
+        "targets": [{"query": query}],
+        "changes": {"set_tags": {"managed-by": "bulk-tagger"}, "remove_tags": ["legacy"],
+                    "rename_tags": {"team": "owner"}},
+        "options": {"max_changes": 10_000},
+    })
+
+
+def _xss_images(sim_thread: SimulatorThread) -> None:
+    for visibility in ("private", "public"):
+        sim_thread.call(sim_thread.sim.add_image, *WHERE, name=XSS,
+                        tags={"team": "sre"},
+                        visibility=visibility)
+
+
+def test_the_page_in_a_real_browser(sim_thread: SimulatorThread, tmp_path: Path) -> None:
+    _xss_images(sim_thread)
+    state = tmp_path / "state"
+    # --rate 2: the run's 6 requests last a few seconds, so the chart has several
+    proc = run_cli("run", _job(tmp_path, WHERE), "--base-url", sim_thread.url, "--state-dir",
+                   state, "--rate", "2", env={"GCORE_API_KEY": CANARY})
+    assert proc.returncode == 1, proc.stderr  # the public images failed
+    (run_dir,) = run_dirs(state)
+    run = summary(run_dir)
+    page_path = tmp_path / "report.html"
+    out = run_cli("report", run_dir.name, "--state-dir", state, "--format", "html",
+                  "-o", page_path, env={"GCORE_API_KEY": CANARY})
+    assert out.returncode == 0, out.stderr
+    page = page_path.read_text()
+
+    # the chart's record: every request of the run in some second, one row a second
+    seconds = list(timeline.read(run_dir / "journal.sqlite"))
+    assert sum(r[1] for r in seconds) == run["requests"]["total"]
+    assert all(0 < r[6] <= 2 for r in seconds)  # the limiter's rate, within --rate
+    span = seconds[-1][0] - seconds[0][0] + 1
+    assert span == len(seconds)  # no second missing
+    assert run["duration_s"] - 1 <= span <= run["duration_s"] + 2, (span, run["duration_s"])
+    assert span >= 3
+
+    # the key nowhere; the API's and the job's texts escaped, none of them markup
+    assert CANARY not in page
+    assert XSS not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<img" not in page
+
+    failed = [r for r in results(run_dir) if r["status"] == "failed"]
+    probes = {
+        "seconds": "document.querySelector('svg.chart').dataset.seconds",
+        "bins": "document.querySelectorAll('svg.chart g.bin').length",
+        "bars": "document.querySelectorAll('svg.chart rect.ok').length",
+        "scripts": "document.scripts.length",
+        "images": "document.images.length",
+        "text": "document.body.innerText",
+        "width": "document.documentElement.scrollWidth",
+    }
+    with Browser(tmp_path / "profile") as browser:
+        visit = browser.open(page_path.as_uri(), probes)
+        # the watcher sees what a page asks for: the same page with one outside image
+        control = tmp_path / "control.html"
+        control.write_text(page.replace("</main>", '<img src="http://x.invalid/b.png"></main>'))
+        seen = browser.open(control.as_uri(), {})
+    assert visit.requests == [page_path.as_uri()]  # nothing left the file
+    assert visit.console == []
+    assert "http://x.invalid/b.png" in seen.requests
+    assert any("Content Security Policy" in m for m in seen.console)
+
+    values = visit.values
+    assert int(values["seconds"]) == span and values["bins"] == span
+    assert values["bars"] >= span - 1  # a second with no answer has no bar (the last, maybe)
+    assert values["scripts"] == 0 and values["images"] == 0
+    text = values["text"]
+    assert XSS in text  # shown as text
+    assert "Exit code 1" in text and run["run_id"] in text
+    assert re.search(rf"rejected, HTTP 403: {len(failed)}\b", text)
+    assert "public images cannot be modified" in text  # the API's message
+    assert all(r["image_id"] in text for r in failed)  # fewer than 100: every one listed
+    assert "to owner" in text and "managed-by" in text  # the changes per key
+    assert values["width"] <= 1000  # nothing wider than the window (a phone scrolls tables)
+
+
+def test_undo_and_resumed_runs_say_what_they_are(
+    sim_thread: SimulatorThread, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    job = _job(tmp_path)
+    proc = run_cli("run", job, "--base-url", sim_thread.url, "--state-dir", state)
+    assert proc.returncode == 1, proc.stderr
+    (first,) = run_dirs(state)
+    proc = run_cli("undo", first.name, "--base-url", sim_thread.url, "--state-dir", state)
+    assert proc.returncode == 0, proc.stderr
+    (undo,) = [d for d in run_dirs(state) if d != first]
+    page = run_cli("report", undo.name, "--state-dir", state, "--format", "html")
+    assert page.returncode == 0, page.stderr
+    assert re.search(rf"undoes run</td><td>{re.escape(first.name)}<", page.stdout)
+    assert "<td>kind</td><td>undo</td>" in page.stdout
+    # undo sets back what the run changed: owner removed, team set again
+    assert re.search(r"<td>owner</td><td class=n>0</td><td class=n>0</td><td>to team: \d",
+                     page.stdout)
+
+
+def test_a_bad_run_id_writes_no_file(tmp_path: Path) -> None:
+    out = tmp_path / "r.html"
+    proc = run_cli("report", "no-such-run", "--state-dir", tmp_path, "--format", "html",
+                   "-o", out)
+    assert proc.returncode == 2 and "no run 'no-such-run'" in proc.stderr
+    assert not out.exists()
+
+
+def test_key_tally_tells_renames_from_removals() -> None:
+    keys = KeyTally()
+    before = {"tags": {"team": "a", "legacy": "x", "keep": "k"}, "ssh_key": "deny"}
+    keys.add(before, {"tags": {"owner": "a", "team": None, "legacy": None, "new": "v"},
+                      "ssh_key": "allow"})
+    keys.add({"tags": {"team": "b"}}, {"tags": {"team": None, "owner": "c"}})  # not a rename
+    rows = {k: (c.set, c.removed, dict(c.renamed)) for k, c in keys.rows()}
+    assert rows == {
+        "team": (0, 1, {"owner": 1}), "legacy": (0, 1, {}), "new": (1, 0, {}),
+        "owner": (1, 0, {}), "field:ssh_key": (1, 0, {}),
+    }
+
+
+def test_tally_keeps_fixed_amounts() -> None:
+    """A million failures in one group keep 100 names, 3 messages; 50 changes in full."""
+    rows = (("r", 1, 2, f"id-{i}", f"n-{i}", "failed", "rejected", None, None, None, 1, 403,
+             0.0, 1, f"message {i % 7}") for i in range(100_000))
+    tally = Tally.of(rows)
+    (group,) = tally.failure_groups()
+    assert group.count == 100_000 and len(group.images) == 100 and len(group.messages) == 3
+    changes = (("r", 1, 2, f"id-{i}", "n", "updated", None, '{"tags":{}}', None,
+                '{"tags":{"k":"v"}}', 1, 200, 0.0, 1, None) for i in range(1_000))
+    tally = Tally.of(changes)
+    assert len(tally.samples) == 50 and tally.keys.rows()[0][1].set == 1_000

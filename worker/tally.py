@@ -1,0 +1,176 @@
+"""A run's record added up for a person: failures by reason and HTTP status, what changed per
+key, the first changes in full. One pass over the results (``Journal.iter_results(raw=True)``:
+the journal's rows, or a finished run's results.jsonl.gz), in memory that does not grow with
+the number of targets: counts, and at most ``images`` names per failure group and ``diffs``
+changes.
+
+``KeyTally`` is the per-key count alone (set, removed, renamed: read off the merge patch and
+the state it was sent to), for any caller that has (before, patch) pairs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+#: a results row's fields by position (models.RESULT_FIELDS)
+_IMAGE, _NAME, _STATUS, _REASON, _BEFORE, _PATCH, _HTTP, _ERROR = 3, 4, 5, 6, 7, 9, 11, 14
+
+#: how many distinct messages a failure group keeps, and how much of each
+MESSAGES = 3
+MESSAGE_CHARS = 500
+#: past this many keys (or failure groups) the rest are counted together
+MAX_KEYS = 200
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    """A row's ``before``/``patch``: JSON text (the journal) or already decoded (the gzip)."""
+    if isinstance(value, str | bytes):
+        value = orjson.loads(value)
+    return value if isinstance(value, dict) else {}
+
+
+@dataclass
+class KeyCounts:
+    set: int = 0
+    removed: int = 0
+    renamed: Counter[str] = field(default_factory=Counter)  # new key -> images
+
+    @property
+    def total(self) -> int:
+        return self.set + self.removed + sum(self.renamed.values())
+
+
+class KeyTally:
+    """Per key (a tag's key, or ``field:<name>`` for a field such as ssh_key): on how many
+    images it was set, removed, or renamed (and to what). A tag removed while another is set
+    to its value, where the image had no such tag, is a rename."""
+
+    def __init__(self, limit: int = MAX_KEYS) -> None:
+        self.keys: dict[str, KeyCounts] = {}
+        self.limit = limit
+        self.other_keys = 0  # changes to keys past ``limit``
+        self.images = 0
+
+    def _counts(self, key: str) -> KeyCounts | None:
+        counts = self.keys.get(key)
+        if counts is None and len(self.keys) < self.limit:
+            counts = self.keys[key] = KeyCounts()
+        return counts
+
+    def add(self, before: Mapping[str, Any], patch: Mapping[str, Any]) -> None:
+        self.images += 1
+        for name, value in patch.items():
+            if name == "tags" and isinstance(value, Mapping):
+                self._add_tags(before.get("tags") or {}, value)
+            elif (counts := self._counts(f"field:{name}")) is not None:
+                if value is None:
+                    counts.removed += 1
+                else:
+                    counts.set += 1
+            else:
+                self.other_keys += 1
+
+    def _add_tags(self, old: Mapping[str, Any], tags: Mapping[str, Any]) -> None:
+        renames: dict[str, str] = {}  # old key -> new key
+        new_keys = [k for k, v in tags.items() if v is not None and k not in old]
+        for key, value in tags.items():
+            if value is None and key in old:
+                target = next((k for k in new_keys if tags[k] == old[key]
+                               and k not in renames.values()), None)
+                if target is not None:
+                    renames[key] = target
+        targets = set(renames.values())
+        for key, value in tags.items():
+            if key in targets:
+                continue  # counted as its old key's rename
+            counts = self._counts(str(key))
+            if counts is None:
+                self.other_keys += 1
+            elif key in renames:
+                counts.renamed[str(renames[key])] += 1
+            elif value is None:
+                counts.removed += 1
+            else:
+                counts.set += 1
+
+    def rows(self) -> list[tuple[str, KeyCounts]]:
+        """(key, counts) with any change, most changed first."""
+        return sorted(((k, c) for k, c in self.keys.items() if c.total),
+                      key=lambda kc: (-kc[1].total, kc[0]))
+
+
+@dataclass
+class FailureGroup:
+    reason: str
+    http_status: int | None
+    count: int = 0
+    messages: list[str] = field(default_factory=list)
+    #: (name, image id) of the first images
+    images: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Tally:
+    """The run's results added up (``add`` each row, or ``of`` them all)."""
+
+    images: int = 100  # names kept per failure group
+    diffs: int = 50  # changes kept in full
+    changed: frozenset[str] = frozenset({"updated"})  # statuses whose patch counts
+    failures: dict[tuple[str, int | None], FailureGroup] = field(default_factory=dict)
+    other_failures: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)  # "<status>: <reason>", not failed
+    keys: KeyTally = field(default_factory=KeyTally)
+    samples: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    rows: int = 0
+
+    @classmethod
+    def of(cls, rows: Iterable[tuple[Any, ...]], **kwargs: Any) -> Tally:
+        tally = cls(**kwargs)
+        for row in rows:
+            tally.add(row)
+        return tally
+
+    def add(self, row: tuple[Any, ...]) -> None:
+        self.rows += 1
+        status = row[_STATUS]
+        if status == "failed":
+            self._failed(row)
+        elif status in self.changed:
+            patch = _obj(row[_PATCH])
+            if patch:
+                keep = len(self.samples) < self.diffs
+                tags = patch.get("tags")
+                # the state is read only where it tells something: a removal may be a rename
+                needs = keep or (isinstance(tags, dict) and None in tags.values())
+                before = _obj(row[_BEFORE]) if needs else {}
+                self.keys.add(before, patch)
+                if keep:
+                    self.samples.append((str(row[_NAME] or ""), str(row[_IMAGE]), before, patch))
+        elif row[_REASON] and status != "updated":
+            self.reasons[f"{status}: {row[_REASON]}"] += 1
+
+    def _failed(self, row: tuple[Any, ...]) -> None:
+        http = row[_HTTP]
+        key = (str(row[_REASON] or "unknown"), int(http) if isinstance(http, int) else None)
+        group = self.failures.get(key)
+        if group is None:
+            if len(self.failures) >= MAX_KEYS:
+                self.other_failures += 1
+                return
+            group = self.failures[key] = FailureGroup(*key)
+        group.count += 1
+        message = str(row[_ERROR] or "")[:MESSAGE_CHARS]
+        if message and len(group.messages) < MESSAGES and message not in group.messages:
+            group.messages.append(message)
+        if len(group.images) < self.images:
+            group.images.append((str(row[_NAME] or ""), str(row[_IMAGE])))
+
+    def failure_groups(self) -> list[FailureGroup]:
+        """Largest first."""
+        return sorted(self.failures.values(),
+                      key=lambda g: (-g.count, g.reason, g.http_status or 0))

@@ -1,0 +1,101 @@
+"""The run's time line: requests per second by outcome and the limiter's rate, for the chart of
+``bulk-tagger report RUN --format html`` (worker.html_report).
+
+Sampled, not counted: nothing is added to a request's path. The journal's writer wakes every
+``journal.COUNTERS_S`` while a run is tracked; at its first wake-up after a second has turned,
+``Timeline.take`` reads the process's running totals once and keeps their growth since the
+last reading as that second's row. The rows go into the journal's ``seconds`` table with its
+batched commits. One row a second of run, about 30 bytes: 10 hours take about 1 MB. The table
+is not one of the per-target tables a finished run's record drops, so the chart outlives them.
+
+A second written twice (the last, partial second of one process, or a resumed run's process
+meeting an earlier one's second) adds up; the rate is the later reading's.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+#: the running totals a process reports, in this order (requests sent, 429 answers, other
+#: transient failures: 5xx, timeouts, lost connections; retried attempts; lock waits)
+FIELDS: tuple[str, ...] = ("sent", "limited", "errors", "retries", "lock_waits")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS seconds (
+    t INTEGER PRIMARY KEY, sent INTEGER NOT NULL, limited INTEGER NOT NULL,
+    errors INTEGER NOT NULL, retries INTEGER NOT NULL, lock_waits INTEGER NOT NULL, rate REAL
+);
+"""
+
+_UPSERT = (
+    "INSERT INTO seconds (t, sent, limited, errors, retries, lock_waits, rate)"
+    " VALUES (?,?,?,?,?,?,?) ON CONFLICT (t) DO UPDATE SET sent = sent + excluded.sent,"
+    " limited = limited + excluded.limited, errors = errors + excluded.errors,"
+    " retries = retries + excluded.retries, lock_waits = lock_waits + excluded.lock_waits,"
+    " rate = excluded.rate"
+)
+
+#: what a process reports: its running totals in FIELDS order and the limiter's rate now
+#: (requests/s; 0 where there is no limiter yet)
+Sample = Callable[[], tuple[tuple[int, ...], float]]
+
+#: one second of a run: (epoch second, *FIELDS, rate)
+Row = tuple[int, int, int, int, int, int, float]
+
+
+class Timeline:
+    """One process's seconds, waiting for the journal's next commit."""
+
+    __slots__ = ("_clock", "_last", "_rows", "_sample", "_second")
+
+    def __init__(self, sample: Sample, clock: Callable[[], float] = time.time) -> None:
+        self._sample = sample
+        self._clock = clock
+        self._second = int(clock())
+        self._last = (0,) * len(FIELDS)  # a process's totals start at 0
+        self._rows: list[Row] = []
+
+    def take(self, *, final: bool = False) -> list[Row]:
+        """The rows of the seconds ended since the last call (``final``: the second under way
+        too); called from the event loop's thread, as the totals are."""
+        second = int(self._clock())
+        if second > self._second or final:
+            totals, rate = self._sample()
+            sent, limited, errors, retries, waits = (
+                now - then for now, then in zip(totals, self._last, strict=True))
+            self._last = totals
+            self._rows.append((self._second, sent, limited, errors, retries, waits,
+                               round(float(rate), 2)))
+            # a late wake-up (a busy loop) gives its growth to the second it started in
+            self._second = max(second, self._second + 1) if not final else second
+        rows, self._rows = self._rows, []
+        return rows
+
+
+def create(conn: sqlite3.Connection) -> None:
+    conn.executescript(SCHEMA)
+
+
+def write(conn: sqlite3.Connection, rows: list[Row]) -> None:
+    """Add ``rows`` (inside the caller's transaction)."""
+    conn.executemany(_UPSERT, rows)
+
+
+def read(journal_path: Path) -> Iterator[Row]:
+    """The run's seconds in order, read-only; none from a journal without the table."""
+    try:
+        conn = sqlite3.connect(f"{journal_path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return
+    try:
+        yield from conn.execute(
+            "SELECT t, sent, limited, errors, retries, lock_waits, COALESCE(rate, 0)"
+            " FROM seconds ORDER BY t"
+        )
+    except sqlite3.OperationalError:  # a journal from before the table
+        return
+    finally:
+        conn.close()
