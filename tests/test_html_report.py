@@ -124,6 +124,14 @@ def test_undo_and_resumed_runs_say_what_they_are(
     assert re.search(r"<td>owner</td><td class=n>0</td><td class=n>0</td><td>to team: \d",
                      page.stdout)
 
+    # the run's per-target record gone (its results file deleted): summary and chart stay
+    (first / "results.jsonl.gz").unlink()
+    page = run_cli("report", first.name, "--state-dir", state, "--format", "html")
+    assert page.returncode == 0, page.stderr
+    assert "The per-target record is not available" in page.stdout
+    assert '<svg xmlns="http://www.w3.org/2000/svg"' in page.stdout
+    assert "Exit code 1</b>" in page.stdout
+
 
 def test_a_bad_run_id_writes_no_file(tmp_path: Path) -> None:
     out = tmp_path / "r.html"
