@@ -312,29 +312,61 @@ def plan(
 
 
 @cli.command()
-@click.argument("job", type=click.Path(dir_okay=False))
+@click.argument("job", type=click.Path(dir_okay=False), required=False)
+@click.option("--plan", "plan_run_id", default=None, metavar="PLAN_RUN_ID",
+              help="Apply exactly this earlier plan run's changes (JOB must be the file it "
+                   "was made from; none for an undo's preview).")
+@click.option("--plan-max-age", default=f"{defaults.PLAN_MAX_AGE_HOURS}h", show_default=True,
+              help="How old a plan --plan may apply (e.g. 90m, 24h).")
 @_STATE_DIR
 @_logs
 @_api
 @_apply
 @_job
 def run(
-    job: str, *, state_dir: Path, logs: LogOptions, api_opts: ApiOptions, apply: ApplyOptions,
-    job_opts: JobOptions,
+    job: str | None, *, plan_run_id: str | None, plan_max_age: str, state_dir: Path,
+    logs: LogOptions, api_opts: ApiOptions, apply: ApplyOptions, job_opts: JobOptions,
 ) -> None:
-    """Plan JOB, then apply it; writes the run's report."""
+    """Plan JOB, then apply it; or apply a reviewed plan (--plan). Writes the run's report."""
+    from worker.journal import read_run_info
+    from worker.safety import run_dir
+
     logs.configure()
-    _execute("run", job, lambda: _settings(state_dir, api_opts, apply, job_opts))
+    kind, undone = "run", None
+    if plan_run_id is None:
+        if job is None:
+            raise JobError("no job file", field="JOB",
+                           hint="bulk-tagger run JOB, or bulk-tagger run [JOB] --plan PLAN_RUN_ID")
+    else:
+        undone = read_run_info(run_dir(state_dir, plan_run_id, field="--plan")).get(
+            "parent_run_id") or None
+        kind = "undo" if undone else "run"  # an undo's preview, applied, is that undo
+    max_age = _duration(plan_max_age, field="--plan-max-age")
+
+    def settings() -> RunSettings:
+        made = _settings(state_dir, api_opts, apply, job_opts)
+        made.plan_run_id, made.plan_max_age = plan_run_id, max_age
+        return made
+
+    _execute(kind, job, settings, parent_run_id=undone)
 
 
 @cli.command()
 @click.argument("undone", metavar="RUN_ID")  # not "run_id": --run-id names the undo itself
+@click.option("--plan", "preview", is_flag=True,
+              help="Preview: plan the undo and show its diff; nothing is sent "
+                   "(run --plan applies that plan).")
+@click.option("--max-changes", type=click.IntRange(0), default=None,
+              help="Stop before any PATCH if the undo changes more images.")
+@click.option("--max-changes-percent", type=click.FloatRange(0, 100, min_open=True),
+              default=None, help="... or more than this share of the run's updated images.")
 @_STATE_DIR
 @_logs
 @_api
 @_apply
 def undo(
-    undone: str, *, state_dir: Path, logs: LogOptions, api_opts: ApiOptions, apply: ApplyOptions
+    undone: str, *, preview: bool, max_changes: int | None, max_changes_percent: float | None,
+    state_dir: Path, logs: LogOptions, api_opts: ApiOptions, apply: ApplyOptions
 ) -> None:
     """Revert exactly what RUN_ID changed, where nobody changed it since."""
     from worker.journal import read_run_info
@@ -345,8 +377,14 @@ def undo(
     if not info or info.get("kind") != "run":
         raise JobError(f"no run {undone!r} in {state_dir}", field="RUN_ID",
                        hint="`ls` the state dir; undo takes the id of a `run`")
-    _execute("undo", None, lambda: _settings(state_dir, api_opts, apply, None),
-             parent_run_id=undone)
+
+    def settings() -> RunSettings:
+        made = _settings(state_dir, api_opts, apply, None)
+        made.preview, made.max_changes = preview, max_changes
+        made.max_changes_percent = max_changes_percent
+        return made
+
+    _execute("undo", None, settings, parent_run_id=undone)
 
 
 @cli.command()

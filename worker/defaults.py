@@ -22,6 +22,8 @@ PAGE_SIZE = 1000
 GRACE_S = 20.0
 #: how old an unfinished run ``--resume`` may continue, in hours (``--resume-within``)
 RESUME_WITHIN_HOURS = 24
+#: how old a plan `run --plan` applies may be, in hours (`--plan-max-age`)
+PLAN_MAX_AGE_HOURS = 24
 #: how many demo images ``--simulate`` (and ``bulk-tagger simulate``) serves
 SIMULATE_IMAGES = 60
 #: the first retry's wait cap; caps double from here (``--retry-base-seconds``, for tests)

@@ -231,6 +231,13 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"Run {summary.get('run_id', '?')} of job {summary.get('job', '?')}",
         f"  {summary.get('started_at', '?')} -> {summary.get('finished_at', '?')}"
         f"  ({_duration_text(float(summary.get('duration_s') or 0.0))})",
+    ]
+    if summary.get("plan_run_id"):
+        lines.append(f"  applied the plan {summary['plan_run_id']} (nothing else)")
+    if summary.get("preview"):
+        lines.append(f"  a preview of undoing {summary.get('parent_run_id')}: nothing was sent"
+                     f" (bulk-tagger run --plan {summary.get('run_id')} applies it)")
+    lines += [
         f"Targets: {sum(counts.values()):,}",
         *_table((status, n) for status, n in counts.items() if n or status in STATUSES[:4]),
     ]

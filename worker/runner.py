@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from worker import api, defaults, exports, fanout, report, retention, retry, safety, spec, statevol
+from worker import api, defaults, exports, report, retention, retry, safety, spec, statevol
 from worker.budget import CircuitBreaker, RetryBudget
 from worker.errors import (
     ApiError,
@@ -42,8 +42,9 @@ from worker.journal import Journal, Pending, now_iso, read_run_info
 from worker.limiter import AdaptiveLimiter, RateController
 from worker.log import get_logger, scrub
 from worker.metrics import push_metrics
-from worker.models import Changes, Image, Outcome, RunContext, Target
-from worker.plan import inverse_patch, plan_changes, shows
+from worker.models import Image, Outcome, RunContext, Target
+from worker.plan import plan_changes
+from worker.planrun import Again, PlanRef, check_plan, plan_targets, undo_targets
 from worker.pool import Pool, PoolSettings
 from worker.progress import Progress
 from worker.runlock import RunHeld, RunLock, held_message, is_held
@@ -66,6 +67,10 @@ class RunSettings:
     resume_within: timedelta = timedelta(hours=defaults.RESUME_WITHIN_HOURS)
     shard: Shard | None = None
     max_changes: int | None = None
+    max_changes_percent: float | None = None
+    plan_run_id: str | None = None  # run --plan: the plan run to apply, and how old it may be
+    plan_max_age: timedelta = timedelta(hours=defaults.PLAN_MAX_AGE_HOURS)
+    preview: bool = False  # undo --plan: plan the undo (a plan run) and send nothing
     grace_s: float = defaults.GRACE_S
     pushgateway: str | None = None
     plan_samples: int = 20
@@ -121,6 +126,8 @@ class Runner:
         self.earlier: dict[str, Any] | None = None
         self.run_id = ""
         self.job_name = job.name if job else ""
+        #: run --plan: the plan being applied (checked when the run opens)
+        self.plan_ref: PlanRef | None = None
         if job is None and parent_run_id:  # undo: named after the job it undoes
             undone = read_run_info(settings.state_dir / parent_run_id)
             self.job_name = str(undone.get("job_name") or "")
@@ -269,12 +276,15 @@ class Runner:
         settings = self.settings
         safety.state_dir(settings.state_dir)
         shard = str(settings.shard) if settings.shard else None
+        if settings.plan_run_id is not None:  # refused before anything is made (exit 2)
+            self.plan_ref = check_plan(settings.state_dir, settings.plan_run_id, job=self.job,
+                                       shard=shard, max_age=settings.plan_max_age)
         job_hash = (self.job.sha256 if self.job else self.parent_run_id) or ""
         kind = self.kind
         run_id = settings.run_id
         if run_id is not None:
             safety.run_dir(settings.state_dir, run_id)  # a safe name, and ours if it exists
-        if settings.resume and kind != "plan":
+        if settings.resume and kind != "plan" and not settings.preview:
             found = run_id if run_id and (settings.state_dir / run_id).is_dir() else None
             if found is None and run_id is None:
                 found = retention.find_resumable(
@@ -331,8 +341,8 @@ class Runner:
         else:
             options = self.job.options.model_dump(mode="json") if self.job else {}
             options.update(concurrency=self.concurrency, rate_ceiling=self.rate_ceiling)
-            journal.create_run(
-                run_id=run_id, kind=kind, job_name=self.job_name,
+            journal.create_run(  # an undo's preview is a plan run (run --plan applies it)
+                run_id=run_id, kind="plan" if settings.preview else kind, job_name=self.job_name,
                 job_path=str(self.job.path) if self.job else None, job_hash=job_hash,
                 options=options, parent_run_id=self.parent_run_id, shard=shard,
                 started_at=now_iso(self.started_at),
@@ -379,14 +389,19 @@ class Runner:
         journal = self.journal
         assert journal is not None
         if not (self.resumed and journal.run_info().get("plan_done")):
-            if self.kind == "undo":
-                await self._plan_undo(client)
+            state_dir = self.settings.state_dir
+            if self.plan_ref is not None:
+                await self._plan_again(plan_targets(
+                    self._expander(client), state_dir / self.plan_ref.run_id))
+            elif self.kind == "undo":
+                await self._plan_again(undo_targets(
+                    self._expander(client), state_dir / (self.parent_run_id or "")))
             else:
                 await self._plan(client)
             await journal.flush()
             journal.mark_plan_done()
         self._check_limits()
-        if self.kind == "plan":
+        if self.plans_only:
             return ExitCode.OK
         await self._apply(client)
         counts = journal.counts()
@@ -440,56 +455,58 @@ class Runner:
         async for target in expander.targets():
             self._record_plan(target)
 
-    async def _plan_undo(self, client: api.Client) -> None:
-        """Each updated target of the parent run, planned back where nobody changed it since."""
-        parent = Journal(self.settings.state_dir / (self.parent_run_id or ""))
-        policy = self._retry_policy()
+    @property
+    def plans_only(self) -> bool:
+        """A ``plan`` run, or an undo's preview: nothing is sent."""
+        return self.kind == "plan" or self.settings.preview
 
-        async def one(row: tuple[int, int, str, str, dict[str, Any], dict[str, Any]]) -> None:
-            p, r, image_id, name, before, patch = row
-            try:
-                image, _ = await retry.call(
-                    lambda: client.get_image(p, r, image_id), policy, on_retry=self._on_retry
-                )
-            except ApiError as exc:
-                if isinstance(exc, AuthFailed) or exc.retryable:
-                    raise
-                image = None
-            inverse = inverse_patch(before, patch)
-            target = Target(p, r, image_id, Changes.from_patch(inverse), image, "undo")
-            if image is not None and not shows(image.state(), patch):
-                self._record_conflict(target, name)
-                return
-            # what the image must still show when it is sent: checked again by the pool
-            # where it reads the image again (a resumed undo, a lock)
-            self._record_plan(target, expect=patch)
+    def _expander(self, client: api.Client) -> Expander:
+        """An expander that reads given images again (no job): another run's targets."""
+        return Expander(
+            None, client, stage_path=self.settings.state_dir / self.run_id / "stage.sqlite",
+            policy=self._retry_policy(), concurrency=self.concurrency,
+            on_retry=self._on_retry, page_size=self.options.page_size,
+        )
 
-        try:
-            async for _ in fanout.batches(one, parent.iter_updated(), concurrency=self.concurrency):
-                pass
-        finally:
-            parent.close()
+    async def _plan_again(self, targets: AsyncIterator[Again]) -> None:
+        """Another run's targets read again (undo: the run's updated ones; run --plan: the
+        plan's planned ones), recorded as ``planrun`` decided."""
+        journal = self.journal
+        assert journal is not None
+        async for again in targets:
+            target, image = again.target, again.target.image
+            if again.conflict is not None:
+                self._record_conflict(target, again.name, again.conflict)
+            elif again.patch is None or image is None:
+                self._record_plan(target, expect=again.expect)
+            else:  # the reviewed plan's own patch: what is sent is what was reviewed
+                journal.add_target(
+                    project_id=target.project_id, region_id=target.region_id,
+                    image_id=target.image_id, name=image.name, source=target.source,
+                    changes=target.changes, before=again.expect, patch=again.patch,
+                    lock_task=image.task_id, plan_status="planned", plan_reason=None,
+                    plan_detail=None, expect=again.expect)
 
-    def _record_conflict(self, target: Target, name: str) -> None:
+    def _record_conflict(self, target: Target, name: str, detail: str) -> None:
         assert self.journal is not None and target.image is not None
         self.plan_reasons["skipped:conflict"] += 1
         self.journal.add_target(
             project_id=target.project_id, region_id=target.region_id,
             image_id=target.image_id, name=target.image.name or name, source=target.source,
             changes=target.changes, before=target.image.state(), patch=None, lock_task=None,
-            plan_status="skipped", plan_reason="conflict",
-            plan_detail="the image no longer shows what the run set: changed since",
+            plan_status="skipped", plan_reason="conflict", plan_detail=detail,
         )
 
     def _check_limits(self) -> None:
         assert self.journal is not None
         planned, total = self.journal.plan_counts()
         limit = self.settings.max_changes
-        percent = None
+        percent = self.settings.max_changes_percent
         if self.job is not None:
             if limit is None:
                 limit = self.job.options.max_changes
-            percent = self.job.options.max_changes_percent
+            if percent is None:
+                percent = self.job.options.max_changes_percent
         if limit is not None and planned > limit:
             raise SafetyLimit(
                 f"the plan changes {planned} images, over max_changes {limit}: nothing was sent"
@@ -625,6 +642,8 @@ class Runner:
             extra["shard"] = str(self.settings.shard)
         if self.parent_run_id:
             extra["parent_run_id"] = self.parent_run_id
+        if self.settings.plan_run_id or self.settings.preview:
+            extra.update(plan_run_id=self.settings.plan_run_id, preview=self.settings.preview)
         if self.fatal is not None:
             extra["error"] = scrub(str(self.fatal))
         if self.client is not None:
@@ -652,7 +671,7 @@ class Runner:
         journal.close()
         self._release()
         text: list[str] = []  # for a person: control characters (names, tags) escaped
-        if self.kind == "plan":
+        if self.plans_only:
             # counts from the journal: a target named twice is planned once
             text.append(report.format_plan(
                 counts, self.plan_reasons, self.samples,
@@ -665,7 +684,7 @@ class Runner:
         out.write("".join(safety.printable(line, newlines=True) + "\n" for line in text))
         out.flush()
         log.info("run.finished", run_id=self.run_id, exit_code=code, counts=counts)
-        if self.settings.pushgateway and self.kind != "plan":
+        if self.settings.pushgateway and not self.plans_only:
             await asyncio.to_thread(
                 push_metrics, self.settings.pushgateway, self.job_name, summary,
                 success=code == 0, latency=self.latency,
