@@ -352,7 +352,7 @@ async def test_outcomes_reuse_the_stored_text_of_what_was_handed_out(tmp_path: P
     assert rows[1] == (0, 0, '{"tags":{"managed-by":"bulk-tagger"}}')
 
 
-async def test_updated_rows_pair_the_patch_with_the_state_it_was_made_for(
+async def test_iter_updated_pairs_the_patch_with_the_state_it_was_made_for(
     tmp_path: Path,
 ) -> None:
     journal = new_journal(tmp_path / "r")
@@ -366,9 +366,7 @@ async def test_updated_rows_pair_the_patch_with_the_state_it_was_made_for(
     journal.add_outcome(2, outcome(before=later, patch=later_patch))  # re-planned after a lock
     journal.add_outcome(3, outcome(status="failed", reason="rejected"))
     await journal.flush()
-    keys = list(journal.iter_keys("updated", chunk=1))
-    assert [(k[2], k[3]) for k in keys] == [("img-0001", "1"), ("img-0002", "2")]
-    updated = journal.rows_of("updated", [int(k[3]) for k in keys])
+    updated = list(journal.iter_updated(chunk=1))
     assert [(u[2], u[4], u[5]) for u in updated] == [
         ("img-0001", plan_before(1), items[0].patch),
         ("img-0002", later, later_patch),
