@@ -18,7 +18,7 @@ from typing import Any
 from . import limits, report, scenarios
 from .harness import ROOT, machine
 
-ORDER = ("a", "b", "c", "d", "m", "h", "f", "j", "r", "s", "e")
+ORDER = ("a", "b", "c", "d", "m", "h", "f", "j", "r", "s", "v", "e")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

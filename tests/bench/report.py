@@ -131,6 +131,16 @@ COLUMNS: dict[str, list[Column]] = {
         ("files", lambda r: ", ".join(f"{k} {v:,}" for k, v in r["files"].items())),
         ("CPU s", lambda r: _num(r["cpu_s"])),
     ],
+    "v": [
+        ("command", lambda r: r["label"]),
+        ("targets", lambda r: _num(r["targets"])),
+        ("counts", lambda r: ", ".join(f"{k} {v:,}" for k, v in r["counts"].items())),
+        ("record compacted", lambda r: "yes" if r["compacted"] else "no"),
+        ("wall s", lambda r: _num(r["wall_s"])),
+        ("CPU s", lambda r: _num(r["cpu_s"])),
+        ("peak RSS MB", lambda r: _num(r["maxrss_mb"], 1)),
+        ("page bytes", lambda r: _num(r["page_bytes"])),
+    ],
 }
 
 

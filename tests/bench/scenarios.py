@@ -29,7 +29,7 @@ from typing import Any
 
 from worker.simulator.demo import COMBOS, Demo
 
-from . import contenders, resume, storage
+from . import contenders, htmlpage, resume, storage
 from .contenders import Run
 from .harness import SimServer
 from .metrics import windows
@@ -61,6 +61,8 @@ class Sizes:
     h_quota_images: int = 500
     r_images: int = 20_000
     s_targets: int = 20_000
+    #: (v) the html report of a run of this many private targets (issue 21)
+    v_targets: int = 100_000
     #: (a) and (b): rounds of every contender in turn (the median of per-round ratios counts)
     rounds: int = 5
 
@@ -531,3 +533,17 @@ def requests_by_kind(rows: list[dict[str, Any]]) -> Counter[str]:
 def scenario_r(sizes: Sizes, progress: Callable[[str], None]) -> dict[str, Any]:
     with workdir() as wd:
         return resume.scenario_r(sizes, progress, wd, CONCURRENCY, check)
+
+
+def scenario_v(sizes: Sizes, progress: Callable[[str], None]) -> dict[str, Any]:
+    with workdir() as wd:
+        row = htmlpage.measure(sizes.v_targets, progress, wd)
+    n = row["targets"]
+    checks = [
+        check(f"v: report --format html of {n:,} targets, wall s", row["wall_s"], "<=",
+              htmlpage.WALL_S, f"page {row['page_bytes']:,} B; cpu {row['cpu_s']} s"),
+        check(f"v: report --format html of {n:,} targets, peak RSS MB", row["maxrss_mb"],
+              "<=", htmlpage.RSS_MB),
+    ]
+    return {"scenario": "v", "title": "the html report of a big run",
+            "params": {"targets": sizes.v_targets}, "rows": [row], "checks": checks}
