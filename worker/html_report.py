@@ -24,10 +24,10 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from worker import safety, svgchart, timeline
+from worker import svgchart, timeline
 from worker.errors import JobError
-from worker.journal import Journal, read_run_info
-from worker.report import EXIT_MEANINGS, REQUEST_KINDS, _duration_text, format_change
+from worker.journal import Journal
+from worker.report import EXIT_MEANINGS, REQUEST_KINDS, _duration_text, format_change, open_run
 from worker.tally import Tally
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
@@ -221,14 +221,8 @@ def _record(journal: Journal, run_id: str, kind: str) -> tuple[Tally | None, str
 
 def build(state_dir: Path, run_id: str) -> str:
     """The page for ``run_id`` (a run folder of ``state_dir``)."""
-    run_dir = safety.run_dir(state_dir, run_id, field="RUN_ID")
-    if not read_run_info(run_dir):
-        raise JobError(f"no run {run_id!r} in {state_dir}", field="RUN_ID")
-    journal = Journal(run_dir)
+    journal, info, summary = open_run(state_dir, run_id)
     try:
-        info = journal.run_info()
-        summary = info.get("summary") or {"run_id": run_id, "job": info.get("job_name"),
-                                          "counts": journal.counts(), "exit_code": None}
         processes = journal.earlier_processes()
         ceiling = (info.get("options") or {}).get("rate_ceiling")
         chart = _chart(journal, float(ceiling) if ceiling else None)

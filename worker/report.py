@@ -364,6 +364,23 @@ ReportFormat = Literal["summary", "jsonl", "csv", "json"]
 REPORT_FORMATS: tuple[ReportFormat, ...] = ("summary", "jsonl", "csv", "json")
 
 
+def open_run(state_dir: Path, run_id: str) -> tuple[Journal, dict[str, Any], dict[str, Any]]:
+    """RUN_ID's journal (the caller closes it), its run row and its summary; a run without a
+    summary (killed, or still going) gets one made of its journal's counts, exit code null."""
+    run_dir = safety.run_dir(state_dir, run_id, field="RUN_ID")  # one segment, ours
+    if not read_run_info(run_dir):
+        raise JobError(f"no run {run_id!r} in {state_dir}", field="RUN_ID")
+    journal = Journal(run_dir)
+    try:
+        info = journal.run_info()
+        summary = info.get("summary") or {"run_id": run_id, "job": info.get("job_name"),
+                                          "counts": journal.counts(), "exit_code": None}
+    except BaseException:
+        journal.close()
+        raise
+    return journal, info, summary
+
+
 def print_report(
     state_dir: Path, run_id: str, fmt: ReportFormat, *, export: bool, out: TextIO
 ) -> None:
@@ -374,14 +391,9 @@ def print_report(
     without a summary (killed, or still going) gets one made of its journal's counts, exit
     code null.
     """
-    run_dir = safety.run_dir(state_dir, run_id, field="RUN_ID")  # one segment, ours
-    if not read_run_info(run_dir):
-        raise JobError(f"no run {run_id!r} in {state_dir}", field="RUN_ID")
-    journal = Journal(run_dir)
+    journal, _, summary = open_run(state_dir, run_id)
+    run_dir = journal.run_dir
     try:
-        info = journal.run_info()
-        summary = info.get("summary") or {"run_id": run_id, "job": info.get("job_name"),
-                                          "counts": journal.counts(), "exit_code": None}
         if export:
             exports.write_exports(run_dir, journal.iter_results(run_id, raw=True), summary,
                                   formats=("jsonl", "csv"))
