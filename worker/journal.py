@@ -662,7 +662,7 @@ class Journal:
 def read_run_info(run_dir: Path) -> dict[str, Any]:
     """The run row of ``run_dir``'s journal (read-only), or {} where there is none."""
     path = run_dir / "journal.sqlite"
-    if not safety.trusted_run_dir(run_dir) or not safety.trusted_file(path):
+    if not safety.ours(run_dir, directory=True) or not safety.ours(path, directory=False):
         return {}  # another user's, a symlink, or none
     try:
         # as_uri() quotes what a URI would misread (?, #, %, spaces) in the path

@@ -137,22 +137,15 @@ def private_run_dir(path: Path) -> None:
         _trusted(path / name, st, directory=False, field="--run-id")
 
 
-def trusted_run_dir(path: Path) -> bool:
-    """Whether ``path`` is a real folder of ours (a listing skips the others)."""
+def ours(path: Path, *, directory: bool) -> bool:
+    """Whether ``path`` is a real folder (or regular file) of ours: not a symlink, not another
+    user's (a listing skips the others)."""
     try:
         st = os.lstat(path)
     except OSError:
         return False
-    return stat.S_ISDIR(st.st_mode) and _owned(st)
-
-
-def trusted_file(path: Path) -> bool:
-    """Whether ``path`` is a regular file of ours (not a symlink)."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISREG(st.st_mode) and _owned(st)
+    kind = stat.S_ISDIR if directory else stat.S_ISREG
+    return kind(st.st_mode) and _owned(st)
 
 
 def create_private_file(path: Path) -> None:
