@@ -19,7 +19,7 @@ Key = tuple[int, int, str]
 JOB: dict[str, Any] = {
     "name": "reviewed",
     "targets": [{"query": {"projects": "all", "regions": "all", "visibility": "private"}}],
-    "changes": {"set_tags": {"reviewed": "yes", "owner": "{tags.team|nobody}"},
+    "changes": {"set_tags": {"reviewed": "by-ops", "owner": "{tags.team|nobody}"},
                 "remove_tags": ["legacy"]},
 }
 
@@ -82,6 +82,24 @@ def test_an_apply_sends_exactly_the_plan_and_skips_what_changed_since(
     plan_id = run_id_of(proc.stdout)
     planned = {key_of(r): r for r in results(state / plan_id) if r["status"] == "planned"}
     assert len(planned) > 20
+    # the plan in aggregate, on the terminal and in report --format json, as counted here
+    report = run_cli("report", plan_id, "--state-dir", state, "--format", "json")
+    per_key = json.loads(report.stdout)["changes_per_key"]
+    for key in ("owner", "reviewed", "legacy"):
+        rows = [r for r in planned.values() if key in r["patch"]["tags"]]
+        held = [r["before"]["tags"][key] for r in rows if key in r["before"]["tags"]]
+        sets = [r for r in rows if r["patch"]["tags"][key] is not None]
+        assert per_key[f"tags.{key}"] == {
+            "set": len(sets), "added": len(sets) - len(held) if sets else 0,
+            "changed": len(held) if sets else 0,
+            "from_distinct_values": len(set(held)) if sets else 0,
+            "removed": len(rows) - len(sets), "renamed": {},
+        }, key
+    assert f"tags.legacy: removed on {per_key['tags.legacy']['removed']}" in proc.stdout
+    owner = per_key["tags.owner"]
+    assert (f"tags.owner: set on {owner['set']} (added on {owner['added']}; changed on "
+            f"{owner['changed']}, from {owner['from_distinct_values']} distinct values)"
+            ) in proc.stdout
     # someone else changes three of the planned images after the review
     changed = sorted(planned)[:3]
     for key in changed:

@@ -310,6 +310,7 @@ def format_plan(
     reasons: Mapping[str, int],
     samples: Sequence[tuple[str, str, dict[str, Any], dict[str, Any]]],
     more: int,
+    keys: Sequence[str] = (),
 ) -> str:
     """``bulk-tagger plan``'s output (no trailing newline).
 
@@ -317,7 +318,8 @@ def format_plan(
     targets by ``"<status>:<reason>"`` (e.g. ``"skipped:read-only tag"``), shown under that
     status; a key without a known status prefix is shown under "other reasons". ``samples``
     are ``(name, image_id, before, patch)`` shown with format_change; ``more`` is how many
-    changes were not shown.
+    changes were not shown; ``keys`` the changes in aggregate, a line a key
+    (``tally.KeyTally.lines``), shown before them.
     """
     grouped: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
     for key, n in reasons.items():
@@ -350,6 +352,8 @@ def format_plan(
         if grouped.get(status):
             pairs = sorted(grouped[status], key=lambda p: (-p[1], p[0]))
             lines += [f"{title}, by reason:", *_table(pairs, indent="    ")]
+    if keys:
+        lines += ["Changes per key:", *(f"  {line}" for line in keys)]
     if samples:
         lines.append("Changes:")
         lines += [format_change(*sample) for sample in samples]

@@ -49,6 +49,7 @@ from worker.pool import Pool, PoolSettings
 from worker.progress import Progress
 from worker.runlock import RunHeld, RunLock, held_message, is_held
 from worker.selectors import Expander, Shard
+from worker.tally import KeyTally
 
 log = get_logger("bulk_tagger.run")
 
@@ -109,6 +110,8 @@ class Runner:
     ) -> None:
         self.settings = settings
         self.kind = kind  # "run" | "plan" | "undo"
+        self.plans_only = kind == "plan" or settings.preview  # nothing is sent
+        self.keys = KeyTally()  # a plan's changes per key
         self.job = job
         self.parent_run_id = parent_run_id
         self.journal: Journal | None = None
@@ -431,8 +434,10 @@ class Runner:
             status, reason, detail, patch = plan.status, plan.reason, plan.detail, plan.patch
             before = image.state()
             name = image.name
-            if patch is not None and len(self.samples) < self.settings.plan_samples:
-                self.samples.append((name, image.id, before, patch))
+            if patch is not None and self.plans_only:
+                self.keys.add(before, patch)
+                if len(self.samples) < self.settings.plan_samples:
+                    self.samples.append((name, image.id, before, patch))
         if reason:
             self.plan_reasons[f"{status}:{reason}"] += 1
         journal.add_target(
@@ -454,11 +459,6 @@ class Runner:
         )
         async for target in expander.targets():
             self._record_plan(target)
-
-    @property
-    def plans_only(self) -> bool:
-        """A ``plan`` run, or an undo's preview: nothing is sent."""
-        return self.kind == "plan" or self.settings.preview
 
     def _expander(self, client: api.Client) -> Expander:
         """An expander that reads given images again (no job): another run's targets."""
@@ -644,6 +644,8 @@ class Runner:
             extra["parent_run_id"] = self.parent_run_id
         if self.settings.plan_run_id or self.settings.preview:
             extra.update(plan_run_id=self.settings.plan_run_id, preview=self.settings.preview)
+        if self.plans_only:
+            extra["changes_per_key"] = self.keys.as_json()
         if self.fatal is not None:
             extra["error"] = scrub(str(self.fatal))
         if self.client is not None:
@@ -675,7 +677,7 @@ class Runner:
             # counts from the journal: a target named twice is planned once
             text.append(report.format_plan(
                 counts, self.plan_reasons, self.samples,
-                max(0, counts.get("planned", 0) - len(self.samples)),
+                max(0, counts.get("planned", 0) - len(self.samples)), self.keys.lines(),
             ))
         if isinstance(self.fatal, BulkTaggerError) and not isinstance(self.fatal, ApiError):
             text.append(f"stopped: {scrub(str(self.fatal))}")

@@ -10,6 +10,7 @@ the state it was sent to), for any caller that has (before, patch) pairs.
 
 from __future__ import annotations
 
+import builtins
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ MESSAGES = 3
 MESSAGE_CHARS = 500
 #: past this many keys (or failure groups) the rest are counted together
 MAX_KEYS = 200
+#: distinct old values a key remembers (past it, the aggregate says "at least")
+MAX_VALUES = 1000
 
 
 def _obj(value: Any) -> dict[str, Any]:
@@ -39,10 +42,41 @@ class KeyCounts:
     set: int = 0
     removed: int = 0
     renamed: Counter[str] = field(default_factory=Counter)  # new key -> images
+    added: int = 0  # of ``set``: on images that had no such key (or field)
+    old_values: builtins.set[str] = field(default_factory=builtins.set)  # the others held
 
     @property
     def total(self) -> int:
         return self.set + self.removed + sum(self.renamed.values())
+
+    def setting(self, old: Any) -> None:
+        self.set += 1
+        if old is None:
+            self.added += 1
+        elif len(self.old_values) < MAX_VALUES:
+            self.old_values.add(str(old))
+
+    def describe(self) -> str:
+        """``set on 46 (added on 40; changed on 6, from 3 distinct values); removed on 2``."""
+        parts = []
+        if self.set:
+            changed = self.set - self.added
+            many = len(self.old_values)
+            values = f"{'at least ' if many >= MAX_VALUES else ''}{many:,} distinct value" + (
+                "" if many == 1 else "s")
+            detail = [f"added on {self.added:,}"] if self.added else []
+            if changed:
+                detail.append(f"changed on {changed:,}, from {values}")
+            parts.append(f"set on {self.set:,} ({'; '.join(detail)})")
+        if self.removed:
+            parts.append(f"removed on {self.removed:,}")
+        parts.extend(f"renamed to {new} on {n:,}" for new, n in self.renamed.most_common())
+        return "; ".join(parts)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"set": self.set, "added": self.added, "changed": self.set - self.added,
+                "from_distinct_values": len(self.old_values), "removed": self.removed,
+                "renamed": dict(self.renamed)}
 
 
 class KeyTally:
@@ -71,7 +105,7 @@ class KeyTally:
                 if value is None:
                     counts.removed += 1
                 else:
-                    counts.set += 1
+                    counts.setting(before.get(name))
             else:
                 self.other_keys += 1
 
@@ -96,12 +130,28 @@ class KeyTally:
             elif value is None:
                 counts.removed += 1
             else:
-                counts.set += 1
+                counts.setting(old.get(key))
 
     def rows(self) -> list[tuple[str, KeyCounts]]:
         """(key, counts) with any change, most changed first."""
         return sorted(((k, c) for k, c in self.keys.items() if c.total),
                       key=lambda kc: (-kc[1].total, kc[0]))
+
+    def lines(self) -> list[str]:
+        """A plan's changes in aggregate, a line a key: ``tags.owner: set on 46 (...)``."""
+        out = [f"{_shown(key)}: {counts.describe()}" for key, counts in self.rows()]
+        if self.other_keys:
+            out.append(f"and {self.other_keys:,} changes to further keys")
+        return out
+
+    def as_json(self) -> dict[str, Any]:
+        """The same, for ``summary.json`` (``changes_per_key``)."""
+        return {_shown(key): counts.as_json() for key, counts in self.rows()}
+
+
+def _shown(key: str) -> str:
+    """``field:ssh_key`` as ``ssh_key``, a tag key as ``tags.<key>``."""
+    return key.removeprefix("field:") if key.startswith("field:") else f"tags.{key}"
 
 
 @dataclass
