@@ -7,7 +7,8 @@ A small aiohttp server of the test's own (in a thread, so the CLI's peak RSS can
 - a body dripping one byte a second: no request outlives its deadline (the retry budget);
 - a ``count`` that lies while the offset is ignored: paging ends;
 - JSON nested 200,000 deep, tags that are not objects, a page of 5,000 images where 1,000
-  were asked: a clear stop (75), never 70;
+  were asked: a clear stop (75), never 70; the same in the answer to one image's PATCH: that
+  target fails (``bad_answer``), the others go on;
 - ids built to leave the URL path (``../../../../projects``, a task id ``../../evil?x=``):
   never sent, the image fails ``bad_id`` / ``bad_answer``; every path the server saw stayed
   under the images and tasks it serves;
@@ -91,6 +92,11 @@ class Hostile:
             return await self.list_page(request)
         if path.startswith(LIST + "/"):
             image = _image(request.match_info["tail"].rsplit("/", 1)[-1])
+            if self.mode == "answers" and image["id"] == "odd-1":  # tags that are not objects
+                return web.json_response({**image, "tags": ["owner", 7]})
+            if self.mode == "answers" and image["id"] == "deep-1":
+                return web.Response(body=b"[" * 200_000 + b"]" * 200_000,
+                                    content_type="application/json")
             if request.method == "PATCH":
                 image["tags"] = [{"key": k, "value": v}
                                  for k, v in (await request.json())["tags"].items()]
@@ -134,6 +140,9 @@ class Hostile:
         if mode == "tags":
             return web.json_response({"count": 2, "results": [
                 _image("ok-1"), _image("odd-1", tags=["owner", 7])]})
+        if mode == "answers":  # a fine list; the PATCH answers of two images are not
+            return web.json_response({"count": 3, "results": [
+                _image("ok-1"), _image("odd-1"), _image("deep-1")]})
         if mode == "names":
             return web.json_response({"count": len(NAMES), "results": [
                 _image(image_id, name=name) for image_id, name in NAMES.items()]})
@@ -255,6 +264,20 @@ def test_a_malformed_list_is_a_clear_stop_not_an_internal_error(
     (stop,) = [e for e in events if e["event"] == "run.bad_answer"]
     assert MALFORMED[hostile.mode] in stop["error"]
     assert hostile.count("PATCH") == 0
+
+
+@pytest.mark.parametrize("hostile", ["answers"], indirect=True)
+def test_a_malformed_answer_to_one_image_fails_that_target(
+    tmp_path: Path, job: Path, hostile: Hostile
+) -> None:
+    code, err, _ = run_measured(job, hostile, tmp_path / "state")
+    assert code == 1, err[-2000:]
+    assert "internal error" not in err
+    (run_dir,) = run_dirs(tmp_path / "state")
+    by_id = {r["image_id"]: (r["status"], r["reason"]) for r in results(run_dir)}
+    assert by_id == {"ok-1": ("updated", None), "odd-1": ("failed", "bad_answer"),
+                     "deep-1": ("failed", "bad_answer")}
+    assert hostile.count("PATCH") == 3  # each once: a bad answer is not retried
 
 
 @pytest.mark.parametrize("hostile", ["ids"], indirect=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import run_cli, write_job
+from worker.cli import main
 from worker.selectors import _Stage
 
 JOB = {
@@ -228,3 +229,14 @@ def test_a_selector_file_id_that_is_no_path_segment_is_refused(
     refused = run_cli("validate", path)
     assert refused.returncode == 2, refused.stderr
     assert "rows.csv:2: image_id:" in refused.stderr and "is not an image ID" in refused.stderr
+
+
+def test_a_nul_in_an_argument_is_a_plain_exit_2(
+    tmp_path: Path, job: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # argv cannot carry a NUL across exec: the CLI's own entry point is called in-process
+    with pytest.raises(SystemExit) as ended:
+        main(["plan", str(job), *SIM, "--state-dir", f"{tmp_path}/st\0ate"])
+    assert ended.value.code == 2
+    err = capsys.readouterr().err
+    assert "NUL character" in err and "internal error" not in err
