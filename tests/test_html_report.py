@@ -4,14 +4,21 @@ real headless browser with the network off (tests/browser.py), and the page's pa
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from tests.browser import Browser
 from tests.helpers import results, run_cli, run_dirs, summary, write_job
 from worker import timeline
 from worker.simulator import SimulatorThread
+from worker.svgchart import Bins, requests_chart
 from worker.tally import KeyTally, Tally
+from worker.timeline import Timeline
 
 XSS = "<script>alert(1)</script>"
 CANARY = "canary-key-7f3a9c1e"
@@ -102,6 +109,7 @@ def test_the_page_in_a_real_browser(sim_thread: SimulatorThread, tmp_path: Path)
     assert "public images cannot be modified" in text  # the API's message
     assert all(r["image_id"] in text for r in failed)  # fewer than 100: every one listed
     assert "to owner" in text and "managed-by" in text  # the changes per key
+    assert "rate ceiling" in text and "2.0 req/s" in text  # --rate 2
     assert values["width"] <= 1000  # nothing wider than the window (a phone scrolls tables)
 
 
@@ -131,6 +139,57 @@ def test_undo_and_resumed_runs_say_what_they_are(
     assert "The per-target record is not available" in page.stdout
     assert '<svg xmlns="http://www.w3.org/2000/svg"' in page.stdout
     assert "Exit code 1</b>" in page.stdout
+
+
+def test_a_resumed_run_counts_both_processes(
+    sim_thread: SimulatorThread, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    job = _job(tmp_path)
+    args = ["run", str(job), "--base-url", sim_thread.url, "--state-dir", str(state),
+            "--run-id", "twice"]
+    env = {**os.environ, "GCORE_API_KEY": "k"}
+    first = subprocess.Popen([sys.executable, "-m", "worker", *args, "--rate", "10",
+                              "--grace-seconds", "0.5"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(2.5)  # planned, some PATCHes sent: 10 requests a second
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(30) == 75
+    proc = run_cli(*args, "--resume")
+    assert proc.returncode == 1, proc.stderr
+    run = summary(state / "twice")
+    assert run["processes"] == 2
+    seconds = list(timeline.read(state / "twice" / "journal.sqlite"))
+    assert sum(r[1] for r in seconds) == run["requests"]["total"]  # both processes' requests
+    page = run_cli("report", "twice", "--state-dir", state, "--format", "html").stdout
+    assert "<td>processes</td><td>2 (resumed 1x;" in page
+
+
+def test_a_long_run_is_drawn_in_bins_and_gaps_stay_empty() -> None:
+    """3 hours of seconds (one missing stretch between two processes): at most 600 bins."""
+    rows = [(t, 10, 1, 0, 2, 0, 9.5) for t in range(1000, 1000 + 10_800) if not 5000 <= t < 6000]
+    bins = Bins.of(rows)
+    assert bins is not None and bins.seconds == 10_800 and bins.per == 18
+    assert len(bins.sent) == 600 and bins.sent[0] == 10.0
+    empty = (5000 - 1000) // 18 + 1  # a bin inside the gap
+    assert bins.sent[empty] == 0 and bins.rate[empty] is None
+    svg = requests_chart(bins, 12.0)
+    assert svg.count('<g class="bin">') == 600 and svg.count('<g class="bin"></g>') >= 50
+    assert 'data-seconds="10800"' in svg and 'stroke-dasharray="6 4"' in svg  # the ceiling
+
+
+def test_the_timeline_keeps_each_seconds_growth() -> None:
+    clock = [100.2]
+    totals = [(0, 0, 0, 0, 0)]
+    line = Timeline(lambda: (totals[0], 50.0), clock=lambda: clock[0])
+    totals[0] = (7, 1, 0, 1, 0)
+    assert line.take() == []  # the second is not over
+    clock[0] = 101.05
+    assert line.take() == [(100, 7, 1, 0, 1, 0, 50.0)]
+    totals[0] = (12, 1, 1, 2, 1)
+    clock[0] = 103.4  # a late wake-up: the growth goes to the second it began in
+    assert line.take() == [(101, 5, 0, 1, 1, 1, 50.0)]
+    assert line.take(final=True) == [(103, 0, 0, 0, 0, 0, 50.0)]
 
 
 def test_a_bad_run_id_writes_no_file(tmp_path: Path) -> None:
