@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import results, run_cli, run_dirs, write_job
+from tests.helpers import results, run_cli, run_dirs, summary, write_job
 from worker.errors import JobError
 from worker.models import Changes, Image, RunContext
 from worker.plan import apply_patch, plan_changes
@@ -165,6 +165,8 @@ def test_the_new_language_through_the_cli(tmp_path: Path) -> None:
                 "set_tags": {"who": "{tags.owner|unknown}", "osv": "{image.os_version|none}"},
             },
         })
+        plan = run_cli("plan", job, "--base-url", thread.url, "--state-dir", tmp_path / "p")
+        assert plan.returncode == 0, plan.stdout + plan.stderr
         proc = run_cli("run", job, "--base-url", thread.url, "--state-dir", tmp_path / "s")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         after = {image["id"]: image for image in thread.call(thread.sim.images)}
@@ -189,5 +191,10 @@ def test_the_new_language_through_the_cli(tmp_path: Path) -> None:
         else:
             assert tags(after[image_id]) == held
     assert chosen
+    # the plan says, per key, on how many images add_tags kept a value held
+    kept = sum(1 for i in chosen if tags(before[i]).get("owner", "nobody") != "nobody")
+    assert kept and f"kept on {kept} (add_tags: the image holds another value)" in plan.stdout
+    (plan_dir,) = run_dirs(tmp_path / "p")
+    assert summary(plan_dir)["changes_per_key"]["tags.owner"]["kept"] == kept
     (run_dir,) = run_dirs(tmp_path / "s")
     assert {r["image_id"] for r in results(run_dir)} == chosen

@@ -93,7 +93,7 @@ def test_an_apply_sends_exactly_the_plan_and_skips_what_changed_since(
             "set": len(sets), "added": len(sets) - len(held) if sets else 0,
             "changed": len(held) if sets else 0,
             "from_distinct_values": len(set(held)) if sets else 0,
-            "removed": len(rows) - len(sets), "renamed": {},
+            "removed": len(rows) - len(sets), "renamed": {}, "kept": 0,
         }, key
     assert f"tags.legacy: removed on {per_key['tags.legacy']['removed']}" in proc.stdout
     owner = per_key["tags.owner"]

@@ -434,9 +434,9 @@ class Runner:
             status, reason, detail, patch = plan.status, plan.reason, plan.detail, plan.patch
             before = image.state()
             name = image.name
-            if patch is not None and self.plans_only:
-                self.keys.add(before, patch)
-                if len(self.samples) < self.settings.plan_samples:
+            if self.plans_only:
+                self.keys.add(before, patch or {}, kept=target.changes.add_tags)
+                if patch is not None and len(self.samples) < self.settings.plan_samples:
                     self.samples.append((name, image.id, before, patch))
         if reason:
             self.plan_reasons[f"{status}:{reason}"] += 1

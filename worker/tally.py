@@ -44,6 +44,7 @@ class KeyCounts:
     renamed: Counter[str] = field(default_factory=Counter)  # new key -> images
     added: int = 0  # of ``set``: on images that had no such key (or field)
     old_values: builtins.set[str] = field(default_factory=builtins.set)  # the others held
+    kept: int = 0  # add_tags: images whose key holds another value, left as it is
 
     @property
     def total(self) -> int:
@@ -71,12 +72,14 @@ class KeyCounts:
         if self.removed:
             parts.append(f"removed on {self.removed:,}")
         parts.extend(f"renamed to {new} on {n:,}" for new, n in self.renamed.most_common())
+        if self.kept:
+            parts.append(f"kept on {self.kept:,} (add_tags: the image holds another value)")
         return "; ".join(parts)
 
     def as_json(self) -> dict[str, Any]:
         return {"set": self.set, "added": self.added, "changed": self.set - self.added,
                 "from_distinct_values": len(self.old_values), "removed": self.removed,
-                "renamed": dict(self.renamed)}
+                "renamed": dict(self.renamed), "kept": self.kept}
 
 
 class KeyTally:
@@ -96,7 +99,18 @@ class KeyTally:
             counts = self.keys[key] = KeyCounts()
         return counts
 
-    def add(self, before: Mapping[str, Any], patch: Mapping[str, Any]) -> None:
+    def add(self, before: Mapping[str, Any], patch: Mapping[str, Any],
+            kept: Mapping[str, str] | None = None) -> None:
+        """One image's change; ``kept``: its ``add_tags``, a key of which the image holds
+        with another value (and the patch leaves) is counted ``kept``."""
+        if kept:
+            tags, sent = before.get("tags") or {}, patch.get("tags") or {}
+            for key, value in kept.items():
+                if (tags.get(key, value) != value and key not in sent
+                        and (counts := self._counts(key)) is not None):
+                    counts.kept += 1
+        if not patch:
+            return
         self.images += 1
         for name, value in patch.items():
             if name == "tags" and isinstance(value, Mapping):
@@ -134,7 +148,7 @@ class KeyTally:
 
     def rows(self) -> list[tuple[str, KeyCounts]]:
         """(key, counts) with any change, most changed first."""
-        return sorted(((k, c) for k, c in self.keys.items() if c.total),
+        return sorted(((k, c) for k, c in self.keys.items() if c.total or c.kept),
                       key=lambda kc: (-kc[1].total, kc[0]))
 
     def lines(self) -> list[str]:
