@@ -1,7 +1,7 @@
 """What the worker does not take on trust (README: threat model).
 
 - Ids that go into a URL path: an image id is 1 to 128 characters of a safe alphabet (never
-  ``.`` or ``..``), a task id a UUID; each path segment is quoted all the same.
+  ``.`` or ``..``; none that a URL path would quote), a task id a UUID.
 - Run ids name a folder: one path segment of a safe alphabet, at most 128 characters.
 - The state folder: one writable by every user is refused; a run folder or journal that is a
   symlink, or that belongs to another user, is refused; nothing inside is followed.
@@ -15,7 +15,6 @@ import os
 import re
 import stat
 from pathlib import Path
-from urllib.parse import quote
 
 from worker.errors import JobError
 
@@ -37,11 +36,6 @@ def image_id_problem(image_id: object) -> str | None:
 
 def is_task_id(task_id: object) -> bool:
     return isinstance(task_id, str) and UUID.fullmatch(task_id) is not None
-
-
-def segment(value: str | int) -> str:
-    """One URL path segment, quoted (a "/" or "?" in it stays inside it)."""
-    return quote(str(value), safe="")
 
 
 # -- run ids and the state folder ----------------------------------------------------------------
