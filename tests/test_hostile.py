@@ -147,9 +147,10 @@ class Hostile:
             return web.json_response({"count": len(NAMES), "results": [
                 _image(image_id, name=name) for image_id, name in NAMES.items()]})
         if mode == "ids":
-            return web.json_response({"count": 3, "results": [
+            return web.json_response({"count": 4, "results": [
                 _image("../../../../projects"), _image("good-1"),
-                _image("locked-1", task_id="../../../../evil?x=")]})
+                _image("locked-1", task_id="../../../../evil?x="),
+                _image("locked-2", task_id={"not": "text"})]})
         raise AssertionError(mode)
 
 
@@ -287,8 +288,8 @@ def test_ids_that_would_leave_the_url_path_are_never_sent(
     code, err, _ = run_measured(job, hostile, tmp_path / "state")
     assert code == 1, err[-2000:]
     allowed = ("GET /cloud/v1/projects", "GET /cloud/v1/regions", f"GET {LIST}?",
-               f"GET {LIST}/good-1", f"PATCH {LIST}/good-1", f"GET {LIST}/locked-1",
-               f"PATCH {LIST}/locked-1")
+               f"GET {LIST}/good-1", f"PATCH {LIST}/good-1", f"GET {LIST}/locked-",
+               f"PATCH {LIST}/locked-")
     strays = [line for line in hostile.seen if not line.startswith(allowed)]
     assert not strays, strays
     assert hostile.count(f"PATCH {LIST}/good-1") == 1
@@ -297,9 +298,10 @@ def test_ids_that_would_leave_the_url_path_are_never_sent(
     assert by_id["good-1"]["status"] == "updated"
     assert (by_id["../../../../projects"]["status"], by_id["../../../../projects"]["reason"]) \
         == ("failed", "bad_id")
-    assert by_id["locked-1"]["status"] == "failed", by_id["locked-1"]
-    assert by_id["locked-1"]["reason"] == "bad_answer"
-    assert "not a UUID" in by_id["locked-1"]["error"]
+    for locked in ("locked-1", "locked-2"):
+        assert by_id[locked]["status"] == "failed", by_id[locked]
+        assert by_id[locked]["reason"] == "bad_answer"
+        assert "not a UUID" in by_id[locked]["error"]
 
 
 

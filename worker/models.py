@@ -103,7 +103,7 @@ class Image:
             name=str(data.get("name") or ""),
             tags=tags,
             read_only=frozenset(read_only),
-            task_id=data.get("task_id") or None,
+            task_id=str(data["task_id"]) if data.get("task_id") else None,
             raw=data if type(data) is dict else dict(data),
         )
 
