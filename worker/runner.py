@@ -234,13 +234,10 @@ class Runner:
             except (SafetyLimit, CircuitOpen) as exc:
                 self.fatal = exc
                 code = exc.exit_code
-            except BadAnswer as exc:  # a list read the API answered with what is not a list
+            except ApiError as exc:  # a read unreachable past the retry budget, or unusable
                 self.fatal = exc
-                log.error("run.bad_answer", status=exc.status, error=exc.message)
-                code = ExitCode.INTERRUPTED
-            except ApiError as exc:  # a read that stayed unreachable past the retry budget
-                self.fatal = exc
-                log.error("run.api_unreachable", status=exc.status, error=exc.message)
+                event = "run.bad_answer" if isinstance(exc, BadAnswer) else "run.api_unreachable"
+                log.error(event, status=exc.status, error=exc.message)
                 code = ExitCode.INTERRUPTED
             except JobError:
                 await self.journal.stop_writer()
