@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import threading
@@ -33,7 +34,7 @@ from tests.test_resume import (
     the_run,
     wait_until,
 )
-from worker.runlock import is_held
+from worker.runlock import RunHeld, RunLock, is_held
 from worker.simulator import SimulatorThread
 
 fresh_sim = test_resume.fresh_sim  # the fixture, shared
@@ -133,7 +134,9 @@ def test_two_resumes_at_once_one_works_the_run_the_other_refuses(
     assert took <= 2.0, f"the refused process took {took:.2f} s"
     print(f"refused after {took:.2f} s")
     err = loser.err.read_text()
-    assert f"run {run_dir.name} is locked" in err and f"pid {winner.proc.pid}" in err, err
+    assert f"the latest unfinished run of this job, {run_dir.name}, is locked" in err, err
+    assert f"pid {winner.proc.pid} on {socket.gethostname()} since 20" in err, err
+    assert "No parallel new run was started" in err
     assert "Traceback" not in err
     assert winner.running(), "the other works the run meanwhile"
     assert winner.wait() == 0, winner.text()
@@ -193,3 +196,20 @@ def test_a_sigkilled_holder_releases_the_run(
     print(f"simulator {sum(served.values())}, summary {done['requests']['total']}")
     assert 0 <= missing <= CONCURRENCY + 10, (served, done["requests"])
     assert done["requests"]["list"] == served["list"], "the plan's reads, all journalled"
+
+
+def test_the_lock_lives_on_an_open_file_and_a_probe_never_drops_it(tmp_path: Path) -> None:
+    run_dir = tmp_path / "r1"
+    run_dir.mkdir()
+    assert is_held(run_dir) is None and not (run_dir / "run.lock").exists(), "creates nothing"
+    lock = RunLock.acquire(run_dir, run_id="r1", command="bulk-tagger run --resume")
+    for _ in range(2):  # the probe opens and closes the file: the holder keeps its lock
+        holder = is_held(run_dir)
+        assert holder is not None and holder.pid == os.getpid()
+        assert holder.command == "bulk-tagger run --resume"
+    with pytest.raises(RunHeld, match=rf"run r1 is locked: .*pid {os.getpid()} on "):
+        RunLock.acquire(run_dir, run_id="r1")
+    assert (run_dir / "run.lock").stat().st_mode & 0o777 == 0o600
+    lock.release()
+    assert is_held(run_dir) is None
+    RunLock.acquire(run_dir, run_id="r1").release()

@@ -111,7 +111,9 @@ class RunLock:
         self._fh: IO[bytes] | None = fh
 
     @classmethod
-    def acquire(cls, run_dir: Path, *, run_id: str, command: str = "") -> RunLock:
+    def acquire(
+        cls, run_dir: Path, *, run_id: str, command: str = "", latest: bool = False
+    ) -> RunLock:
         """Take ``run_dir``'s lock (the folder must exist) or raise ``RunHeld`` at once."""
         path = run_dir / LOCK_NAME
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
@@ -119,7 +121,7 @@ class RunLock:
         try:
             if not _try_lock(fh):
                 holder = _read_holder(path)
-                raise RunHeld(held_message(run_id, holder))
+                raise RunHeld(held_message(run_id, holder, latest=latest))
             fh.truncate(0)
             fh.write(orjson.dumps({
                 "pid": os.getpid(), "host": socket.gethostname(),
@@ -142,10 +144,13 @@ class RunLock:
             fh.close()
 
 
-def held_message(run_id: str, holder: Holder) -> str:
-    """What a refused process says, in the way Terraform's state-lock error reads."""
+def held_message(run_id: str, holder: Holder, *, latest: bool = False) -> str:
+    """What a refused process says, in the way Terraform's state-lock error reads (``latest``:
+    ``--resume`` found the run itself, and starts no parallel one beside it)."""
+    which = f"the latest unfinished run of this job, {run_id}," if latest else f"run {run_id}"
+    parallel = " No parallel new run was started." if latest else ""
     return (
-        f"run {run_id} is locked: another process works it: {holder.describe()}. Nothing was "
+        f"{which} is locked: another process works it: {holder.describe()}.{parallel} Nothing was "
         "sent. The lock protects the run's journal from two writers and the API from twice "
         "the rate; it is let go the moment its holder ends, even when killed. Wait for that "
         "process to end, then `--resume` continues what is left; or stop it (SIGTERM) if it "

@@ -300,7 +300,7 @@ class Runner:
                     )
                 # taken before anything is written or sent: a second --resume of the same
                 # run refuses here (exit 75) instead of starting a parallel new run
-                self._lock_run(found)
+                self._lock_run(found, latest=run_id is None)
                 finished = read_run_info(settings.state_dir / found).get("exit_code")
                 if run_id is None and finished not in (None, ExitCode.INTERRUPTED):
                     self._release()  # its holder finished it meanwhile: the next is new
@@ -363,10 +363,10 @@ class Runner:
         statevol.check_space(self.settings.state_dir, targets=targets,
                              bytes_per_target=bytes_per_target, held=held)
 
-    def _lock_run(self, run_id: str) -> None:
+    def _lock_run(self, run_id: str, *, latest: bool = False) -> None:
         command = f"bulk-tagger {self.kind}" + (" --resume" if self.settings.resume else "")
         self.run_lock = RunLock.acquire(
-            self.settings.state_dir / run_id, run_id=run_id, command=command
+            self.settings.state_dir / run_id, run_id=run_id, command=command, latest=latest
         )
 
     def _prune(self) -> None:
