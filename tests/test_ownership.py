@@ -123,24 +123,37 @@ def test_two_resumes_at_once_one_works_the_run_the_other_refuses(
     args = ["run", job, "--state-dir", state, "--resume", "--grace-seconds", "5"]
     a = Cli.start(tmp_path, "a", *args, "--base-url", relay_a.url)
     b = Cli.start(tmp_path, "b", *args, "--base-url", relay_b.url)
-    started = time.monotonic()
-    # the one that lost: exits 75 within 2 s of its start, naming the holder
-    while a.running() and b.running():
-        assert time.monotonic() - started < 30, a.text() + b.text()
-        time.sleep(0.01)
-    took = time.monotonic() - started
-    loser, winner, lost_relay = (a, b, relay_a) if not a.running() else (b, a, relay_b)
-    assert loser.wait() == 75, loser.text()
-    assert took <= 2.0, f"the refused process took {took:.2f} s"
-    print(f"refused after {took:.2f} s")
-    err = loser.err.read_text()
-    assert f"the latest unfinished run of this job, {run_dir.name}, is locked" in err, err
-    assert f"pid {winner.proc.pid} on {socket.gethostname()} since 20" in err, err
-    assert "No parallel new run was started" in err
-    assert "Traceback" not in err
-    assert winner.running(), "the other works the run meanwhile"
-    assert winner.wait() == 0, winner.text()
+    try:
+        started = time.monotonic()
+        # the one that lost: exits 75 within 2 s of its start, naming the holder
+        while a.running() and b.running():
+            assert time.monotonic() - started < 30, a.text() + b.text()
+            time.sleep(0.01)
+        took = time.monotonic() - started
+        loser, winner, lost_relay = (a, b, relay_a) if not a.running() else (b, a, relay_b)
+        assert loser.wait() == 75, loser.text()
+        err = loser.err.read_text()
+        assert f"the latest unfinished run of this job, {run_dir.name}, is locked" in err, err
+        assert f"pid {winner.proc.pid} on {socket.gethostname()} since 20" in err, err
+        assert "No parallel new run was started" in err
+        assert "Traceback" not in err
+        assert winner.running(), "the other works the run meanwhile"
+        assert winner.wait() == 0, winner.text()
+    finally:
+        for cli in (a, b):
+            if cli.running():
+                cli.proc.kill()
+                cli.proc.wait()
     assert lost_relay.connections == 0 and lost_relay.bytes_in == 0, "it sent nothing"
+    # 2 s, or on a box too loaded for that: no longer than two start-ups side by side that
+    # refuse at once (a job file that is not there) plus 1 s
+    startup = time.monotonic()
+    pair = [Cli.start(tmp_path, f"startup{i}", "run", tmp_path / "missing.yaml",
+                      "--state-dir", state) for i in (1, 2)]
+    assert [cli.wait() for cli in pair] == [2, 2]
+    startup = time.monotonic() - startup
+    print(f"refused after {took:.2f} s (a start-up that fails at once: {startup:.2f} s)")
+    assert took <= max(2.0, startup + 1.0), f"the refused process took {took:.2f} s"
 
     assert the_run(state) == run_dir, "no parallel new run"
     rows = results(run_dir)
