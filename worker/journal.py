@@ -10,7 +10,9 @@ are idempotent). No target with a committed outcome is sent again.
 Tables: ``run`` (one row: the job, its hash, options, times, exit code, summary),
 ``targets`` (every planned target: where, what the plan said, the state before, the patch,
 the changes for re-planning) and ``outcomes`` (how each target ended). A target without an
-outcome is pending; ``iter_results`` reports it as ``planned``.
+outcome is pending; ``iter_results`` reports it as ``planned``. Once the run has finished
+and its results.jsonl.gz is written, ``compact`` drops ``targets`` and ``outcomes``; the
+reads then come from that file (``worker/record.py``).
 
 Files: the run folder is made 0700 and the journal 0600 before SQLite opens it (its ``-wal``
 and ``-shm`` files take the journal's mode). The connection is shared by the event loop's

@@ -73,7 +73,11 @@ def _entry(child: Path) -> RunEntry | None:
     if child.is_symlink() or not child.is_dir():
         return None
     info = read_run_info(child)
-    if not info or not info.get("started_at"):
+    try:  # a run row without a readable start is not a run this module counts or deletes
+        parse_time(str(info["started_at"]))
+        if info.get("finished_at"):
+            parse_time(str(info["finished_at"]))
+    except (KeyError, TypeError, ValueError):
         return None
     summary: dict[str, Any] = info["summary"] if isinstance(info.get("summary"), dict) else {}
     counts = {str(k): int(v) for k, v in (summary.get("counts") or {}).items() if v}

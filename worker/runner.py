@@ -377,7 +377,7 @@ class Runner:
         try:
             result = retention.prune(self.settings.state_dir, older_than=timedelta(days=days),
                                      now=self.settings.clock(), exclude=self.run_id)
-        except OSError as exc:  # retention must never stop a run
+        except (OSError, ValueError) as exc:  # retention must never stop a run
             log.warning("retention.failed", error=str(exc))
             return
         if result.pruned or result.kept:
