@@ -678,9 +678,9 @@ class Runner:
             ))
         if isinstance(self.fatal, BulkTaggerError) and not isinstance(self.fatal, ApiError):
             text.append(f"stopped: {scrub(str(self.fatal))}")
-        text += [report.format_summary(summary),
-                 f"report: {run_dir} (results.jsonl.gz, summary.json; `bulk-tagger report "
-                 f"{self.run_id} --format jsonl|csv|json` prints them)"]
+        text += [report.format_summary(summary), f"report: {run_dir}",
+                 f"  results.jsonl.gz and summary.json there; `bulk-tagger report "
+                 f"{self.run_id} --format jsonl|csv|json` prints them"]
         out = self.settings.out
         out.write("".join(safety.printable(line, newlines=True) + "\n" for line in text))
         out.flush()
