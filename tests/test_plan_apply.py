@@ -72,13 +72,19 @@ def cli(sim: SimulatorThread, state: Path, *args: str | Path) -> Any:
     return run_cli(*args, "--base-url", sim.url, "--state-dir", state)
 
 
-def test_an_apply_sends_exactly_the_plan_and_skips_what_changed_since(
-    sim: SimulatorThread, tmp_path: Path
-) -> None:
+def plan_job(sim: SimulatorThread, tmp_path: Path) -> tuple[Path, Path, Any]:
+    """(state folder, job file, the plan's process) of ``bulk-tagger plan`` on JOB."""
     state = tmp_path / "state"
     job = write_job(tmp_path, JOB)
     proc = cli(sim, state, "plan", job)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return state, job, proc
+
+
+def test_an_apply_sends_exactly_the_plan_and_skips_what_changed_since(
+    sim: SimulatorThread, tmp_path: Path
+) -> None:
+    state, job, proc = plan_job(sim, tmp_path)
     plan_id = run_id_of(proc.stdout)
     planned = {key_of(r): r for r in results(state / plan_id) if r["status"] == "planned"}
     assert len(planned) > 20
@@ -149,10 +155,7 @@ def test_an_apply_sends_exactly_the_plan_and_skips_what_changed_since(
 def test_a_plan_of_another_job_version_age_or_shard_is_refused(
     sim: SimulatorThread, tmp_path: Path
 ) -> None:
-    state = tmp_path / "state"
-    job = write_job(tmp_path, JOB)
-    proc = cli(sim, state, "plan", job)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    state, job, proc = plan_job(sim, tmp_path)
     plan_id = run_id_of(proc.stdout)
     sim.call(sim.sim.reset_counters)
 
