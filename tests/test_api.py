@@ -15,7 +15,14 @@ from aiohttp import web
 
 from tests.helpers import NoLimiter
 from worker import spec
-from worker.api import Client, Settings, check_base_url, classify, retry_after_seconds
+from worker.api import (
+    Client,
+    NoAnswer,
+    Settings,
+    check_base_url,
+    classify,
+    retry_after_seconds,
+)
 from worker.errors import (
     AuthFailed,
     JobError,
@@ -310,7 +317,8 @@ async def test_a_slow_answer_times_out_on_sock_read(sim_factory: SimFactory) -> 
         with pytest.raises(Transient) as exc:
             await client.get_image(1337, 7, "whatever")
     assert time.monotonic() - started < 1.5
-    assert exc.value.status is None and "Timeout" in exc.value.message
+    assert exc.value.status is None and "did not answer in time" in exc.value.message
+    assert isinstance(exc.value, NoAnswer) and exc.value.cause == "timeout"
 
 
 async def test_a_2xx_that_is_not_json_is_transient(scripted: Scripted) -> None:
@@ -326,6 +334,7 @@ async def test_an_unreachable_server_is_transient() -> None:
         with pytest.raises(Transient) as exc:
             await client.get_image(1337, 7, "img-1")
     assert exc.value.status is None
+    assert "connection refused by 127.0.0.1:9" in exc.value.message
     assert client.last_ok is None
 
 

@@ -131,7 +131,7 @@ def test_the_key_is_in_no_byte_written(tmp_path: Path, sim: SimulatorThread) -> 
     assert wrong.returncode == 4, (tmp_path / "wrong.err").read_text()[-3000:]
     assert "run.auth_failed" in (tmp_path / "wrong.err").read_text()
 
-    # no API at all: connection errors past the retry budget (exception texts), exit 75
+    # no API at all: the probe's connection error (exception texts), exit 75
     quick = tmp_path / "quick"
     quick.mkdir()
     (quick / "rows.csv").write_text((tmp_path / "rows.csv").read_text())
@@ -144,9 +144,11 @@ def test_the_key_is_in_no_byte_written(tmp_path: Path, sim: SimulatorThread) -> 
     assert down.returncode == 75, (tmp_path / "down.err").read_text()[-3000:]
 
     files = assert_absent(tmp_path, CANARY, WRONG)
-    # four run folders (journal, results.jsonl.gz and what it holds, summary), the plain
-    # exports of one, and the five commands' stdout/stderr
-    assert files >= 4 * 4 + 2 + 5 * 2
+    # two run folders (journal, results.jsonl.gz and what it holds, summary; a refused key and
+    # no API end at the probe, before a run is made), the plain exports of one, and the five
+    # commands' stdout/stderr
+    assert len([p for p in state.iterdir() if p.is_dir()]) == 2
+    assert files >= 2 * 4 + 2 + 5 * 2
 
 
 def test_the_staging_file_of_a_killed_plan_holds_no_key(

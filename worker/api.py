@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -66,6 +67,47 @@ MAX_BODY = 10 * 1024 * 1024
 #: The most JSON values an answer may hold (a bound on the memory its parsed form takes: a
 #: page of 1,000 images holds about 40,000).
 MAX_ITEMS = 1_000_000
+
+#: the probe's budget: connect and read timeouts of its one request (seconds)
+PROBE_TIMEOUT_S = 5.0
+#: the API's own root paths: the probe reads the first, ``projects: all`` the second
+REGIONS_PATH = "/cloud/v1/regions"
+PROJECTS_PATH = "/cloud/v1/projects"
+
+
+class NoAnswer(Transient):
+    """No HTTP answer came: ``cause`` is ``refused``, ``dns``, ``dns_unknown`` (the name does
+    not exist), ``tls``, ``timeout`` or ``lost``; the message names the host and what happened."""
+
+    def __init__(self, message: str, *, cause: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+def no_answer(exc: BaseException, method: str, url: str) -> NoAnswer:
+    """What went wrong, in words, for an attempt that got no HTTP answer."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    where = f"{host}:{parts.port}" if parts.port else host
+    request = f"{method} {parts.path}"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        errno = getattr(exc.os_error, "errno", None)
+        unknown = errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME))
+        why = getattr(exc.os_error, "strerror", None) or str(exc.os_error)
+        return NoAnswer(f"{request}: cannot resolve host {host} ({why})",
+                        cause="dns_unknown" if unknown else "dns")
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return NoAnswer(f"{request}: the TLS handshake with {where} failed ({exc.os_error})",
+                        cause="tls")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return NoAnswer(f"{request}: connection refused by {where} (nothing listens there)",
+                            cause="refused")
+        why = exc.os_error.strerror or type(exc.os_error).__name__
+        return NoAnswer(f"{request}: cannot connect to {where} ({why})", cause="lost")
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return NoAnswer(f"{request}: {where} did not answer in time (timeout)", cause="timeout")
+    return NoAnswer(f"{request}: connection to {where} lost ({type(exc).__name__})", cause="lost")
 
 
 def _loads(raw: bytes | bytearray) -> Any:
@@ -284,7 +326,8 @@ class Client:
             yield cls(session, base_url, limiter)
 
     async def _request(
-        self, method: str, kind: str, path: str, *, params: Any = None, body: Any = None
+        self, method: str, kind: str, path: str, *, params: Any = None, body: Any = None,
+        deadline: aiohttp.ClientTimeout | None = None,
     ) -> Any:
         if self.refused is not None:
             raise self._refusal()
@@ -302,6 +345,7 @@ class Client:
                 data=None if body is None else orjson.dumps(body),
                 headers=_JSON_BODY if body is not None else None,
                 allow_redirects=False,
+                timeout=self.session.timeout if deadline is None else deadline,
             ) as resp:
                 status = resp.status
                 raw = await _read_capped(resp)
@@ -330,7 +374,7 @@ class Client:
             ) from None
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             self.counts.transient += 1
-            raise Transient(f"{type(exc).__name__}: connection lost or timed out") from None
+            raise no_answer(exc, method, self.base_url + path) from None
         if isinstance(error, RateLimited):
             self.counts.rate_limited += 1
             self.limiter.throttled(sent)
@@ -345,12 +389,50 @@ class Client:
         return AuthFailed(self.refused.message, status=self.refused.status)
 
     # -- reads -----------------------------------------------------------------------------
+    async def probe(self, timeout_s: float = PROBE_TIMEOUT_S) -> list[dict[str, Any]] | None:
+        """The run's first request: the regions list, once, within ``timeout_s``.
+
+        Returns the regions, or None where the API answered but could not say (a 429 or
+        5xx: the run's own retries take it from there). Raises ``JobError`` (exit 2) where
+        the base URL is wrong: a 404 or a redirect on the API's own root path, an answer
+        that is not the API's JSON, a host name that does not exist, an untrusted
+        certificate. Raises ``NoAnswer`` (refused, timeout, a DNS failure that may pass)
+        and ``AuthFailed`` as they come. Nothing is retried here.
+        """
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=timeout_s, sock_connect=timeout_s, sock_read=timeout_s
+        )
+        url = self.base_url + REGIONS_PATH
+        hint = f"the base URL must be the API's root (e.g. {DEFAULT_BASE_URL}), not a page under it"
+        try:
+            data = await self._request("GET", "regions", REGIONS_PATH, deadline=timeout)
+        except NoAnswer as exc:
+            if exc.cause in ("dns_unknown", "tls"):
+                raise JobError(exc.message, field="--base-url",
+                               hint="check the host name and scheme (nothing was sent)") from None
+            raise
+        except NotFound:
+            raise JobError(f"GET {url} answered 404: there is no Gcore API at this base URL",
+                           field="--base-url", hint=hint) from None
+        except (Rejected, BadAnswer) as exc:
+            raise JobError(f"GET {url} answered {exc.message}", field="--base-url",
+                           hint=hint) from None
+        except (RateLimited, Transient) as exc:
+            if exc.status == 200:  # an answer, but not JSON: a web page, not the API
+                raise JobError(f"GET {url} answered 200 with a body that is not JSON",
+                               field="--base-url", hint=hint) from None
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+            raise JobError(f"GET {url} did not answer with the API's JSON (a list of regions)",
+                           field="--base-url", hint=hint)
+        return list(data["results"])
+
     async def list_projects(self) -> list[dict[str, Any]]:
-        data = await self._request("GET", "projects", "/cloud/v1/projects")
+        data = await self._request("GET", "projects", PROJECTS_PATH)
         return _objects(data.get("results", []) if isinstance(data, dict) else [])
 
     async def list_regions(self) -> list[dict[str, Any]]:
-        data = await self._request("GET", "regions", "/cloud/v1/regions")
+        data = await self._request("GET", "regions", REGIONS_PATH)
         return _objects(data.get("results", []) if isinstance(data, dict) else [])
 
     async def list_images(

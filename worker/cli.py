@@ -29,7 +29,7 @@ from worker.errors import BulkTaggerError, ExitCode, JobError
 
 if TYPE_CHECKING:
     from worker.report import ReportFormat
-    from worker.runner import RunSettings
+    from worker.runsettings import RunSettings
     from worker.selectors import Shard
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -100,6 +100,7 @@ class JobOptions:
     simulate_images: int
     shard: str | None
     max_changes: int | None
+    require_matches: bool
 
 
 _STATE_DIR = click.option(
@@ -163,6 +164,8 @@ _job = _group(JobOptions, "job_opts", [
                       "BULK_TAGGER_SHARDS)."),
     click.option("--max-changes", type=click.IntRange(0), default=None,
                  help="Stop before any PATCH if the plan changes more images."),
+    click.option("--require-matches", is_flag=True,
+                 help="A selector that matches no image stops the run (exit 3)."),
 ])
 
 
@@ -208,6 +211,12 @@ def _shard(text: str | None) -> Shard | None:
     index, count = os.environ.get("JOB_COMPLETION_INDEX"), os.environ.get("BULK_TAGGER_SHARDS")
     if index is not None and count is not None:
         return Shard.parse(f"{index}/{count}")
+    if index is not None or count is not None:  # one without the other: every pod runs all
+        given, missing = (("JOB_COMPLETION_INDEX", "BULK_TAGGER_SHARDS") if index is not None
+                          else ("BULK_TAGGER_SHARDS", "JOB_COMPLETION_INDEX"))
+        raise JobError(f"{given} is set but {missing} is not", field=missing,
+                       hint="set both (an Indexed Job sets JOB_COMPLETION_INDEX; the manifest "
+                       "sets BULK_TAGGER_SHARDS), or neither, or pass --shard I/N")
     return None
 
 
@@ -215,7 +224,7 @@ def _settings(
     state_dir: Path, api_opts: ApiOptions, apply: ApplyOptions | None, job_opts: JobOptions | None
 ) -> RunSettings:
     from worker import api
-    from worker.runner import RunSettings
+    from worker.runsettings import RunSettings
 
     simulate = job_opts is not None and job_opts.simulate
     key = _read_key(api_opts.api_key_file, required=not simulate)
@@ -242,6 +251,7 @@ def _settings(
         settings.simulate_images = job_opts.simulate_images
         settings.shard = _shard(job_opts.shard)
         settings.max_changes = job_opts.max_changes
+        settings.require_matches = job_opts.require_matches
     return settings
 
 
@@ -369,14 +379,20 @@ def undo(
     state_dir: Path, logs: LogOptions, api_opts: ApiOptions, apply: ApplyOptions
 ) -> None:
     """Revert exactly what RUN_ID changed, where nobody changed it since."""
-    from worker.journal import read_run_info
-    from worker.safety import run_dir
+    from worker.retention import find_undo, locate_run
 
     logs.configure()
-    info = read_run_info(run_dir(state_dir, undone, field="RUN_ID"))
-    if not info or info.get("kind") != "run":
-        raise JobError(f"no run {undone!r} in {state_dir}", field="RUN_ID",
-                       hint="`ls` the state dir; undo takes the id of a `run`")
+    state_dir, undone, info = locate_run(state_dir, undone)
+    if info.get("kind") != "run":
+        raise JobError(f"{undone} is a {info.get('kind')}, not a run: there is nothing to undo",
+                       field="RUN_ID", hint="undo takes the id of a `run`")
+    done = find_undo(state_dir, undone)
+    if done is not None and done[1] == 0:
+        raise JobError(f"run {undone} was undone already, by {done[0]}: nothing was sent",
+                       field="RUN_ID", hint=f"`bulk-tagger report {done[0]}` shows what it did")
+    if done is not None:  # it ended with failures: this undo takes up what is left
+        click.echo(f"note: run {undone} was undone before, by {done[0]}, with failures; "
+                   "undoing what is still as the run left it", err=True)
 
     def settings() -> RunSettings:
         made = _settings(state_dir, api_opts, apply, None)

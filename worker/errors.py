@@ -6,6 +6,7 @@
     ├── JobError          (2)       bad command line, job or selector file (file, line, field)
     ├── SafetyLimit       (3)       the plan has more changes than the job allows
     ├── CircuitOpen    (1|75)       the run stopped because its targets kept failing alike
+    ├── Unreachable      (75)       the API gave no answer before the run began (the probe)
     ├── (runlock.RunHeld     75)    another live process works the run; nothing sent
     ├── (statevol.StateVolumeError 74)  the state volume is full or cannot be written
     └── ApiError                    an answer (or no answer) of the Gcore API
@@ -106,6 +107,13 @@ class CircuitOpen(BulkTaggerError):
     def __init__(self, message: str, *, exit_code: ExitCode) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Unreachable(BulkTaggerError):
+    """The API gave no answer to the run's first reads (refused, timed out, a DNS failure
+    that may pass): nothing was written; a retry later may find it."""
+
+    exit_code = ExitCode.INTERRUPTED
 
 
 class ApiError(BulkTaggerError):

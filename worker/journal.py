@@ -553,6 +553,17 @@ class Journal:
         )
         return {status: n for status, n in rows}
 
+    def reasons(self) -> dict[str, dict[str, int]]:
+        """Skipped and failed targets by reason (summary.json's ``reasons``; compacted: its)."""
+        if self.compacted:
+            return dict((self.run_info().get("summary") or {}).get("reasons") or {})
+        out: dict[str, dict[str, int]] = {}
+        for status, reason, n in self._execute(
+                "SELECT status, COALESCE(reason, '(none)'), COUNT(*) FROM outcomes WHERE status"
+                " IN ('skipped', 'failed') GROUP BY 1, 2 ORDER BY 1, 3 DESC, 2"):
+            out.setdefault(status, {})[reason] = n
+        return out
+
     def plan_counts(self) -> tuple[int, int]:
         """(targets planned to change, targets in all)."""
         (row,) = self._execute("SELECT SUM(plan_status = 'planned'), COUNT(*) FROM targets")

@@ -81,6 +81,8 @@ class PoolSettings:
     lock_poll_s: float = defaults.LOCK_POLL_S
     lock_poll_max_s: float = 30.0
     partial: bool = False
+    #: told of every retry the pool schedules (error, wait): the run's info log of retries
+    on_retry: Callable[[BaseException, float], None] | None = None
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -294,6 +296,8 @@ class Pool:
     def _on_retry(self, exc: BaseException, delay: float) -> None:
         self.stats.retries += 1
         log.debug("target.retry_scheduled", error=type(exc).__name__, delay_s=round(delay, 3))
+        if self.settings.on_retry is not None:
+            self.settings.on_retry(exc, delay)
 
     async def _sleep(self, delay: float) -> None:
         """A retry's wait, which ``stop()`` cuts short (by cancelling the waiting task)."""

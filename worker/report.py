@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from worker import exports, safety
-from worker.errors import ExitCode, JobError
-from worker.journal import Journal, read_run_info
+from worker.errors import ExitCode
+from worker.journal import Journal
 from worker.models import RESULT_FIELDS, STATUSES
+from worker.retention import locate_run
 
 #: The request counters of summary.json (README, "Read a run's report from the volume"); the
 #: first four are request kinds.
@@ -36,8 +37,8 @@ EXIT_MEANINGS: dict[int, str] = {
     ExitCode.FAILED: "the run finished and some targets failed (each failure has its record in "
     "results.jsonl.gz: `bulk-tagger report RUN_ID --format jsonl`)",
     ExitCode.BAD_INPUT: "bad command line, job spec or selector file; nothing was sent",
-    ExitCode.SAFETY_LIMIT: "safety limit: the plan has more changes than the job allows; nothing "
-    "was changed",
+    ExitCode.SAFETY_LIMIT: "safety limit: the plan has more changes than the job allows, or a "
+    "selector matched nothing under require_matches; nothing was changed",
     ExitCode.AUTH_FAILED: "the API refused the credentials; the run stopped at once",
     ExitCode.INTERRUPTED: "interrupted or the API unreachable past the retry budget; `--resume` "
     "goes on",
@@ -222,13 +223,38 @@ def _table(pairs: Iterable[tuple[str, Any]], indent: str = "  ") -> list[str]:
     return [f"{indent}{k:<{key_w}}  {v:>{val_w}}" for k, v in rows]
 
 
-def format_summary(summary: Mapping[str, Any]) -> str:
-    """A summary as multi-line text for a terminal (no trailing newline)."""
+#: What exit code 0 means for a plan (it changes nothing, so "every target ended" is wrong).
+PLAN_DONE = "the plan is made; nothing was changed (`bulk-tagger run` applies it)"
+
+
+def _by_reason(summary: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    reasons: Mapping[str, Mapping[str, int]] = summary.get("reasons") or {}
+    for status in ("skipped", "failed"):
+        pairs = sorted((reasons.get(status) or {}).items(), key=lambda p: (-p[1], p[0]))
+        if pairs:
+            lines += [f"{status.capitalize()}, by reason:", *_table(pairs, indent="    ")]
+    return lines
+
+
+def format_summary(summary: Mapping[str, Any], *, targets: bool = True) -> str:
+    """A summary as multi-line text for a terminal (no trailing newline).
+
+    It speaks of what the run was (``kind``: a run, a plan, an undo of a run): a plan's
+    ``planned`` targets are the ones it would update, and its exit code 0 says nothing was
+    changed. Skipped and failed targets are counted by reason (``reasons``), and the images
+    each selector matched are listed (``matched``). ``targets=False`` leaves the counts out
+    (``plan`` prints its own above).
+    """
     counts: Mapping[str, int] = summary.get("counts") or {}
     reqs: Mapping[str, int] = summary.get("requests") or {}
     lat: Mapping[str, float] = summary.get("latency_ms") or {}
+    kind = summary.get("kind") or "run"
+    head = f"{kind.capitalize()} {summary.get('run_id', '?')} of job {summary.get('job', '?')}"
+    if kind == "undo" and summary.get("parent_run_id"):
+        head += f" (undoes run {summary['parent_run_id']})"
     lines = [
-        f"Run {summary.get('run_id', '?')} of job {summary.get('job', '?')}",
+        head,
         f"  {summary.get('started_at', '?')} -> {summary.get('finished_at', '?')}"
         f"  ({_duration_text(float(summary.get('duration_s') or 0.0))})",
     ]
@@ -237,10 +263,15 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     if summary.get("preview"):
         lines.append(f"  a preview of undoing {summary.get('parent_run_id')}: nothing was sent"
                      f" (bulk-tagger run --plan {summary.get('run_id')} applies it)")
-    lines += [
-        f"Targets: {sum(counts.values()):,}",
-        *_table((status, n) for status, n in counts.items() if n or status in STATUSES[:4]),
-    ]
+    if targets:
+        shown = [(status, n) for status, n in counts.items() if n or status in STATUSES[:4]]
+        if kind == "plan":
+            shown = [("would update" if status == "planned" else status, n)
+                     for status, n in shown if status != "updated"]
+        lines += [f"Targets: {sum(counts.values()):,}", *_table(shown), *_by_reason(summary)]
+    matched: Mapping[str, int] = summary.get("matched") or {}
+    if matched:
+        lines += ["Images matched, by selector:", *_table(matched.items(), indent="    ")]
     kinds = [(k, v) for k, v in reqs.items() if k not in _NOT_KINDS]
     kinds_text = ", ".join(f"{k} {v:,}" for k, v in kinds)
     lines += [
@@ -258,6 +289,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     ]
     code = summary.get("exit_code")
     meaning = EXIT_MEANINGS.get(code, "unknown exit code") if isinstance(code, int) else "unknown"
+    if kind == "plan" and code == 0:
+        meaning = PLAN_DONE
     lines.append(f"Exit code {code}: {meaning}")
     return "\n".join(lines)
 
@@ -371,14 +404,15 @@ REPORT_FORMATS: tuple[ReportFormat, ...] = ("summary", "jsonl", "csv", "json")
 def open_run(state_dir: Path, run_id: str) -> tuple[Journal, dict[str, Any], dict[str, Any]]:
     """RUN_ID's journal (the caller closes it), its run row and its summary; a run without a
     summary (killed, or still going) gets one made of its journal's counts, exit code null."""
-    run_dir = safety.run_dir(state_dir, run_id, field="RUN_ID")  # one segment, ours
-    if not read_run_info(run_dir):
-        raise JobError(f"no run {run_id!r} in {state_dir}", field="RUN_ID")
-    journal = Journal(run_dir)
+    state_dir, run_id, _ = locate_run(state_dir, run_id)  # an id (one segment, ours) or a folder
+    journal = Journal(state_dir / run_id)
     try:
         info = journal.run_info()
         summary = info.get("summary") or {"run_id": run_id, "job": info.get("job_name"),
+                                          "kind": info.get("kind"),
                                           "counts": journal.counts(), "exit_code": None}
+        if "reasons" not in summary:  # a run recorded before summaries had them
+            summary = {**summary, "reasons": journal.reasons()}
     except BaseException:
         journal.close()
         raise

@@ -17,6 +17,7 @@ A run's age is counted from when it finished (else started).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from worker import safety
 from worker.errors import ExitCode, JobError
 from worker.journal import read_run_info
 from worker.runlock import RunHeld, RunLock, is_held
@@ -268,3 +270,33 @@ def find_resumable(
             "(or wait until it is older than --resume-within)",
         )
     return best[0]
+
+
+def locate_run(state_dir: Path, ref: str) -> tuple[Path, str, dict[str, Any]]:
+    """(state dir, run id, run info) of ``ref``: a run's id in ``state_dir``, or the path of
+    a run's folder (as a command prints it: ``report: runs/<id>``); either way the id is
+    checked and the folder must be our own real one (``safety.run_dir``). JobError where
+    there is no such run."""
+    folder = Path(ref)
+    if os.sep in ref and (folder / "journal.sqlite").is_file():  # else: checked as an id
+        state_dir, ref = folder.parent, folder.name
+    info = read_run_info(safety.run_dir(state_dir, ref, field="RUN_ID"))
+    if not info:
+        raise JobError(f"no run {ref!r} in {state_dir}", field="RUN_ID",
+                       hint="a run's id (`ls` the state dir) or the path of its folder")
+    return state_dir, ref, info
+
+
+def find_undo(state_dir: Path, run_id: str) -> tuple[str, int] | None:
+    """(id, exit code) of the latest undo of ``run_id`` that ended (exit 0 or 1), or None.
+    An undo run's ``job_hash`` is the id of the run it undoes."""
+    if not state_dir.is_dir():
+        return None
+    best: tuple[str, int, str] | None = None
+    for child in state_dir.iterdir():
+        info = read_run_info(child)
+        if not info or info["kind"] != "undo" or info["job_hash"] != run_id:
+            continue
+        if info["exit_code"] in (0, 1) and (best is None or info["finished_at"] > best[2]):
+            best = (child.name, int(info["exit_code"]), str(info["finished_at"]))
+    return None if best is None else best[:2]

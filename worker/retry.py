@@ -26,7 +26,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -85,6 +85,34 @@ class RetryPolicy:
 
 class _BudgetSpent(Exception):
     """The run's retry budget had no retry for this call in time (never retried itself)."""
+
+
+class RetryLog:
+    """An ``on_retry`` that says at info what is retried and why, at most once every
+    ``interval_s``: ``api.retrying`` with the retries since the last line, the latest error
+    (its kind, HTTP status and message) and its wait. The first retry is said at once."""
+
+    def __init__(
+        self, logger: Any, *, interval_s: float = 5.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._log = logger
+        self._interval = interval_s
+        self._clock = clock
+        self._since = 0
+        self._last: float | None = None
+
+    def __call__(self, exc: BaseException, delay: float) -> None:
+        self._since += 1
+        now = self._clock()
+        if self._last is not None and now - self._last < self._interval:
+            return
+        self._last = now
+        self._log.info(
+            "api.retrying", retries=self._since, error=type(exc).__name__,
+            status=getattr(exc, "status", None), message=getattr(exc, "message", str(exc)),
+            wait_s=round(delay, 2),
+        )
+        self._since = 0
 
 
 def is_retryable(exc: BaseException) -> bool:

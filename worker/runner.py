@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import secrets
+import shutil
 import signal
 import sqlite3
-import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any, TextIO
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
 
-from worker import api, defaults, exports, report, retention, retry, safety, spec, statevol
+from worker import api, exports, report, retention, retry, safety, spec, statevol
 from worker.budget import CircuitBreaker, RetryBudget
 from worker.errors import (
     ApiError,
@@ -46,56 +43,14 @@ from worker.models import Image, Outcome, RunContext, Target
 from worker.plan import plan_changes
 from worker.planrun import Again, PlanRef, check_plan, plan_targets, undo_targets
 from worker.pool import Pool, PoolSettings
+from worker.preflight import check_limits, check_names
 from worker.progress import Progress
 from worker.runlock import RunHeld, RunLock, held_message, is_held
-from worker.selectors import Expander, Shard
+from worker.runsettings import RunSettings, new_run_id
+from worker.selectors import Expander, Known
 from worker.tally import KeyTally
 
 log = get_logger("bulk_tagger.run")
-
-@dataclass(slots=True)
-class RunSettings:
-    """What the command line decided. Seconds unless named otherwise."""
-
-    state_dir: Path
-    api: api.Settings
-    simulate: bool = False
-    simulate_images: int = defaults.SIMULATE_IMAGES
-    concurrency: int | None = None
-    rate: float | None = None
-    run_id: str | None = None
-    resume: bool = False
-    resume_within: timedelta = timedelta(hours=defaults.RESUME_WITHIN_HOURS)
-    shard: Shard | None = None
-    max_changes: int | None = None
-    max_changes_percent: float | None = None
-    plan_run_id: str | None = None  # run --plan: the plan run to apply, and how old it may be
-    plan_max_age: timedelta = timedelta(hours=defaults.PLAN_MAX_AGE_HOURS)
-    preview: bool = False  # undo --plan: plan the undo (a plan run) and send nothing
-    grace_s: float = defaults.GRACE_S
-    pushgateway: str | None = None
-    plan_samples: int = 20
-    out: TextIO = field(default_factory=lambda: sys.stdout)
-    progress: TextIO = field(default_factory=lambda: sys.stderr)
-    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
-    # knobs for tests: how fast retries and lock polls go
-    retry_base_s: float = defaults.RETRY_BASE_S
-    retry_max_wait_s: float = defaults.RETRY_MAX_WAIT_S
-    lock_poll_s: float = defaults.LOCK_POLL_S
-    #: retention: finished runs older than this many days are pruned at the start (0: none)
-    keep_days: float = defaults.KEEP_DAYS
-    #: the run's clock (tests move it to simulate nights gone by)
-    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
-
-
-def new_run_id(
-    name: str, shard: Shard | None, kind: str = "run", now: datetime | None = None
-) -> str:
-    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
-    suffix = f"-shard{shard.index}of{shard.count}" if shard else ""
-    middle = "-undo" if kind == "undo" else ""
-    return f"{name}{middle}-{stamp}-{secrets.token_hex(2)}{suffix}"
-
 
 class Runner:
     """One command's run. ``await Runner(...).execute()`` returns the exit code."""
@@ -135,6 +90,9 @@ class Runner:
             undone = read_run_info(settings.state_dir / parent_run_id)
             self.job_name = str(undone.get("job_name") or "")
         self.plan_reasons: Counter[str] = Counter()
+        self.matched: dict[str, int] | None = None
+        self.known: Known | None = None
+        self.retry_log = retry.RetryLog(log)
         self.samples: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
         self.ctx = RunContext(run_id="", run_date=self.started_at.strftime("%Y-%m-%d"))
         self._body: asyncio.Task[int] | None = None
@@ -170,6 +128,7 @@ class Runner:
 
     def _on_retry(self, exc: BaseException, delay: float) -> None:
         self.retries += 1
+        self.retry_log(exc, delay)
 
     # -- the whole ------------------------------------------------------------------------
     async def execute(self) -> int:
@@ -192,6 +151,14 @@ class Runner:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             self._release()
+
+    def _discard_unstarted(self) -> None:
+        """A new run the probe refused leaves no folder behind (nothing to resume, report)."""
+        if not self.resumed and self.run_id:
+            self._release()
+            self.run_lock = None
+            if not (self.settings.state_dir / self.run_id / "journal.sqlite").exists():
+                shutil.rmtree(self.settings.state_dir / self.run_id, ignore_errors=True)
 
     def _release(self) -> None:
         if self.run_lock is not None:
@@ -219,6 +186,12 @@ class Runner:
     async def _main(self) -> int:
         async with self._api() as client:
             self.client = client
+            self._choose_run()
+            try:
+                await self._preflight(client)
+            except BaseException:
+                self._discard_unstarted()
+                raise
             self._open_journal()
             assert self.journal is not None
             self.journal.track_process(self._counters, self.started_at)
@@ -272,7 +245,15 @@ class Runner:
             client.observe_latency = self.latency.add
             yield client
 
-    def _open_journal(self) -> None:
+    async def _preflight(self, client: api.Client) -> None:
+        """Before anything is written: the probe and the projects and regions the job names
+        (``worker.preflight``). Raises what ends the command."""
+        job = self.job if self.kind != "undo" else None
+        self.known = await check_names(client, job, self._retry_policy(), self._on_retry)
+
+    def _choose_run(self) -> None:
+        """The run's id: a new one, ``--run-id``'s, or the run ``--resume`` continues (a
+        refusal here comes before any request)."""
         settings = self.settings
         safety.state_dir(settings.state_dir)
         shard = str(settings.shard) if settings.shard else None
@@ -321,6 +302,11 @@ class Runner:
             safety.private_run_dir(settings.state_dir / run_id)
             self._lock_run(run_id)
         self.run_id = run_id
+
+    def _open_journal(self) -> None:
+        settings = self.settings
+        run_id, shard = self.run_id, str(settings.shard) if settings.shard else None
+        job_hash = (self.job.sha256 if self.job else self.parent_run_id) or ""
         journal = Journal(settings.state_dir / run_id)
         if self.resumed and journal.compacted:
             journal.close()
@@ -342,12 +328,13 @@ class Runner:
             options = self.job.options.model_dump(mode="json") if self.job else {}
             options.update(concurrency=self.concurrency, rate_ceiling=self.rate_ceiling)
             journal.create_run(  # an undo's preview is a plan run (run --plan applies it)
-                run_id=run_id, kind="plan" if settings.preview else kind, job_name=self.job_name,
+                run_id=run_id, kind="plan" if settings.preview else self.kind,
+                job_name=self.job_name,
                 job_path=str(self.job.path) if self.job else None, job_hash=job_hash,
                 options=options, parent_run_id=self.parent_run_id, shard=shard,
                 started_at=now_iso(self.started_at),
             )
-            log.info("run.started", run_id=run_id, kind=kind, job=self.job_name)
+            log.info("run.started", run_id=run_id, kind=self.kind, job=self.job_name)
         self.ctx = RunContext(run_id=run_id, run_date=run_started.strftime("%Y-%m-%d"))
         self.journal = journal
 
@@ -452,10 +439,12 @@ class Runner:
             self.job, client,
             stage_path=settings.state_dir / self.run_id / "stage.sqlite",
             policy=self._retry_policy(), concurrency=self.concurrency,
-            shard=settings.shard, env=settings.env, on_retry=self._on_retry,
+            shard=settings.shard, env=settings.env, on_retry=self._on_retry, known=self.known,
         )
         async for target in expander.targets():
             self._record_plan(target)
+        self.matched = dict(expander.matched)
+        log.info("run.matched", selectors=self.matched)
 
     def _expander(self, client: api.Client) -> Expander:
         """An expander that reads given images again (no job): another run's targets."""
@@ -496,24 +485,16 @@ class Runner:
 
     def _check_limits(self) -> None:
         assert self.journal is not None
-        planned, total = self.journal.plan_counts()
-        limit = self.settings.max_changes
-        percent = self.settings.max_changes_percent
-        if self.job is not None:
-            if limit is None:
-                limit = self.job.options.max_changes
-            if percent is None:
-                percent = self.job.options.max_changes_percent
-        if limit is not None and planned > limit:
-            raise SafetyLimit(
-                f"the plan changes {planned} images, over max_changes {limit}: nothing was sent"
-            )
-        if percent is not None and total and planned * 100 / total > percent:
-            raise SafetyLimit(
-                f"the plan changes {planned} of {total} matched images "
-                f"({planned * 100 / total:.1f}%), over max_changes_percent {percent:g}: "
-                "nothing was sent"
-            )
+        options = self.job.options if self.job else None
+        limit, percent = self.settings.max_changes, self.settings.max_changes_percent
+        check_limits(
+            self.matched, *self.journal.plan_counts(),
+            require_matches=self.settings.require_matches or bool(
+                options and options.require_matches),
+            max_changes=limit if limit is not None or options is None else options.max_changes,
+            max_changes_percent=percent if percent is not None or options is None
+            else options.max_changes_percent,
+        )
 
     # -- apply ----------------------------------------------------------------------------
     async def _apply(self, client: api.Client) -> None:
@@ -548,7 +529,7 @@ class Runner:
                 concurrency=self.concurrency, retry=self._retry_policy(),
                 lock_timeout_s=self.options.lock_timeout_seconds,
                 lock_poll_s=self.settings.lock_poll_s,
-                partial=partial,
+                partial=partial, on_retry=self.retry_log,
             ),
             self.ctx,
             sink,
@@ -650,6 +631,11 @@ class Runner:
         # the folder at its largest (the whole journal), before the record is compacted: what
         # the next run of this job measures its need on the state volume by
         extra["record_bytes_peak"] = statevol.folder_bytes(journal.run_dir)
+        # a resumed run planned by an earlier process: that one's
+        matched = self.matched if self.matched is not None else (self.earlier or {}).get("matched")
+        if matched is not None:
+            extra["matched"] = matched
+        extra["reasons"] = journal.reasons()
         summary = report.build_summary(
             run_id=self.run_id, job=self.job_name, started_at=self.started_at,
             finished_at=finished, exit_code=code, counts=counts, requests=requests,
@@ -678,7 +664,8 @@ class Runner:
             ))
         if isinstance(self.fatal, BulkTaggerError) and not isinstance(self.fatal, ApiError):
             text.append(f"stopped: {scrub(str(self.fatal))}")
-        text += [report.format_summary(summary), f"report: {run_dir}",
+        text += [report.format_summary(summary, targets=self.kind != "plan"),
+                 f"report: {run_dir}",
                  f"  results.jsonl.gz and summary.json there; `bulk-tagger report "
                  f"{self.run_id} --format jsonl|csv|json` prints them"]
         out = self.settings.out

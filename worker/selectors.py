@@ -14,6 +14,9 @@
   staging file remembers what was emitted, and a file row for an image a query also matched
   adds its changes to the job's (the row wins on the same key).
 - ``Shard(i, n)`` keeps only images whose stable hash of the id falls to shard i.
+- ``Known`` carries the projects and regions lists read before the run began
+  (``worker.preflight``), which expand ``all``. ``Expander.matched`` counts, per selector,
+  the images it matched (a row: its image exists).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import contextlib
 import math
 import sqlite3
 import zlib
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +80,29 @@ class Shard:
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
+
+
+@dataclass(slots=True)
+class Known:
+    """The ids the API lists (None: not read)."""
+
+    projects: list[int] | None = None
+    regions: list[int] | None = None
+
+
+def listed_ids(items: Iterable[Mapping[str, Any]], kind: str) -> list[int]:
+    """The ids of a projects or regions list (``kind``); BadAnswer if one is not a number."""
+    ids = [item["id"] for item in items if "id" in item]
+    if not all(type(i) is int for i in ids):
+        raise BadAnswer(f"the list of {kind} holds an id that is not a number", status=200)
+    return ids
+
+
+def selector_label(number: int, selector: spec.QuerySelector | spec.FileSelector) -> str:
+    """How the summary names a job's selector (``number`` counts from 1)."""
+    if isinstance(selector, spec.FileSelector):
+        return f"file {selector.file}"
+    return f"query {number}"
 
 
 class _Stage:
@@ -228,8 +254,17 @@ class Expander:
         env: Mapping[str, str] | None = None,
         on_retry: Callable[[BaseException, float], None] | None = None,
         page_size: int | None = None,
+        known: Known | None = None,
     ) -> None:
         self.job = job
+        self.known = known or Known()
+        #: images matched, per selector label (``selector_label``): a row's image exists
+        numbered = list(enumerate(job.targets, start=1)) if job else []
+        self.matched: Counter[str] = Counter({selector_label(n, t): 0 for n, t in numbered})
+        self._file_labels = {
+            t.file: selector_label(n, t)
+            for n, t in reversed(numbered) if isinstance(t, spec.FileSelector)
+        }
         self.client = client
         self.stage_path = stage_path
         self.policy = policy
@@ -250,12 +285,17 @@ class Expander:
     async def _ids(self, value: list[int] | str, kind: str) -> list[int]:
         if not isinstance(value, str):
             return list(value)
-        fetch = self.client.list_projects if kind == "projects" else self.client.list_regions
-        items = await self._read(fetch)
-        ids = [item["id"] for item in items if "id" in item]
-        if not all(type(i) is int for i in ids):
-            raise BadAnswer(f"the list of {kind} holds an id that is not a number", status=200)
-        return ids
+        listed: list[int] | None = getattr(self.known, kind)
+        if listed is None:
+            fetch = self.client.list_projects if kind == "projects" else self.client.list_regions
+            listed = listed_ids(await self._read(fetch), kind)
+            setattr(self.known, kind, listed)
+        return list(listed)
+
+    def _count_row(self, source: str) -> None:
+        label = self._file_labels.get(source.rpartition(":")[0])
+        if label is not None:
+            self.matched[label] += 1
 
     async def targets(self) -> AsyncIterator[Target]:
         job = self.job
@@ -303,6 +343,7 @@ class Expander:
             matched = page if match is None else [i for i in page if match(i)]
             if shard is not None:
                 matched = [image for image in matched if shard.owns(image.id)]
+            self.matched[source] += len(matched)
             for target in self._emit(stage, project_id, region_id, matched, source):
                 yield target
 
@@ -444,6 +485,7 @@ class Expander:
             where = source or ""
             row = rows.get(image.id)
             if row is not None:
+                self._count_row(row[1])
                 changes = job_changes.merged(changes_from_json(row[0]))
                 where = row[1] if source is None else f"{source} + {row[1]}"
             out.append(Target(project_id, region_id, image.id, changes, image, where))
@@ -530,4 +572,6 @@ class Expander:
             image = await self._read(lambda: client.get_image(project_id, region_id, image_id))
         except NotFound:
             image = None
+        if image is not None:
+            self._count_row(source)
         return Target(project_id, region_id, image_id, changes, image, source)

@@ -512,6 +512,8 @@ class Options(BaseModel):
     )
     #: stop the run when this many targets in a row fail for the same reason
     stop_after_failures: int = Field(default=defaults.STOP_AFTER_FAILURES, ge=1)
+    #: a selector that matches no image stops the run before any PATCH (exit 3)
+    require_matches: bool = False
 
 
 _NAME = re.compile(r"[a-z0-9-]{1,63}")

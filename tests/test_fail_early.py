@@ -1,0 +1,174 @@
+"""Failing loudly and early, through the real CLI: a wrong base URL, an API that does not
+answer, a project or region that does not exist, a selector that matches nothing, and what
+the run says while it retries.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import run_cli, run_dirs, summary, write_job
+from worker.simulator import Faults, SimConfig, SimulatorThread
+
+#: the issue's own bound on a command against an API that is not there (generous: it is a
+#: check that nothing waits for a retry budget, not a speed test)
+QUICK_S = 10.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _job(folder: Path, *queries: dict[str, Any], **options: Any) -> Path:
+    return write_job(folder, {
+        "name": "fail-early",
+        "targets": [{"query": q} for q in queries],
+        "changes": {"set_tags": {"stamp": "x"}},
+        "options": options,
+    })
+
+
+ALL = {"projects": "all", "regions": "all", "visibility": "private"}
+
+
+def _no_run(state_dir: Path) -> bool:
+    return not state_dir.exists() or not any(p.is_dir() for p in state_dir.iterdir())
+
+
+def _requests(st: SimulatorThread) -> dict[str, int]:
+    return dict(st.call(st.sim.counters.as_dict)["requests"])
+
+
+def _timed(*args: str | Path) -> tuple[Any, float]:
+    started = time.monotonic()
+    proc = run_cli(*args, timeout=60)
+    return proc, time.monotonic() - started
+
+
+def test_nothing_listening_ends_in_seconds_naming_the_cause(tmp_path: Path) -> None:
+    port = _free_port()
+    job = _job(tmp_path, ALL)
+    for command in ("plan", "run"):
+        proc, took = _timed(command, job, "--base-url", f"http://127.0.0.1:{port}",
+                            "--state-dir", tmp_path / "s", "--log-format", "json")
+        assert proc.returncode == 75, proc.stderr
+        assert took < QUICK_S, took
+        assert f"connection refused by 127.0.0.1:{port}" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        events = [json.loads(line)["event"] for line in proc.stderr.splitlines()
+                  if line.startswith("{")]
+        assert "run.api_unreachable" in events and "run.started" not in events
+    assert _no_run(tmp_path / "s")  # nothing written: there is no run to resume
+
+
+def test_a_host_that_does_not_resolve_ends_at_once(tmp_path: Path) -> None:
+    proc, took = _timed("plan", _job(tmp_path, ALL), "--base-url",
+                        "https://bulk-tagger-test.invalid", "--state-dir", tmp_path / "s")
+    assert took < QUICK_S, took
+    assert "cannot resolve host bulk-tagger-test.invalid" in proc.stderr, proc.stderr
+    # a name that does not exist is a wrong base URL (2); a resolver that could not say is
+    # worth a retry (75)
+    assert proc.returncode == (75 if "emporary" in proc.stderr else 2), proc.stderr
+
+
+def test_a_base_url_with_an_extra_path_is_exit_2_naming_it(
+    sim_thread: SimulatorThread, tmp_path: Path
+) -> None:
+    proc, took = _timed("run", _job(tmp_path, ALL), "--base-url", sim_thread.url + "/cloud",
+                        "--state-dir", tmp_path / "s")
+    assert proc.returncode == 2, proc.stderr
+    assert took < QUICK_S
+    assert "--base-url" in proc.stderr and "404" in proc.stderr
+    assert "/cloud/cloud/v1/regions" in proc.stderr
+    sent = _requests(sim_thread)
+    assert sent["other"] == 1 and sent["list"] == sent["patch"] == 0  # the probe alone
+    assert _no_run(tmp_path / "s")
+
+
+def test_tls_spoken_to_a_plain_http_port_is_exit_2(
+    sim_thread: SimulatorThread, tmp_path: Path
+) -> None:
+    url = sim_thread.url.replace("http://", "https://")
+    proc, took = _timed("plan", _job(tmp_path, ALL), "--base-url", url,
+                        "--state-dir", tmp_path / "s")
+    assert proc.returncode == 2, proc.stderr
+    assert took < QUICK_S
+    assert "TLS handshake" in proc.stderr and "--base-url" in proc.stderr
+
+
+def test_a_project_or_region_the_job_names_that_does_not_exist_is_exit_2(
+    sim_thread: SimulatorThread, tmp_path: Path
+) -> None:
+    job = _job(tmp_path, {"projects": [1337], "regions": [99]},
+               {"projects": [424242, 1337], "regions": "all"})
+    for command in ("plan", "run"):
+        proc = run_cli(command, job, "--base-url", sim_thread.url, "--state-dir", tmp_path / "s")
+        assert proc.returncode == 2, proc.stderr
+        assert "targets[0].query.regions: region 99 not found" in proc.stderr
+        assert "targets[1].query.projects: project 424242 not found" in proc.stderr
+        assert str(job) in proc.stderr
+    sent = _requests(sim_thread)
+    assert sent["list"] == sent["get"] == sent["patch"] == 0, sent
+    assert sent["regions"] == 2 and sent["projects"] == 2  # the probe, the check: per command
+    assert _no_run(tmp_path / "s")
+
+
+def test_require_matches_fails_a_selector_that_matches_nothing(
+    sim_thread: SimulatorThread, tmp_path: Path
+) -> None:
+    nothing = {**ALL, "name_glob": "no-image-is-named-like-this-*"}
+    job = _job(tmp_path, nothing, ALL)
+    base = ("--base-url", sim_thread.url, "--state-dir", tmp_path / "s")
+    # by default a selector matching nothing is no error, but the summary says so
+    proc = run_cli("plan", job, *base)
+    assert proc.returncode == 0, proc.stderr
+    (plan_dir,) = run_dirs(tmp_path / "s")
+    matched = summary(plan_dir)["matched"]
+    assert matched["query 1"] == 0 and matched["query 2"] > 0
+    assert "query 1" in proc.stdout and "matched" in proc.stdout.lower()
+    # the flag (plan and run) and the job option refuse it before any PATCH
+    for command, flag in (("plan", "--require-matches"), ("run", "--require-matches")):
+        proc = run_cli(command, job, *base, flag)
+        assert proc.returncode == 3, proc.stderr
+        assert "query 1 matched no image" in proc.stdout
+    proc = run_cli("run", _job(tmp_path, nothing, ALL, require_matches=True), *base)
+    assert proc.returncode == 3, proc.stderr
+    assert _requests(sim_thread)["patch"] == 0
+
+
+def test_retries_are_said_at_info_a_line_every_few_seconds(tmp_path: Path) -> None:
+    # every read answers 503 (the probe lets that pass: the API is there): the projects list
+    # is retried until the job's short budget is spent, then the run ends 75
+    faults = Faults(p_5xx=1.0, methods=frozenset({"GET"}))
+    with SimulatorThread(SimConfig(images=30, faults=faults)) as st:
+        job = _job(tmp_path, {"projects": [1337], "regions": "all"}, retry_budget_seconds=3)
+        proc, took = _timed("plan", job, "--base-url", st.url, "--state-dir", tmp_path / "s",
+                            "--log-format", "json", "--retry-base-seconds", "0.02",
+                            "--retry-max-wait-seconds", "0.05")
+        sent = _requests(st)
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    said = [e for e in lines if e["event"] == "api.retrying"]
+    assert said, proc.stderr[-2000:]
+    assert all(e["level"] == "info" for e in said)
+    assert said[0]["status"] == 503 and said[0]["error"] == "Transient"
+    assert sent["projects"] >= 10  # many retries, ...
+    assert len(said) <= took / 5 + 1  # ... said at most once every five seconds
+    assert any(e["event"] == "run.api_unreachable" for e in lines)
+
+
+@pytest.mark.parametrize("env", [{"JOB_COMPLETION_INDEX": "1"}, {"BULK_TAGGER_SHARDS": "3"}])
+def test_half_a_shard_setting_is_exit_2(tmp_path: Path, env: dict[str, str]) -> None:
+    proc = run_cli("plan", _job(tmp_path, ALL), "--simulate", "--state-dir", tmp_path / "s",
+                   env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "JOB_COMPLETION_INDEX" in proc.stderr and "BULK_TAGGER_SHARDS" in proc.stderr
+    assert _no_run(tmp_path / "s")
