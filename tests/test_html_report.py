@@ -93,6 +93,10 @@ def test_the_page_in_a_real_browser(sim_thread: SimulatorThread, tmp_path: Path)
         control = tmp_path / "control.html"
         control.write_text(page.replace("</main>", '<img src="http://x.invalid/b.png"></main>'))
         seen = browser.open(control.as_uri(), {})
+        # on a phone's width: one column, nothing wider than the screen (tables scroll inside)
+        browser.call("Emulation.setDeviceMetricsOverride",
+                     {"width": 390, "height": 800, "deviceScaleFactor": 2, "mobile": True})
+        phone = browser.open(page_path.as_uri(), {"width": probes["width"]})
     assert visit.requests == [page_path.as_uri()]  # nothing left the file
     assert visit.console == []
     assert "http://x.invalid/b.png" in seen.requests
@@ -110,7 +114,8 @@ def test_the_page_in_a_real_browser(sim_thread: SimulatorThread, tmp_path: Path)
     assert all(r["image_id"] in text for r in failed)  # fewer than 100: every one listed
     assert "to owner" in text and "managed-by" in text  # the changes per key
     assert "rate ceiling" in text and "2.0 req/s" in text  # --rate 2
-    assert values["width"] <= 1000  # nothing wider than the window (a phone scrolls tables)
+    assert values["width"] <= 1000  # nothing wider than the window
+    assert phone.values["width"] <= 390 and phone.console == []
 
 
 def test_undo_and_resumed_runs_say_what_they_are(
