@@ -190,6 +190,11 @@ def test_a_sigkilled_holder_releases_the_run(
     holder = is_held(the_run(state))
     assert holder is not None and holder.pid == first.proc.pid
     assert holder.host == socket.gethostname() and holder.since.endswith("Z")
+    # its exports are the holder's to write: report --export refuses meanwhile
+    export = run_cli(tmp_path, "export", "report", the_run(state).name, "--export",
+                     "--state-dir", state)
+    assert export.proc.returncode == 75, export.text()
+    assert f"pid {first.proc.pid}" in export.err.read_text()
     first.proc.send_signal(signal.SIGKILL)
     assert first.wait() == -signal.SIGKILL
     run_dir = the_run(state)

@@ -24,6 +24,7 @@ from worker.errors import ExitCode
 from worker.journal import Journal
 from worker.models import RESULT_FIELDS, STATUSES
 from worker.retention import locate_run
+from worker.runlock import RunHeld, held_message, is_held
 
 #: The request counters of summary.json (README, "Read a run's report from the volume"); the
 #: first four are request kinds.
@@ -432,6 +433,9 @@ def print_report(
     journal, _, summary = open_run(state_dir, run_id)
     run_dir = journal.run_dir
     try:
+        holder = is_held(run_dir) if export else None
+        if holder is not None:  # its exports are the live process's to write
+            raise RunHeld(held_message(run_id, holder))
         if export:
             exports.write_exports(run_dir, journal.iter_results(run_id, raw=True), summary,
                                   formats=("jsonl", "csv"))
