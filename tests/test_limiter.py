@@ -128,6 +128,8 @@ def test_a_second_look_soon_after_the_first_cut_measures_the_limit() -> None:
     # ...and only one: the next cut waits an epoch, and is a plain one
     answer(c, clock, 10, 0.05)
     assert not c.on_throttled(sent_at=clock.now)
+    for _ in range(45):  # the rest of the 190/s refused: a limit near 33/s
+        c.on_throttled(sent_at=cut_at + 0.02)
     clock.advance(0.25)
     before = c.rate
     assert c.on_throttled(sent_at=clock.now)  # 10 accepted in the 0.3 s since: 95% of that
@@ -195,8 +197,12 @@ class Server:
     """A token bucket whose rate follows ``schedule`` ((from second, limit); 0 refuses all),
     burst one second of it, answering at once. ``drive`` sends at the controller's rate."""
 
-    def __init__(self, schedule: list[tuple[float, float]]) -> None:
+    def __init__(
+        self, schedule: list[tuple[float, float]], proxy: tuple[float, float] | None = None
+    ) -> None:
         self.schedule = schedule
+        self.proxy = proxy  # (from, to) seconds: a proxy refuses two requests in three
+        self.sent = 0
         self.tokens = schedule[0][1]
         self.limit = schedule[0][1]
         self.ok: list[int] = []  # accepted, per 100 ms
@@ -221,7 +227,12 @@ class Server:
             due += c.rate * dt
             while due >= 1.0:
                 due -= 1.0
-                if limit > 0 and self.tokens >= 1.0:
+                self.sent += 1
+                proxy = self.proxy is not None and self.proxy[0] <= t < self.proxy[1]
+                if proxy and self.sent % 3:
+                    self.refused[bin_] += 1
+                    c.on_throttled(sent_at=clock.now)
+                elif limit > 0 and self.tokens >= 1.0:
                     self.tokens -= 1.0
                     self.ok[bin_] += 1
                     c.on_success()
@@ -277,6 +288,17 @@ def test_a_storm_refusing_everything_costs_little_and_the_climb_is_quick() -> No
     assert sum(server.refused[50:56]) <= 30  # the storm's 429s
     assert server.back_after(5.5) <= 1.5
     assert server.accepted(7.0, 9.0) >= 0.95 * 150
+
+
+def test_a_proxy_refusing_a_share_at_random_is_not_a_limit() -> None:
+    clock = FakeClock()
+    c = RateController(clock=clock)
+    server = Server([(0.0, 200.0)], proxy=(4.0, 4.9))  # 2 in 3 refused, whatever the rate
+    server.drive(c, clock, 8.0)
+    assert server.accepted(3.0, 4.0) >= 0.95 * 200
+    # cutting cannot help: the rate holds above a fifth of the limit, not near the floor...
+    assert server.accepted(4.3, 4.9) >= 0.2 * 200 / 3
+    assert server.back_after(4.9) <= 2.0  # ...and is back within 2 s of the storm's end
 
 
 def test_without_memory_the_probe_above_a_steady_limit_is_slow() -> None:

@@ -22,8 +22,10 @@ Three parts, so the arithmetic is tested without sleeping:
     then once per ``epoch_s`` while they last. A cut takes off at least a tenth; in a storm
     (the API accepting almost nothing since the last cut) it halves, every 50 ms down to a
     tenth of what the API accepted before, then once an epoch: a storm says nothing of the
-    limit and does not drop the rate to its floor. A 429 to a request sent before the last
-    cut says nothing new.
+    limit and does not drop the rate to its floor. When the API refuses the same share of
+    answers after a cut as before it, it refuses a share, not a rate (a proxy's storm of
+    429s): the rate holds, and afterwards climbs back to what the API accepted as the episode
+    began. A 429 to a request sent before the last cut says nothing new.
   * Recovery (CUBIC's shape, with memory): after a cut the rate climbs back, concave, in
     ``climb_s`` to 98% of what the API accepted at the cut; if it had accepted more than
     that before the episode (within ``memory_s``), it climbs on to that rate along an
@@ -81,6 +83,8 @@ _CUT_LEAST = 0.9  # any cut keeps at most this share
 _PLATEAU = 0.98  # the climb after a cut aims at this share of what the API accepted
 _ABOVE = 1.02  # a rate this far above what the API last accepted is a probe
 _STORM_SHARE = 0.1  # accepting less than this share of the rate since a cut is a storm
+_SHARE_ANSWERS = 10  # a share is measured over at least this many answers
+_SHARE_ROSE = 1.25  # shares within this factor of each other are about the same
 _FAR = 1.1  # what the API accepted before counts as a goal of its own this far above
 _NEAR = 1.5  # a remembered rate less than this far above is climbed to over 3 x probe_s
 _GROW = 0.01  # the probe above the top: +_GROW * t**3 of it, t in seconds
@@ -142,6 +146,11 @@ class RateController:
         self._no = [0] * _BINS
         self._bin_at = int(now / _BIN_S)
         self._ok_since_cut = 0
+        self._no_since_cut = 0
+        # the accepted share of the answers between the last two cuts, and the rate then
+        self._share: tuple[float | None, float] | None = None
+        self._shares = False  # this episode's API refuses a share of requests, not a rate
+        self._pre = self.rate  # what the API accepted as the episode began
         self._second_look = False  # an episode's first cut was made: one quick second look
         self._first_episode = True
         # the recovery curve: from ``_from`` (just after the cut) up to ``_w`` (what the API
@@ -216,6 +225,7 @@ class RateController:
         self.throttled += 1
         now = self.clock()
         self._no[self._roll(now)] += 1
+        self._no_since_cut += 1
         last = self._last_decrease
         if last is not None and sent_at is not None and sent_at < last:
             return False  # sent at the old rate: nothing new
@@ -247,13 +257,15 @@ class RateController:
             accepted = min(rate, self._recent_accepted_rate(now))
             target = _LAND * accepted if accepted else rate / 2
             self._remember(max(target, accepted), now, force=True)
+            self._pre = accepted
             self.slow_start = False
             self._second_look = True
         elif now - last > _EPISODE_GAP_S or self._t >= self.climb_s:
             # a new episode: remember what the API accepted before it, cut to 95% of what
             # it accepted in the last half second (at once to half if most answers of the
             # last 200 ms were 429s) and take a second look soon
-            self._remember(min(rate, self._accepted_rate(now, 1.0)), now)
+            self._pre = min(rate, self._accepted_rate(now, 1.0))
+            self._remember(self._pre, now)
             accepted = min(rate, self._accepted_rate(now, 0.5))
             target = max(rate * _CUT_MOST, min(rate * _CUT_LEAST, _LAND * accepted))
             current = self._roll(now)
@@ -262,17 +274,32 @@ class RateController:
                 target = rate * _CUT_MOST
             self._second_look = True
             self._first_episode = False
+            self._share = None
+            self._shares = False
         else:
             # still refused after a cut: what the API accepted since is the truth to cut to
             accepted = self._ok_since_cut / max(now - last, _LOOK_GAP_S)
             target = min(rate * _CUT_LEAST, _LAND * accepted)
-            if self._second_look and self._first_episode:
+            answers = self._ok_since_cut + self._no_since_cut
+            share = self._ok_since_cut / answers if answers >= _SHARE_ANSWERS else None
+            earlier, self._share = self._share, (share, rate)
+            storm = accepted < _STORM_SHARE * rate
+            if not storm and share is not None and earlier is not None and earlier[0] is not None:
+                # the API refuses about the same share at a rate cut by a fifth: it refuses
+                # a share, not a rate (a proxy's storm of 429s); slower would not help
+                low, high = earlier[0] / _SHARE_ROSE - 0.02, earlier[0] * _SHARE_ROSE + 0.02
+                self._shares = self._shares or (rate <= 0.8 * earlier[1] and low <= share <= high)
+            if self._shares and not storm:
+                target = accepted = rate  # hold, and aim back at what it accepted before
+                self._remember(self._pre, now, force=True)
+            elif storm or answers < _SHARE_ANSWERS:
+                # a storm says nothing of the limit, nor do a few answers (the requests may be
+                # waiting out their Retry-After): halve at most; in a storm, every 50 ms down
+                # to a tenth of what the API accepted before it, then once an epoch
+                target = max(target, rate * _CUT_MOST)
+            elif self._second_look and self._first_episode:
                 # the run's first limit, measured past the server's burst
                 self._remember(max(target, accepted), now, force=True)
-            elif accepted < _STORM_SHARE * rate:
-                # a storm: it says nothing of the limit; halve, down to a tenth of what the
-                # API accepted before it, then once an epoch
-                target = rate * _CUT_MOST
             self._second_look = self._first_episode = False
         self.rate = max(self.floor, min(self.maximum, target))
         self._from = self.rate
@@ -284,7 +311,7 @@ class RateController:
         self._t = 0.0
         self._last_decrease = now
         self._last_step = now
-        self._ok_since_cut = 0
+        self._ok_since_cut = self._no_since_cut = 0
         self.decreases += 1
 
     def _remember(self, accepted: float, now: float, *, force: bool = False) -> None:

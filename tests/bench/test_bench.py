@@ -9,8 +9,20 @@ from worker.simulator.demo import COMBOS, Demo
 
 from . import contenders
 from .harness import SimServer, run_measured
+from .limits import area, recovery
 from .metrics import max_sliding, windows
 from .scenarios import images_for_region_rows, private_pages, write_rows
+
+
+def test_the_area_under_a_schedule_and_the_time_back_to_90_percent() -> None:
+    schedule = ((0.0, 100.0), (2.0, 10.0), (4.0, 0.0), (4.5, 100.0))
+    assert area(schedule, 1.0, 5.0) == 100 + 20 + 0 + 50
+    # 2xx answers: 10/s until 4.5 s, then 40/s for half a second, then 100/s
+    log = [(k / 10, "patch", 200) for k in range(45)]
+    log += [(4.5 + k / 40, "patch", 200) for k in range(20)]
+    log += [(5.0 + k / 100, "patch", 200) for k in range(100)]
+    assert recovery(log, 4.5, 100.0) == 0.91  # 45 in (t - 0.5, t]: 3 at 40/s, 42 at 100/s
+    assert recovery(log[:65], 4.5, 100.0) is None
 
 
 def test_windows_count_each_second_and_average_full_ones() -> None:
