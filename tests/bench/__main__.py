@@ -25,7 +25,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
     parser.add_argument("--only", default=",".join(ORDER),
-                        help="comma-separated scenarios of a,b,c,d,e,f,h,j,m,r,s (default: all)")
+                        help="comma-separated scenarios of a,b,c,d,e,f,h,j,m,r,s,v (default: all)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every image and row count (e.g. 0.1 to iterate)")
     parser.add_argument("--rounds", type=int, default=None,
