@@ -139,8 +139,9 @@ def test_undo_and_resumed_runs_say_what_they_are(
 
     # the run's per-target record gone (its results file deleted): summary and chart stay
     (first / "results.jsonl.gz").unlink()
-    page = run_cli("report", first.name, "--state-dir", state, "--format", "html")
+    page = run_cli("report", first, "--format", "html")  # the run named by its folder
     assert page.returncode == 0, page.stderr
+    assert f"<h1>html-report: run {first.name}</h1>" in page.stdout
     assert "The per-target record is not available" in page.stdout
     assert '<svg xmlns="http://www.w3.org/2000/svg"' in page.stdout
     assert "Exit code 1</b>" in page.stdout

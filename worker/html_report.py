@@ -27,7 +27,14 @@ from typing import Any
 from worker import svgchart, timeline
 from worker.errors import JobError
 from worker.journal import Journal
-from worker.report import EXIT_MEANINGS, REQUEST_KINDS, _duration_text, format_change, open_run
+from worker.report import (
+    EXIT_MEANINGS,
+    PLAN_DONE,
+    REQUEST_KINDS,
+    _duration_text,
+    format_change,
+    open_run,
+)
 from worker.tally import Tally
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
@@ -97,14 +104,16 @@ def _summary(summary: Mapping[str, Any], info: Mapping[str, Any],
     lat: Mapping[str, Any] = summary.get("latency_ms") or {}
     options: Mapping[str, Any] = info.get("options") or {}
     code = summary.get("exit_code")
-    meaning = (EXIT_MEANINGS.get(code, "unknown exit code") if isinstance(code, int)
+    kind = info.get("kind") or summary.get("kind") or "run"
+    meaning = (PLAN_DONE if kind == "plan" and code == 0
+               else EXIT_MEANINGS.get(code, "unknown exit code") if isinstance(code, int)
                else "no exit code: the run is still going, or its process was killed "
                     "(`--resume` goes on)")
     ceiling = options.get("rate_ceiling")
     run_rows: list[tuple[str, Any]] = [
         ("job", summary.get("job") or info.get("job_name")),
         ("run", summary.get("run_id") or info.get("run_id")),
-        ("kind", info.get("kind") or summary.get("kind") or "run"),
+        ("kind", kind),
         ("started", summary.get("started_at") or info.get("started_at")),
         ("finished", summary.get("finished_at") or info.get("finished_at") or "-"),
         ("duration", _duration_text(float(summary.get("duration_s") or 0.0))),
@@ -229,6 +238,7 @@ def build(state_dir: Path, run_id: str) -> str:
         tally, missing = _record(journal, run_id, str(info.get("kind") or "run"))
     finally:
         journal.close()
+    run_id = str(info.get("run_id") or run_id)  # RUN_ID may have been the run's folder
     title = f"{summary.get('job') or info.get('job_name')}: run {run_id}"
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
