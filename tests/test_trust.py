@@ -240,3 +240,17 @@ def test_a_nul_in_an_argument_is_a_plain_exit_2(
     assert ended.value.code == 2
     err = capsys.readouterr().err
     assert "NUL character" in err and "internal error" not in err
+
+
+# -- door 1 and door 7: what an error shows of a selector file's own text ---------------------
+def test_an_error_shows_a_short_escaped_excerpt_of_a_file_s_text(tmp_path: Path) -> None:
+    secret = "sk-0123456789abcdef0123456789abcdef"
+    (tmp_path / "esc.csv").write_text("image_id,\x1b]8;;http://x.invalid\x07x\n")
+    (tmp_path / "key.json").write_text(f'[{{"image_id": "img-1", "{secret}": 1}}]')
+    for name in ("esc.csv", "key.json"):
+        path = write_job(tmp_path, {**JOB, "targets": [{"file": name}]})
+        refused = run_cli("validate", path)
+        assert refused.returncode == 2, refused.stderr
+        assert f"{name}:1:" in refused.stderr and "unknown" in refused.stderr
+        assert "\x1b" not in refused.stderr and "\x07" not in refused.stderr
+        assert secret[16:] not in refused.stderr, refused.stderr

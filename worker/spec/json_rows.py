@@ -17,7 +17,7 @@ from worker.spec.checks import (
     _Problem,
     _short,
 )
-from worker.spec.rows import _NO_CHANGES, Row, _image_id, _Rows
+from worker.spec.rows import _NO_CHANGES, CSV_SHOWN, Row, _image_id, _Rows
 from worker.spec.source import _WS, _DuplicateKey, _pairs
 
 _ROW_KEYS = ("project_id", "region_id", "image_id", "set_tags", "remove_tags", "set")
@@ -47,10 +47,10 @@ def _json_row(obj: object, rows: _Rows, line: int) -> Row:
             )
         for key in () if _ROW_KEY_SET.issuperset(obj) else obj:
             if key not in _ROW_KEY_SET:
-                raise _Problem(
+                raise _Problem(  # the file's own text: shown short, as a CSV header cell
                     "unknown key",
                     hint=_did_you_mean(key, _ROW_KEYS) or "row keys: " + ", ".join(_ROW_KEYS),
-                    at=(key,),
+                    at=(key if len(key) <= CSV_SHOWN else key[:CSV_SHOWN] + "...",),
                 )
         if "image_id" not in obj:
             raise _Problem("is required", at=("image_id",))
