@@ -65,8 +65,8 @@ _JSON_BODY = {"Content-Type": "application/json"}
 #: The largest answer read (bytes). A list page of 1,000 simulator images is about 1 MB.
 MAX_BODY = 10 * 1024 * 1024
 #: The most JSON values an answer may hold (a bound on the memory its parsed form takes: a
-#: page of 1,000 images holds about 40,000).
-MAX_ITEMS = 1_000_000
+#: page of 1,000 simulator images holds about 39,000; 400,000 one-key objects take ~65 MB).
+MAX_ITEMS = 400_000
 
 #: the probe's budget: connect and read timeouts of its one request (seconds)
 PROBE_TIMEOUT_S = 5.0
