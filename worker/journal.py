@@ -326,11 +326,9 @@ class Journal:
         if len(self._outcomes) >= self.batch:
             self._wake.set()
 
-    def _write(self, targets: list[tuple[Any, ...]], outcomes: list[tuple[Any, ...]],
-               counted: tuple[Any, ...] | None = None, seconds: list[timeline.Row] | None = None,
-               ) -> None:
+    def _write(self, *rows: Any) -> None:  # _write_locked's arguments
         with self._db:
-            self._write_locked(targets, outcomes, counted, seconds)
+            self._write_locked(*rows)
 
     def _write_locked(
         self, targets: list[tuple[Any, ...]], outcomes: list[tuple[Any, ...]],
@@ -339,8 +337,7 @@ class Journal:
         conn = self._conn
         conn.execute("BEGIN")
         try:
-            if seconds:
-                timeline.write(conn, seconds)
+            timeline.write(conn, seconds)  # the report's seconds, if any
             if counted is not None:
                 conn.execute("UPDATE processes SET requests = ?, running_s = ? WHERE id = ?",
                              counted)
@@ -468,8 +465,7 @@ class Journal:
 
     def track_timeline(self, sample: timeline.Sample) -> None:
         """From now on every commit carries the seconds ended since (worker.timeline)."""
-        with self._db:
-            timeline.create(self._conn)
+        self._execute(timeline.SCHEMA)
         self._timeline = timeline.Timeline(sample)
 
     def _counters(self, *, force: bool = False) -> tuple[Any, ...] | None:

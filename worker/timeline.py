@@ -75,13 +75,10 @@ class Timeline:
         return rows
 
 
-def create(conn: sqlite3.Connection) -> None:
-    conn.executescript(SCHEMA)
-
-
-def write(conn: sqlite3.Connection, rows: list[Row]) -> None:
-    """Add ``rows`` (inside the caller's transaction)."""
-    conn.executemany(_UPSERT, rows)
+def write(conn: sqlite3.Connection, rows: list[Row] | None) -> None:
+    """Add ``rows`` (inside the caller's transaction); none: nothing (the table may not be)."""
+    if rows:
+        conn.executemany(_UPSERT, rows)
 
 
 def read(journal_path: Path) -> Iterator[Row]:
