@@ -8,8 +8,8 @@ A small aiohttp server of the test's own (in a thread, so the CLI's peak RSS can
 - a body dripping one byte a second: no request outlives its deadline (the retry budget);
 - a ``count`` that lies while the offset is ignored: paging ends;
 - JSON nested 200,000 deep, tags that are not objects, a page of 5,000 images where 1,000
-  were asked: a clear stop (75), never 70; the same in the answer to one image's PATCH: that
-  target fails (``bad_answer``), the others go on;
+  were asked: a clear stop (75), never 70; the same (or over 1 MiB) in the answer to one
+  image's PATCH: that target fails (``bad_answer``), the others go on;
 - ids built to leave the URL path (``../../../../projects``, a task id ``../../evil?x=``):
   never sent, the image fails ``bad_id`` / ``bad_answer``; every path the server saw stayed
   under the images and tasks it serves;
@@ -95,6 +95,8 @@ class Hostile:
             image = _image(request.match_info["tail"].rsplit("/", 1)[-1])
             if self.mode == "answers" and image["id"] == "odd-1":  # tags that are not objects
                 return web.json_response({**image, "tags": ["owner", 7]})
+            if self.mode == "answers" and image["id"] == "huge-1":  # 2 MB about one image
+                return web.json_response({**image, "description": "x" * 2_000_000})
             if self.mode == "answers" and image["id"] == "deep-1":
                 return web.Response(body=b"[" * 200_000 + b"]" * 200_000,
                                     content_type="application/json")
@@ -145,8 +147,8 @@ class Hostile:
             return web.json_response({"count": 2, "results": [
                 _image("ok-1"), _image("odd-1", tags=["owner", 7])]})
         if mode == "answers":  # a fine list; the PATCH answers of two images are not
-            return web.json_response({"count": 3, "results": [
-                _image("ok-1"), _image("odd-1"), _image("deep-1")]})
+            return web.json_response({"count": 4, "results": [
+                _image("ok-1"), _image("odd-1"), _image("deep-1"), _image("huge-1")]})
         if mode == "names":
             return web.json_response({"count": len(NAMES), "results": [
                 _image(image_id, name=name) for image_id, name in NAMES.items()]})
@@ -282,8 +284,10 @@ def test_a_malformed_answer_to_one_image_fails_that_target(
     (run_dir,) = run_dirs(tmp_path / "state")
     by_id = {r["image_id"]: (r["status"], r["reason"]) for r in results(run_dir)}
     assert by_id == {"ok-1": ("updated", None), "odd-1": ("failed", "bad_answer"),
-                     "deep-1": ("failed", "bad_answer")}
-    assert hostile.count("PATCH") == 3  # each once: a bad answer is not retried
+                     "deep-1": ("failed", "bad_answer"), "huge-1": ("failed", "bad_answer")}
+    assert hostile.count("PATCH") == 4  # each once: a bad answer is not retried
+    huge = next(r for r in results(run_dir) if r["image_id"] == "huge-1")
+    assert "at most 1,048,576" in huge["error"]
 
 
 @pytest.mark.parametrize("hostile", ["ids"], indirect=True)

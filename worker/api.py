@@ -11,7 +11,8 @@ seam, ``Client._request``, which takes a rate-limiter slot, sends, and maps the 
 
 Bodies are parsed only as far as needed: an error body may be an HTML page from a proxy.
 An answer is not trusted (README: threat model): a body over ``MAX_BODY`` bytes or with more
-than ``MAX_ITEMS`` JSON values is not read further, JSON nested deeper than orjson's limit is
+than ``MAX_ITEMS`` JSON values (a list; ``MAX_BODY_ONE`` and ``MAX_ITEMS_ONE`` for an answer
+about one image or task) is not read further, JSON nested deeper than orjson's limit is
 refused, and a 2xx answer that is not JSON or not shaped as documented raises ``BadAnswer``
 (never retried). Every request has a total deadline (``Settings.request_timeout_s``) on top
 of the connect and read timeouts, so a body dripping a byte at a time cannot hold it. Bodies
@@ -64,6 +65,10 @@ DEFAULT_BASE_URL = "https://api.gcore.com"
 _JSON_BODY = {"Content-Type": "application/json"}
 #: The largest answer read (bytes). A list page of 1,000 simulator images is about 1 MB.
 MAX_BODY = 10 * 1024 * 1024
+#: The same for an answer about one image or task (up to the concurrency of them are read at
+#: once): an image of 255 tags of 255-character keys and values is about 130 KB, 800 values.
+MAX_BODY_ONE = 1024 * 1024
+MAX_ITEMS_ONE = 20_000
 #: The most JSON values an answer may hold (a bound on the memory its parsed form takes: a
 #: page of 1,000 simulator images holds about 39,000; 400,000 one-key objects take ~65 MB).
 MAX_ITEMS = 400_000
@@ -110,13 +115,13 @@ def no_answer(exc: BaseException, method: str, url: str) -> NoAnswer:
     return NoAnswer(f"{request}: connection to {where} lost ({type(exc).__name__})", cause="lost")
 
 
-def _loads(raw: bytes | bytearray) -> Any:
+def _loads(raw: bytes | bytearray, max_items: int = MAX_ITEMS) -> Any:
     """JSON of an answer: orjson, or json where orjson is stricter (a lone surrogate).
 
     ValueError for what is not JSON; ``BadAnswer`` for JSON nested too deep or holding too
     many values (retrying will not shrink it)."""
-    if raw.count(b",") > MAX_ITEMS:
-        raise BadAnswer(f"an answer of more than {MAX_ITEMS:,} JSON values", status=200)
+    if raw.count(b",") > max_items:
+        raise BadAnswer(f"an answer of more than {max_items:,} JSON values", status=200)
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -348,7 +353,8 @@ class Client:
                 timeout=self.session.timeout if deadline is None else deadline,
             ) as resp:
                 status = resp.status
-                raw = await _read_capped(resp)
+                one = kind not in _LISTS
+                raw = await _read_capped(resp, MAX_BODY_ONE if one else MAX_BODY)
                 answered = time.monotonic()
                 if rate_headers.present(resp.headers):
                     self.limiter.stated(resp.headers)
@@ -358,7 +364,7 @@ class Client:
                     self.limiter.success()
                     self.last_ok = answered
                     try:
-                        return _loads(raw) if raw else None
+                        return _loads(raw, MAX_ITEMS_ONE if one else MAX_ITEMS) if raw else None
                     except ValueError:  # a proxy's page, say: it may pass
                         self.counts.transient += 1
                         raise Transient("the answer was not valid JSON", status=status) from None
@@ -485,19 +491,22 @@ class Client:
         return _image(data, project_id, region_id)
 
 
-async def _read_capped(resp: aiohttp.ClientResponse) -> bytes | bytearray:
-    """The body, refused (``BadAnswer``) past ``MAX_BODY`` bytes without reading the rest."""
+_LISTS = frozenset(("list", "projects", "regions"))
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes | bytearray:
+    """The body, refused (``BadAnswer``) past ``cap`` bytes without reading the rest."""
     length = resp.content_length
     if length is not None:  # aiohttp reads no more than the length said
-        if length > MAX_BODY:
-            raise BadAnswer(f"an answer of {length:,} bytes (at most {MAX_BODY:,} are read)",
+        if length > cap:
+            raise BadAnswer(f"an answer of {length:,} bytes (at most {cap:,} are read)",
                             status=resp.status)
         return await resp.read()
     body = bytearray()
     async for chunk in resp.content.iter_any():
         body += chunk
-        if len(body) > MAX_BODY:
-            raise BadAnswer(f"an answer over {MAX_BODY:,} bytes (the rest was not read)",
+        if len(body) > cap:
+            raise BadAnswer(f"an answer over {cap:,} bytes (the rest was not read)",
                             status=resp.status)
     return body
 
