@@ -12,6 +12,7 @@ file system: a tmpfs mounted for the test (root may mount one; elsewhere these t
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,8 +28,11 @@ from tests.test_resume import (
     run_cli,
     targeted,
 )
+from worker.exports import write_exports
+from worker.journal import Journal
+from worker.models import Changes
 from worker.simulator import SimulatorThread
-from worker.statevol import DEFAULT_BYTES_PER_TARGET, folder_bytes
+from worker.statevol import DEFAULT_BYTES_PER_TARGET, folder_bytes, free_bytes
 
 fresh_sim = test_resume.fresh_sim  # the fixture, shared
 
@@ -110,7 +114,7 @@ def test_a_full_volume_stops_plainly_and_resume_finishes_once_space_is_freed(
     err = third.err.read_text()
     assert third.proc.returncode == EXIT_STATE_VOLUME, third.text()
     assert f"the state volume {state} is full for this run" in err
-    assert f"a run of {len(targets)} targets needs about" in err and "nothing was sent" in err
+    assert f"a run of {len(targets)} targets needs about" in err and "nothing was sent" in err, err
     assert sim.call(sim.sim.counters.total) == before
     assert [p for p in state.iterdir() if p.is_dir()] == [run_dir], "no folder made"
 
@@ -127,3 +131,31 @@ def test_a_read_only_volume_is_named_plainly(
     assert f"error: cannot write {volume / 'state'}: permission denied" in err, err
     assert "Traceback" not in err
     assert sim.call(sim.sim.counters.total) == 0
+
+
+def test_a_full_volume_leaves_a_finished_journal_whole_instead_of_compacting_it(
+    tmpfs: Callable[..., Path]
+) -> None:
+    """Compaction needs room (the dropped tables' pages go through the WAL): without it the
+    journal stays whole, readable, and no "cannot rollback" error stands for the full disk."""
+    run_dir = tmpfs("2m") / "state" / "r1"
+    journal = Journal(run_dir)
+    journal.create_run(run_id="r1", kind="run", job_name="full", job_path=None, job_hash="h",
+                       options={})
+    for i in range(400):
+        journal.add_target(project_id=1, region_id=2, image_id=f"img-{i:04d}", name="n" * 200,
+                           source="test", changes=Changes(set_tags={"k": "v"}),
+                           before={"tags": {"a": "b" * 300}}, patch={"tags": {"k": "v"}},
+                           lock_task=None, plan_status="unchanged", plan_reason="unchanged",
+                           plan_detail=None)
+    journal.flush_sync()
+    rows = write_exports(run_dir, journal.iter_results("r1", raw=True), {"run_id": "r1"})
+    journal.finish_run(0, {"run_id": "r1"})
+    filler = run_dir.parent / "filler"
+    with filler.open("wb", buffering=0) as fh, contextlib.suppress(OSError):
+        while True:
+            fh.write(b"\0" * 4096)
+    assert free_bytes(run_dir) < 8192, "the volume is full"
+    assert journal.compact(rows) is False
+    assert sum(1 for _ in journal.iter_results("r1")) == 400, "the record whole"
+    journal.close()

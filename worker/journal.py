@@ -30,11 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,7 +41,7 @@ from typing import Any
 
 import orjson
 
-from worker import record, safety, timeline
+from worker import processes, record, safety, timeline
 from worker.errors import BulkTaggerError, ExitCode
 from worker.log import scrub
 from worker.models import (
@@ -80,19 +79,6 @@ CREATE TABLE IF NOT EXISTS outcomes (
 );
 """
 
-#: each process that works the run: its request counters and running time, committed with the
-#: batched commits (and every COUNTERS_S between them), so a summary adds up killed ones too
-PROCESS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS processes (
-    id INTEGER PRIMARY KEY, pid INTEGER, started_at TEXT NOT NULL,
-    running_s REAL NOT NULL DEFAULT 0, requests TEXT NOT NULL DEFAULT '{}'
-);
-"""
-#: how often this process's counters are committed between batches (seconds)
-COUNTERS_S = 0.05
-
-#: what a process reports of itself: (requests by kind, seconds it has run)
-Counters = Callable[[], tuple[dict[str, int], float]]
 
 
 #: the pending targets (planned, no outcome yet): what the apply phase sends
@@ -206,7 +192,7 @@ class Journal:
         self._stopping = False
         self._failed: BaseException | None = None
         self._closed = False
-        self._process: tuple[int, Counters] | None = None
+        self._process: tuple[int, processes.Counters] | None = None
         self._counted: tuple[Any, ...] | None = None  # the counters last committed
         self._timeline: timeline.Timeline | None = None  # the report's seconds (timeline.py)
 
@@ -339,8 +325,7 @@ class Journal:
         try:
             timeline.write(conn, seconds)  # the report's seconds, if any
             if counted is not None:
-                conn.execute("UPDATE processes SET requests = ?, running_s = ? WHERE id = ?",
-                             counted)
+                conn.execute(processes.UPDATE, counted)
             if targets:
                 # a target staged twice (resume of an unfinished plan) keeps its first row;
                 # plan-time outcomes find their target's seq by its key
@@ -439,7 +424,7 @@ class Journal:
         clock = time.monotonic
         last = clock()
         while not self._stopping:
-            step = min(self.flush_s, COUNTERS_S) if self._process else self.flush_s
+            step = min(self.flush_s, processes.COUNTERS_S) if self._process else self.flush_s
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), step)
             try:
@@ -453,15 +438,10 @@ class Journal:
                 return  # add_outcome and flush raise it from now on
 
     # -- the processes that worked the run ----------------------------------------------------
-    def track_process(self, counters: Counters, started_at: datetime) -> None:
+    def track_process(self, counters: processes.Counters, started_at: datetime) -> None:
         """Record this process; from now on every commit carries what ``counters`` says."""
-        since = started_at.astimezone(UTC).isoformat(timespec="milliseconds")
         with self._db:
-            self._conn.executescript(PROCESS_SCHEMA)
-            cur = self._conn.execute("INSERT INTO processes (pid, started_at) VALUES (?, ?)",
-                                     (os.getpid(), since.replace("+00:00", "Z")))
-        assert cur.lastrowid is not None
-        self._process = (cur.lastrowid, counters)
+            self._process = (processes.create(self._conn, started_at), counters)
 
     def track_timeline(self, sample: timeline.Sample) -> None:
         """From now on every commit carries the seconds ended since (worker.timeline)."""
@@ -480,24 +460,9 @@ class Journal:
         return counted
 
     def earlier_processes(self) -> dict[str, Any] | None:
-        """The processes that worked this run before this one, added up (``requests``,
-        ``duration_s``, ``processes``, the run's ``started_at``), or None if none recorded."""
-        mine = self._process[0] if self._process else -1
-        try:
-            rows = self._execute(
-                "SELECT requests, running_s, started_at FROM processes WHERE id != ?"
-                " ORDER BY id", (mine,))
-        except sqlite3.OperationalError:  # a journal from before the table
-            return None
-        if not rows:
-            return None
-        requests: dict[str, int] = {}
-        for text, _, _ in rows:
-            for name, value in (_load(text) or {}).items():
-                if isinstance(value, int):
-                    requests[name] = requests.get(name, 0) + value
-        return {"requests": requests, "duration_s": sum(r[1] for r in rows),
-                "processes": len(rows), "started_at": rows[0][2]}
+        """The processes that worked this run before this one, added up (worker.processes)."""
+        with self._db:
+            return processes.earlier(self._conn, self._process[0] if self._process else -1)
 
     def start_writer(self) -> None:
         if self._writer is None:
@@ -531,7 +496,11 @@ class Journal:
         if not self.compacted:
             self.flush_sync()
             with self._db:
-                self.compacted = record.compact(self._conn, self.run_dir, exported)
+                try:
+                    self.compacted = record.compact(self._conn, self.run_dir, exported)
+                except sqlite3.Error as exc:  # no room to compact in (disk full): left whole
+                    if volume_error(exc, self.run_dir.parent) is None:
+                        raise
         return self.compacted
 
     # -- reads --------------------------------------------------------------------------------

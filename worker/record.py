@@ -11,6 +11,7 @@ stream: memory stays flat for any number of targets.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import sqlite3
 import zlib
@@ -63,7 +64,9 @@ def compact(conn: sqlite3.Connection, run_dir: Path, exported: int) -> bool:
         conn.execute("DROP TABLE targets")
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # a failed COMMIT (disk full) may have rolled back already
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
         raise
     conn.execute("VACUUM")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
