@@ -172,3 +172,47 @@ def test_half_a_shard_setting_is_exit_2(tmp_path: Path, env: dict[str, str]) -> 
     assert proc.returncode == 2, proc.stderr
     assert "JOB_COMPLETION_INDEX" in proc.stderr and "BULK_TAGGER_SHARDS" in proc.stderr
     assert _no_run(tmp_path / "s")
+
+
+# -- selector files that mean something else -----------------------------------------------------
+def _with_two_tags(st: SimulatorThread) -> dict[str, Any]:
+    return next(i for i in st.call(st.sim.images)
+                if {"env", "legacy"} <= {t["key"] for t in i["tags"] if not t["read_only"]})
+
+
+def _rows_job(folder: Path, csv_text: str) -> Path:
+    (folder / "rows.csv").write_text(csv_text)
+    return write_job(folder, {"name": "rows", "targets": [{"file": "rows.csv"}]})
+
+
+def test_remove_tags_takes_commas_as_well_as_semicolons(
+    sim_thread: SimulatorThread, tmp_path: Path
+) -> None:
+    image = _with_two_tags(sim_thread)
+    where = f"{image['project_id']},{image['region_id']},{image['id']}"
+    job = _rows_job(tmp_path, f"project_id,region_id,image_id,remove_tags\n{where},\"legacy,env\"\n")
+    proc = run_cli("run", job, "--base-url", sim_thread.url, "--state-dir", tmp_path / "s")
+    assert proc.returncode == 0, proc.stderr
+    after = next(i for i in sim_thread.call(sim_thread.sim.images) if i["id"] == image["id"])
+    assert not {"env", "legacy"} & {t["key"] for t in after["tags"]}
+    assert _requests(sim_thread)["patch"] == 1
+
+
+def test_one_image_in_two_rows_that_disagree_is_exit_2_naming_both_lines(
+    sim_thread: SimulatorThread, tmp_path: Path
+) -> None:
+    image = _with_two_tags(sim_thread)
+    where = f"{image['project_id']},{image['region_id']},{image['id']}"
+    agree = f"project_id,region_id,image_id,tag:owner\n{where},ana\n{where},ana\n"
+    proc = run_cli("run", _rows_job(tmp_path, agree), "--base-url", sim_thread.url,
+                   "--state-dir", tmp_path / "s")
+    assert proc.returncode == 0, proc.stderr  # the same values twice: no contradiction
+    patches = _requests(sim_thread)["patch"]
+    disagree = f"project_id,region_id,image_id,tag:owner\n{where},ana\n{where},bob\n"
+    proc = run_cli("run", _rows_job(tmp_path, disagree), "--base-url", sim_thread.url,
+                   "--state-dir", tmp_path / "s")
+    assert proc.returncode == 2, proc.stderr
+    assert "rows.csv:3" in proc.stderr and "rows.csv:2" in proc.stderr
+    assert f"image {image['id']} is named again" in proc.stderr
+    assert "'bob', not 'ana'" in proc.stderr
+    assert _requests(sim_thread)["patch"] == patches  # nothing sent

@@ -105,6 +105,22 @@ def selector_label(number: int, selector: spec.QuerySelector | spec.FileSelector
     return f"query {number}"
 
 
+def _disagree(old: Changes, new: Changes) -> str | None:
+    """How two rows naming one image contradict each other (None where they agree)."""
+    for key, value in new.set_tags.items():
+        if key in old.remove_tags:
+            return f"sets tag {key!r}, removed"
+        if old.set_tags.get(key, value) != value:
+            return f"sets tag {key!r} to {value!r}, not {old.set_tags[key]!r},"
+    for key in new.remove_tags:
+        if key in old.set_tags:
+            return f"removes tag {key!r}, set"
+    for name, field_value in new.set_fields.items():
+        if old.set_fields.get(name, field_value) != field_value:
+            return f"sets {name} to {field_value!r}, not {old.set_fields[name]!r},"
+    return None
+
+
 class _Stage:
     """The staging file: file rows waiting for their state, and the keys already emitted."""
 
@@ -139,12 +155,21 @@ class _Stage:
                     (row.project_id, row.region_id, row.image_id,
                      changes_to_json(row.changes), f"{row.file}:{row.line}"),
                 )
-                if cur.rowcount == 0:  # named twice: the later row's changes win
-                    (old,) = conn.execute(
-                        "SELECT changes FROM rows WHERE p=? AND r=? AND id=?",
+                if cur.rowcount == 0:  # named twice: the rows' changes add up, if they agree
+                    old, where = conn.execute(
+                        "SELECT changes, source FROM rows WHERE p=? AND r=? AND id=?",
                         (row.project_id, row.region_id, row.image_id),
                     ).fetchone()
-                    merged = changes_from_json(old).merged(row.changes)
+                    earlier = changes_from_json(old)
+                    clash = _disagree(earlier, row.changes)
+                    if clash is not None:
+                        conn.execute("ROLLBACK")
+                        raise JobError(
+                            f"image {row.image_id} is named again, and {clash} than at {where}",
+                            file=row.file, line=row.line, field="image_id",
+                            hint="one row an image, or rows that agree",
+                        )
+                    merged = earlier.merged(row.changes)
                     conn.execute(
                         "UPDATE rows SET changes=? WHERE p=? AND r=? AND id=?",
                         (changes_to_json(merged), row.project_id, row.region_id, row.image_id),

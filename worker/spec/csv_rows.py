@@ -126,7 +126,9 @@ def _csv_row(
             elif kind == "tag":
                 set_tags[column.key] = _check_value(cell)
             elif kind == "remove_tags":
-                removed = tuple(dict.fromkeys(_check_key(k.strip()) for k in cell.split(";") if k))
+                # keys separated by ';' or ',' (a key holding a comma: a JSON row removes it)
+                keys = cell.replace(",", ";").split(";")
+                removed = tuple(dict.fromkeys(_check_key(k.strip()) for k in keys if k.strip()))
             else:
                 fields[column.key] = _check_field(column.key, cell)
     except _Problem as exc:
