@@ -190,7 +190,8 @@ def test_remove_tags_takes_commas_as_well_as_semicolons(
 ) -> None:
     image = _with_two_tags(sim_thread)
     where = f"{image['project_id']},{image['region_id']},{image['id']}"
-    job = _rows_job(tmp_path, f"project_id,region_id,image_id,remove_tags\n{where},\"legacy,env\"\n")
+    csv_text = f'project_id,region_id,image_id,remove_tags\n{where},"legacy,env"\n'
+    job = _rows_job(tmp_path, csv_text)
     proc = run_cli("run", job, "--base-url", sim_thread.url, "--state-dir", tmp_path / "s")
     assert proc.returncode == 0, proc.stderr
     after = next(i for i in sim_thread.call(sim_thread.sim.images) if i["id"] == image["id"])

@@ -121,7 +121,7 @@ async def test_each_image_once_and_row_changes_win(sim_factory: Any, tmp_path: P
              "image_id": two["id"]}
     (tmp_path / "b.jsonl").write_text(
         json.dumps({**where, "set_tags": {"x": "1"}}) + "\n"
-        + json.dumps({**where, "set_tags": {"x": "2"}}) + "\n"
+        + json.dumps({**where, "set_tags": {"y": "2"}}) + "\n"  # rows that agree add up
     )
     job = write_job(tmp_path, {
         "name": "d",
@@ -139,7 +139,7 @@ async def test_each_image_once_and_row_changes_win(sim_factory: Any, tmp_path: P
     by_id = {t.image_id: t for t in targets}
     assert dict(by_id[one["id"]].changes.set_tags) == {"env": "from-row", "managed": "yes"}
     assert dict(by_id[two["id"]].changes.set_tags) == {"env": "from-job", "managed": "yes",
-                                                       "x": "2"}
+                                                       "x": "1", "y": "2"}
     assert {t.image_id for t in targets} >= {i["id"] for i in private}
 
 

@@ -308,6 +308,16 @@ def validate(job: str, *, logs: LogOptions) -> None:
 
 
 @cli.command()
+def schema() -> None:
+    """Print the JSON Schema of the job file (for editors; docs/job-file.md)."""
+    import json
+
+    from worker.spec import job_schema
+
+    click.echo(json.dumps(job_schema(), indent=2))
+
+
+@cli.command()
 @click.argument("job", type=click.Path(dir_okay=False))
 @_STATE_DIR
 @_logs

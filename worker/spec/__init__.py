@@ -6,6 +6,7 @@ Public API::
     iter_rows(job, selector, *, env=None) -> Iterator[Row]     # a FileSelector's rows, streamed
     check_selector_files(job, *, env=None) -> dict[str, int]   # rows per selector file
     template_fields(text) -> list[str]     # worker.templates.check, as a job-file problem
+    job_schema() -> dict                   # the job file's JSON Schema (bulk-tagger schema)
 
 Every problem is a ``worker.errors.JobError`` that names the file, the line (1-based; for CSV the
 physical line, 1 = the header) and the field as a dotted path (``targets[1].query.visibility``,
@@ -30,7 +31,8 @@ The modules, imported one way (each only from those above it):
 - ``source``: YAML/JSON text with every key's line;
 - ``translate``: pydantic errors as file, line, field and hint;
 - ``rows``, ``csv_rows``, ``json_rows``: the selector files' row streams;
-- ``load``: ``load_job``, ``iter_rows``, ``check_selector_files``.
+- ``load``: ``load_job``, ``iter_rows``, ``check_selector_files``;
+- ``schema``: ``job_schema``, the models' JSON Schema for editors.
 """
 
 from worker.spec.checks import PROJECT_ENV, REGION_ENV, template_fields
@@ -45,6 +47,7 @@ from worker.spec.models import (
     SetFields,
 )
 from worker.spec.rows import Row
+from worker.spec.schema import job_schema
 
 __all__ = [
     "PROJECT_ENV",
@@ -59,6 +62,7 @@ __all__ = [
     "SetFields",
     "check_selector_files",
     "iter_rows",
+    "job_schema",
     "load_job",
     "template_fields",
 ]
