@@ -175,9 +175,11 @@ def test_half_a_shard_setting_is_exit_2(tmp_path: Path, env: dict[str, str]) -> 
 
 
 # -- selector files that mean something else -----------------------------------------------------
-def _with_two_tags(st: SimulatorThread) -> dict[str, Any]:
-    return next(i for i in st.call(st.sim.images)
-                if {"env", "legacy"} <= {t["key"] for t in i["tags"] if not t["read_only"]})
+def _with_two_tags(st: SimulatorThread) -> tuple[dict[str, Any], str]:
+    """An image holding tags env and legacy, and its CSV cells project,region,image."""
+    image = next(i for i in st.call(st.sim.images)
+                 if {"env", "legacy"} <= {t["key"] for t in i["tags"] if not t["read_only"]})
+    return image, f"{image['project_id']},{image['region_id']},{image['id']}"
 
 
 def _rows_job(folder: Path, csv_text: str) -> Path:
@@ -188,8 +190,7 @@ def _rows_job(folder: Path, csv_text: str) -> Path:
 def test_remove_tags_takes_commas_as_well_as_semicolons(
     sim_thread: SimulatorThread, tmp_path: Path
 ) -> None:
-    image = _with_two_tags(sim_thread)
-    where = f"{image['project_id']},{image['region_id']},{image['id']}"
+    image, where = _with_two_tags(sim_thread)
     csv_text = f'project_id,region_id,image_id,remove_tags\n{where},"legacy,env"\n'
     job = _rows_job(tmp_path, csv_text)
     proc = run_cli("run", job, "--base-url", sim_thread.url, "--state-dir", tmp_path / "s")
@@ -202,8 +203,7 @@ def test_remove_tags_takes_commas_as_well_as_semicolons(
 def test_one_image_in_two_rows_that_disagree_is_exit_2_naming_both_lines(
     sim_thread: SimulatorThread, tmp_path: Path
 ) -> None:
-    image = _with_two_tags(sim_thread)
-    where = f"{image['project_id']},{image['region_id']},{image['id']}"
+    image, where = _with_two_tags(sim_thread)
     agree = f"project_id,region_id,image_id,tag:owner\n{where},ana\n{where},ana\n"
     proc = run_cli("run", _rows_job(tmp_path, agree), "--base-url", sim_thread.url,
                    "--state-dir", tmp_path / "s")
