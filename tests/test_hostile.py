@@ -9,7 +9,8 @@ A small aiohttp server of the test's own (in a thread, so the CLI's peak RSS can
 - a ``count`` that lies while the offset is ignored: paging ends;
 - JSON nested 200,000 deep, tags that are not objects, a page of 5,000 images where 1,000
   were asked: a clear stop (75), never 70; the same (or over 1 MiB) in the answer to one
-  image's PATCH: that target fails (``bad_answer``), the others go on;
+  image's PATCH: that target fails (``bad_answer``) unless a read shows the PATCH landed
+  (``verified_by_read``), the others go on;
 - ids built to leave the URL path (``../../../../projects``, a task id ``../../evil?x=``):
   never sent, the image fails ``bad_id`` / ``bad_answer``; every path the server saw stayed
   under the images and tasks it serves;
@@ -51,6 +52,7 @@ class Hostile:
         self.mode = mode
         self.seen: list[str] = []  # "METHOD raw-path" of every request
         self.durations: list[float] = []  # how long each dripped answer was held open
+        self.tags: dict[str, list[dict[str, str]]] = {}  # what PATCHes set, by image id
         self.url = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
@@ -93,6 +95,12 @@ class Hostile:
             return await self.list_page(request)
         if path.startswith(LIST + "/"):
             image = _image(request.match_info["tail"].rsplit("/", 1)[-1])
+            image["tags"] = self.tags.get(image["id"], [])
+            if request.method == "PATCH":
+                self.tags[image["id"]] = image["tags"] = [
+                    {"key": k, "value": v} for k, v in (await request.json())["tags"].items()]
+            if self.mode == "answers" and image["id"] == "late-1" and request.method == "PATCH":
+                return web.json_response({**image, "tags": "applied, but not said so"})
             if self.mode == "answers" and image["id"] == "odd-1":  # tags that are not objects
                 return web.json_response({**image, "tags": ["owner", 7]})
             if self.mode == "answers" and image["id"] == "huge-1":  # 2 MB about one image
@@ -100,9 +108,6 @@ class Hostile:
             if self.mode == "answers" and image["id"] == "deep-1":
                 return web.Response(body=b"[" * 200_000 + b"]" * 200_000,
                                     content_type="application/json")
-            if request.method == "PATCH":
-                image["tags"] = [{"key": k, "value": v}
-                                 for k, v in (await request.json())["tags"].items()]
             return web.json_response(image)
         if path.startswith("/cloud/v1/tasks/"):
             return web.json_response({"state": "FINISHED"})
@@ -147,8 +152,9 @@ class Hostile:
             return web.json_response({"count": 2, "results": [
                 _image("ok-1"), _image("odd-1", tags=["owner", 7])]})
         if mode == "answers":  # a fine list; the PATCH answers of two images are not
-            return web.json_response({"count": 4, "results": [
-                _image("ok-1"), _image("odd-1"), _image("deep-1"), _image("huge-1")]})
+            return web.json_response({"count": 5, "results": [
+                _image("ok-1"), _image("odd-1"), _image("deep-1"), _image("huge-1"),
+                _image("late-1")]})
         if mode == "names":
             return web.json_response({"count": len(NAMES), "results": [
                 _image(image_id, name=name) for image_id, name in NAMES.items()]})
@@ -284,8 +290,9 @@ def test_a_malformed_answer_to_one_image_fails_that_target(
     (run_dir,) = run_dirs(tmp_path / "state")
     by_id = {r["image_id"]: (r["status"], r["reason"]) for r in results(run_dir)}
     assert by_id == {"ok-1": ("updated", None), "odd-1": ("failed", "bad_answer"),
-                     "deep-1": ("failed", "bad_answer"), "huge-1": ("failed", "bad_answer")}
-    assert hostile.count("PATCH") == 4  # each once: a bad answer is not retried
+                     "deep-1": ("failed", "bad_answer"), "huge-1": ("failed", "bad_answer"),
+                     "late-1": ("updated", "verified_by_read")}  # a read showed it landed
+    assert hostile.count("PATCH") == 5  # each once: a bad answer is not retried
     huge = next(r for r in results(run_dir) if r["image_id"] == "huge-1")
     assert "at most 1,048,576" in huge["error"]
 

@@ -337,7 +337,8 @@ class Pool:
         except AuthFailed as exc:
             self.abort(exc)
         except ApiError as exc:  # not found, rejected, or retryable past its budget
-            if not (exc.retryable and work.maybe_applied and await self._landed(work)):
+            maybe = exc.retryable or isinstance(exc, BadAnswer)
+            if not (maybe and work.maybe_applied and await self._landed(work)):
                 self._fail(work, exc)
         except _ApiDown as down:
             log.error("run.api_unreachable", error=down.error.message, status=down.error.status)
@@ -360,6 +361,9 @@ class Pool:
                 return await client.patch_image(p, r, image_id, patch)
             except Transient:
                 work.maybe_applied = True
+                raise
+            except BadAnswer as exc:  # a 2xx whose body is unusable: the PATCH may be in
+                work.maybe_applied = exc.status is not None
                 raise
 
         image: Image = await self._call(work, attempt)
