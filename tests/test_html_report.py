@@ -193,9 +193,11 @@ def test_the_timeline_keeps_each_seconds_growth() -> None:
     clock[0] = 101.05
     assert line.take() == [(100, 7, 1, 0, 1, 0, 50.0)]
     totals[0] = (12, 1, 1, 2, 1)
-    clock[0] = 103.4  # a late wake-up: the growth goes to the second it began in
-    assert line.take() == [(101, 5, 0, 1, 1, 1, 50.0)]
-    assert line.take(final=True) == [(103, 0, 0, 0, 0, 0, 50.0)]
+    clock[0] = 103.4  # a late wake-up: its growth shared out over the two seconds ended
+    assert line.take() == [(101, 3, 0, 1, 1, 1, 50.0), (102, 2, 0, 0, 0, 0, 50.0)]
+    totals[0] = (13, 1, 1, 2, 1)
+    assert line.take(final=True) == [(103, 1, 0, 0, 0, 0, 50.0)]
+    assert line.take(final=True) == [(103, 0, 0, 0, 0, 0, 50.0)]  # added to the same second
 
 
 def test_a_bad_run_id_writes_no_file(tmp_path: Path) -> None:

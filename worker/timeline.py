@@ -49,29 +49,31 @@ Row = tuple[int, int, int, int, int, int, float]
 class Timeline:
     """One process's seconds, waiting for the journal's next commit."""
 
-    __slots__ = ("_clock", "_last", "_rows", "_sample", "_second")
+    __slots__ = ("_clock", "_last", "_sample", "_second")
 
     def __init__(self, sample: Sample, clock: Callable[[], float] = time.time) -> None:
         self._sample = sample
         self._clock = clock
         self._second = int(clock())
         self._last = (0,) * len(FIELDS)  # a process's totals start at 0
-        self._rows: list[Row] = []
 
     def take(self, *, final: bool = False) -> list[Row]:
         """The rows of the seconds ended since the last call (``final``: the second under way
-        too); called from the event loop's thread, as the totals are."""
+        too); called from the event loop's thread, as the totals are. A late call (a busy
+        loop) shares the growth out evenly over the seconds it spans: no second is missing."""
         second = int(self._clock())
-        if second > self._second or final:
-            totals, rate = self._sample()
-            sent, limited, errors, retries, waits = (
-                now - then for now, then in zip(totals, self._last, strict=True))
-            self._last = totals
-            self._rows.append((self._second, sent, limited, errors, retries, waits,
-                               round(float(rate), 2)))
-            # a late wake-up (a busy loop) gives its growth to the second it started in
-            self._second = max(second, self._second + 1) if not final else second
-        rows, self._rows = self._rows, []
+        n = second - self._second + (1 if final else 0)
+        if n <= 0:
+            return []
+        totals, rate = self._sample()
+        shares = [divmod(now - then, n) for now, then in zip(totals, self._last, strict=True)]
+        self._last = totals
+        rows: list[Row] = []
+        for i in range(n):
+            sent, limited, errors, retries, waits = (q + (i < r) for q, r in shares)
+            rows.append((self._second + i, sent, limited, errors, retries, waits,
+                         round(float(rate), 2)))
+        self._second = second
         return rows
 
 
