@@ -217,3 +217,46 @@ def test_one_image_in_two_rows_that_disagree_is_exit_2_naming_both_lines(
     assert f"image {image['id']} is named again" in proc.stderr
     assert "'bob', not 'ana'" in proc.stderr
     assert _requests(sim_thread)["patch"] == patches  # nothing sent
+
+
+# -- validate names every mistake ------------------------------------------------------------------
+def test_validate_names_every_mistake_of_the_job_and_of_each_file(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text(
+        "name: Bad_Name\n"
+        "targets:\n"
+        "  - query: {projects: [0], regions: all, visibility: secret}\n"
+        "changes:\n"
+        "  set_tags: {a: b}\n"
+        "  set: {ssh_key: sometimes}\n"
+        "options:\n"
+        "  concurrency: 0\n"
+    )
+    proc = run_cli("validate", tmp_path / "bad.yaml")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert all(line.startswith("error: ") for line in lines), lines
+    for where in ("bad.yaml:1: name", "bad.yaml:3: targets[0].query.projects[0]",
+                  "bad.yaml:3: targets[0].query.visibility", "bad.yaml:6: changes.set.ssh_key",
+                  "bad.yaml:8: options.concurrency"):
+        assert sum(where in line for line in lines) == 1, (where, lines)
+    assert len(lines) == 5
+    # a selector file: the first 20 rows in error are named, the rest counted
+    rows = ["project_id,region_id,image_id,tag:owner"]
+    rows += [f"1337,7,{'bad id' if i % 2 else f'ok-{i}'},x" for i in range(90)]
+    (tmp_path / "rows.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "more.jsonl").write_text('{"image_id": "ok"}\n{"image_id": 5}\n')
+    job = write_job(tmp_path, {"name": "rows", "targets": [{"file": "rows.csv"},
+                                                           {"file": "more.jsonl"}],
+                               "changes": {"set_tags": {"a": "b"}}})
+    proc = run_cli("validate", job, env={"GCORE_CLOUD_PROJECT_ID": "1337",
+                                         "GCORE_CLOUD_REGION_ID": "7"})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    named = [line for line in lines if "rows.csv:" in line]
+    assert len(named) == 20 and named[0].startswith("error: "), named
+    assert "rows.csv:3: image_id" in named[0] and "rows.csv:41: image_id" in named[-1]
+    assert "more.jsonl:2: image_id" in proc.stderr  # the next file is read too
+    assert lines[-1] == "error: ... and 25 more mistakes"
+    # plan and run still stop at the first, on one line
+    proc = run_cli("plan", job, "--simulate", "--state-dir", tmp_path / "s")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

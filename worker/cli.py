@@ -302,8 +302,17 @@ def validate(job: str, *, logs: LogOptions) -> None:
 
     logs.configure()
     redact(os.environ.get("GCORE_API_KEY", "").strip())  # should a file echo it
-    loaded = spec.load_job(job)
-    rows = spec.check_selector_files(loaded)
+    try:
+        loaded = spec.load_job(job)
+        rows = spec.check_selector_files(loaded, every=True)
+    except JobError as exc:  # every mistake found, one a line (the first few hundred)
+        from worker.log import scrub
+
+        for one in (exc, *exc.more):
+            click.echo(f"error: {scrub(str(one))}", err=True)
+        if exc.unlisted:
+            click.echo(f"error: ... and {exc.unlisted:,} more mistakes", err=True)
+        sys.exit(ExitCode.BAD_INPUT)
     click.echo(f"{job}: valid ({len(loaded.targets)} selectors, {sum(rows.values())} file rows)")
 
 

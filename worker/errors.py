@@ -81,6 +81,10 @@ class JobError(BulkTaggerError):
         self.line = line
         self.field = field
         self.hint = hint
+        #: further mistakes found with this one (``bulk-tagger validate`` lists them), and how
+        #: many more were found past that list
+        self.more: list[JobError] = []
+        self.unlisted = 0
         super().__init__(str(self))
 
     def __str__(self) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from worker import safety
+from worker.errors import JobError
 from worker.models import SETTABLE_FIELDS, Changes
 from worker.spec.checks import _check_field, _check_key, _check_value, _did_you_mean, _Problem
 from worker.spec.rows import _NO_CHANGES, CSV_SHOWN, Row, _id_text, _image_id, _Rows
@@ -87,10 +88,17 @@ def _csv_rows(fh: TextIO, rows: _Rows) -> Iterator[Row]:
             line, previous = previous + 1, reader.line_num
             if not any(cell.strip() for cell in cells):
                 continue
-            if len(cells) != width:
-                field = columns[len(cells)].name if len(cells) < width else f"column {width + 1}"
-                rows.fail(f"the row has {len(cells)} cells; the header has {width}", line, field)
-            yield _csv_row(cells, columns, rows, line=line, pid=default_pid, rid=default_rid)
+            try:
+                if len(cells) != width:
+                    field = (columns[len(cells)].name if len(cells) < width
+                             else f"column {width + 1}")
+                    rows.fail(f"the row has {len(cells)} cells; the header has {width}", line,
+                              field)
+                row = _csv_row(cells, columns, rows, line=line, pid=default_pid, rid=default_rid)
+            except JobError as exc:
+                rows.bad_row(exc)  # raised, unless validate lists every row in error
+                continue
+            yield row
     except csv.Error as exc:
         rows.fail(f"CSV syntax error: {exc}", reader.line_num or line)
     except UnicodeDecodeError:

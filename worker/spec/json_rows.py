@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
+from worker.errors import JobError
 from worker.models import SETTABLE_FIELDS, Changes
 from worker.spec.checks import (
     _check_field,
@@ -121,14 +122,19 @@ def _jsonl_rows(fh: TextIO, rows: _Rows) -> Iterator[Row]:
                 continue
             seen_any = True
             try:
-                obj = _ROW_DECODER.decode(text)
-            except json.JSONDecodeError as exc:
-                rows.fail(f"JSON syntax error: {exc.msg} (column {exc.colno})", line)
-            except _DuplicateKey as exc:
-                rows.fail(f"duplicate key {exc.key!r}", line, exc.key)
-            except (ValueError, RecursionError) as exc:
-                rows.fail(f"cannot read the row: {str(exc).split(';')[0]}", line)
-            yield _json_row(obj, rows, line)
+                try:
+                    obj = _ROW_DECODER.decode(text)
+                except json.JSONDecodeError as exc:
+                    rows.fail(f"JSON syntax error: {exc.msg} (column {exc.colno})", line)
+                except _DuplicateKey as exc:
+                    rows.fail(f"duplicate key {exc.key!r}", line, exc.key)
+                except (ValueError, RecursionError) as exc:
+                    rows.fail(f"cannot read the row: {str(exc).split(';')[0]}", line)
+                row = _json_row(obj, rows, line)
+            except JobError as exc:
+                rows.bad_row(exc)  # raised, unless validate lists every row in error
+                continue
+            yield row
     except UnicodeDecodeError:
         rows.fail("is not UTF-8 text", line + 1)
     if not seen_any:
@@ -220,7 +226,13 @@ def _json_list_rows(fh: TextIO, rows: _Rows) -> Iterator[Row]:
         while True:
             line = stream.lineno(stream.pos)
             obj = stream.value()
-            yield _json_row(obj, rows, line)
+            try:
+                row: Row | None = _json_row(obj, rows, line)
+            except JobError as exc:  # the row's shape: the list reads on
+                rows.bad_row(exc)
+                row = None
+            if row is not None:
+                yield row
             after = stream.peek()
             if after == ",":
                 stream.pos += 1

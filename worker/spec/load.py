@@ -107,7 +107,11 @@ def iter_rows(
     Raises JobError (file, line, field) at the first bad row; rows before it have been yielded.
     ``env`` (default ``os.environ``) supplies project/region IDs that rows leave out.
     """
-    rows = _Rows(job, selector, os.environ if env is None else env)
+    return _read_rows(_Rows(job, selector, os.environ if env is None else env))
+
+
+def _read_rows(rows: _Rows) -> Iterator[Row]:
+    selector = rows.selector
     reader = _READERS[selector.format or _EXTENSIONS.get(selector.path.suffix.lower(), "csv")]
     if not selector.path.exists():
         rows.fail("no such file", None, hint=f"named by the job's target file: {selector.file}")
@@ -120,9 +124,30 @@ def iter_rows(
         yield from reader(fh, rows)
 
 
-def check_selector_files(job: Job, *, env: Mapping[str, str] | None = None) -> dict[str, int]:
-    """Read every selector file through, checking every row; rows per file (as the job names it)."""
+def check_selector_files(
+    job: Job, *, env: Mapping[str, str] | None = None, every: bool = False
+) -> dict[str, int]:
+    """Read every selector file through, checking every row; rows per file (as the job names
+    it). ``every`` (``bulk-tagger validate``): read past rows in error, and raise at the end
+    one JobError listing, per file, the first ``MAX_LISTED`` of them and counting the rest
+    (a file that cannot be read at all, or a broken header, still ends its file at once)."""
     counts: dict[str, int] = {}
+    found: list[JobError] = []
+    unlisted = 0
     for selector in job.file_selectors:
-        counts[selector.file] = sum(1 for _ in iter_rows(job, selector, env=env))
+        rows = _Rows(job, selector, os.environ if env is None else env)
+        if every:
+            rows.errors = []
+        try:
+            counts[selector.file] = sum(1 for _ in _read_rows(rows))
+        except JobError as exc:
+            if not every:
+                raise
+            found.append(exc)
+        found += rows.errors or []
+        unlisted += rows.unlisted
+    if found:
+        first = found[0]
+        first.more, first.unlisted = found[1:], unlisted
+        raise first
     return counts

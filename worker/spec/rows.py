@@ -13,6 +13,7 @@ from worker.errors import JobError
 from worker.models import Changes
 from worker.spec.checks import PROJECT_ENV, REGION_ENV, _env_id, _kind, _Problem, _short
 from worker.spec.models import FileSelector, Job
+from worker.spec.translate import MAX_LISTED
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,18 @@ class _Rows:
         self.file = selector.display
         self.env = env
         self.needs_changes = job.changes_model().is_empty()
+        #: collecting (``check_selector_files(..., every=True)``): rows in error, read past
+        self.errors: list[JobError] | None = None
+        self.unlisted = 0
+
+    def bad_row(self, exc: JobError) -> None:
+        """A row in error: raised, or (collecting) listed, up to MAX_LISTED, then counted."""
+        if self.errors is None:
+            raise exc
+        if len(self.errors) < MAX_LISTED:
+            self.errors.append(exc)
+        else:
+            self.unlisted += 1
 
     def fail(
         self, message: str, line: int | None, field: str | None = None, hint: str | None = None

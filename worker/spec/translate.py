@@ -139,6 +139,10 @@ def _line_of(loc: Path_, lines: Lines) -> int | None:
     return None
 
 
+#: the most mistakes of one file an error lists (the first, then ``more``); the rest are counted
+MAX_LISTED = 20
+
+
 def _translate(exc: ValidationError, file: str, lines: Lines) -> JobError:
     found: list[tuple[bool, int, int, JobError]] = []
     for order, err in enumerate(exc.errors()):
@@ -150,4 +154,7 @@ def _translate(exc: ValidationError, file: str, lines: Lines) -> JobError:
         # A missing key is reported after what is there (a misspelt key explains it better).
         found.append((err["type"] == "missing", line or 0, order, error))
     found.sort(key=lambda item: item[:3])
-    return found[0][3]
+    first = found[0][3]
+    first.more = [item[3] for item in found[1:MAX_LISTED]]
+    first.unlisted = max(0, len(found) - MAX_LISTED)
+    return first
