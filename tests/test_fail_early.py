@@ -260,3 +260,23 @@ def test_validate_names_every_mistake_of_the_job_and_of_each_file(tmp_path: Path
     # plan and run still stop at the first, on one line
     proc = run_cli("plan", job, "--simulate", "--state-dir", tmp_path / "s")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# -- progress while planning ------------------------------------------------------------------------
+def test_planning_says_how_far_it_is_while_it_lists(tmp_path: Path) -> None:
+    # 40 list pages, 30 ms each, four at a time: a plan of about half a second, logged every
+    # 0.1 s (the hidden knob; pods get a line every 5 s)
+    faults = Faults(latency_ms=30.0, methods=frozenset({"GET"}))
+    with SimulatorThread(SimConfig(images=2000, faults=faults)) as st:
+        job = _job(tmp_path, ALL, page_size=25)
+        proc = run_cli("plan", job, "--base-url", st.url, "--state-dir", tmp_path / "s",
+                       "--log-format", "json", "--progress-seconds", "0.1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    said = [e for e in lines if e["event"] == "run.planning"]
+    assert len(said) >= 3, [e["event"] for e in lines]  # while it lists, not only at the end
+    first, last = said[0], said[-1]
+    assert first["done"] < last["done"] and first["pages"] < last["pages"]
+    assert all(e["level"] == "info" and e["rate"] >= 0 for e in said)
+    assert last["total"] == last["done"] > 0 and last["eta_s"] is not None
+    assert any(e["eta_s"] is not None and e["total"] for e in said[:-1])  # counts known: ETA

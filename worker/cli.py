@@ -79,6 +79,7 @@ class ApiOptions:
     run_id: str | None
     retry_base_seconds: float
     retry_max_wait_seconds: float
+    progress_seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +137,9 @@ _api = _group(ApiOptions, "api_opts", [
                  default=defaults.RETRY_BASE_S, hidden=True),
     click.option("--retry-max-wait-seconds", type=click.FloatRange(min=0, min_open=True),
                  default=defaults.RETRY_MAX_WAIT_S, hidden=True),
+    # and how often a progress line is logged where there is no terminal
+    click.option("--progress-seconds", type=click.FloatRange(min=0, min_open=True),
+                 default=5.0, hidden=True),
 ])
 
 _apply = _group(ApplyOptions, "apply", [
@@ -240,6 +244,7 @@ def _settings(
         concurrency=api_opts.concurrency, rate=api_opts.rate, run_id=api_opts.run_id,
         pushgateway=api_opts.pushgateway, retry_base_s=api_opts.retry_base_seconds,
         retry_max_wait_s=api_opts.retry_max_wait_seconds,
+        progress_s=api_opts.progress_seconds,
     )
     if apply is not None:
         settings.resume = apply.resume

@@ -11,6 +11,7 @@ import asyncio
 import collections
 import math
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from worker.log import get_logger
@@ -31,7 +32,12 @@ class Progress:
     _TTY_REFRESH_S = 0.25
     _WINDOW_S = 60.0
 
-    def __init__(self, *, stream: TextIO, tty: bool | None = None, interval_s: float = 5.0) -> None:
+    def __init__(
+        self, *, stream: TextIO, tty: bool | None = None, interval_s: float = 5.0,
+        desc: str = "targets", event: str = "run.progress",
+        details: Callable[[], dict[str, int]] | None = None,
+        poll: Callable[[], tuple[int, int | None]] | None = None,
+    ) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s must be > 0, not {interval_s!r}")
         self._tty = stream.isatty() if tty is None else tty
@@ -46,6 +52,10 @@ class Progress:
         self._samples.append((self._started, 0))
         self._stream = stream
         self._bar: Any = None  # tqdm's, made at the first redraw
+        #: what the bar and the log line are of (``planning``: images read while the
+        #: selectors expand, ``run.planning``), and counters they add (e.g. pages read)
+        #: ``poll``: (done, total) read at each render where another keeps the counts
+        self._desc, self._event, self._details, self._poll = desc, event, details, poll
 
     @property
     def done(self) -> int:
@@ -58,6 +68,7 @@ class Progress:
     def set_total(self, total: int | None) -> None:
         """How many targets the run has; None while the selectors are still streaming."""
         self._total = total
+
 
     def advance(self, status: str) -> None:
         """Count one finished target (O(1): nothing is rendered here)."""
@@ -78,7 +89,9 @@ class Progress:
 
     def _draw(self) -> None:
         """Bring the bar up to the counters, which redraws it (trimmed to the width)."""
-        postfix = f"{self._failed:,} failed" if self._failed else None
+        extra = [f"{v:,} {k}" for k, v in (self._details() if self._details else {}).items()]
+        failed = [f"{self._failed:,} failed"] if self._failed else []
+        postfix = ", ".join([*extra, *failed]) or None
         bar = self._bar
         if bar is None:
             from tqdm import tqdm
@@ -88,7 +101,7 @@ class Progress:
                 initial=self._done,
                 postfix=postfix,
                 file=self._stream,
-                desc="targets",
+                desc=self._desc,
                 unit="",
                 ascii=True,
                 dynamic_ncols=True,  # the terminal's width, read at each redraw
@@ -104,12 +117,15 @@ class Progress:
         bar.update(self._done - bar.n)
 
     def _render(self) -> None:
+        if self._poll is not None:
+            self._done, self._total = self._poll()
         if self._tty:
             self._draw()
             return
         rate, eta = self._measure()
         _log.info(
-            "run.progress",
+            self._event,
+            **(self._details() if self._details else {}),
             done=self._done,
             total=self._total,
             rate=round(rate, 2),

@@ -441,8 +441,21 @@ class Runner:
             policy=self._retry_policy(), concurrency=self.concurrency,
             shard=settings.shard, env=settings.env, on_retry=self._on_retry, known=self.known,
         )
-        async for target in expander.targets():
-            self._record_plan(target)
+        # progress while the selectors expand: images read of those the lists' counts and the
+        # rows announce so far (the total grows as regions answer), and list pages read
+        progress = Progress(stream=settings.progress, desc="planning", event="run.planning",
+                            interval_s=settings.progress_s,
+                            details=lambda: {"pages": client.counts.by_kind["list"]},
+                            poll=lambda: (expander.read, expander.expected or None))
+        ticker = asyncio.create_task(progress.run())
+        try:
+            async for target in expander.targets():
+                self._record_plan(target)
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            progress.close()
         self.matched = dict(expander.matched)
         log.info("run.matched", selectors=self.matched)
 
@@ -500,7 +513,7 @@ class Runner:
     async def _apply(self, client: api.Client) -> None:
         journal = self.journal
         assert journal is not None
-        progress = Progress(stream=self.settings.progress)
+        progress = Progress(stream=self.settings.progress, interval_s=self.settings.progress_s)
         planned, _ = journal.plan_counts()
         pending = planned - sum(
             n for status, n in journal.counts().items() if status != "planned"

@@ -286,6 +286,10 @@ class Expander:
         #: images matched, per selector label (``selector_label``): a row's image exists
         numbered = list(enumerate(job.targets, start=1)) if job else []
         self.matched: Counter[str] = Counter({selector_label(n, t): 0 for n, t in numbered})
+        #: progress while planning: images read (list pages' and file rows'), and how many
+        #: there are to read as far as the lists' counts and the staged rows say so far
+        self.read = 0
+        self.expected = 0
         self._file_labels = {
             t.file: selector_label(n, t)
             for n, t in reversed(numbered) if isinstance(t, spec.FileSelector)
@@ -330,6 +334,7 @@ class Expander:
             for selector in job.targets:
                 if isinstance(selector, spec.FileSelector):
                     stage.add_rows(spec.iter_rows(job, selector, env=self.env), self.shard)
+            self.expected += stage.rows
             for number, selector in enumerate(job.targets, start=1):
                 if isinstance(selector, spec.QuerySelector):
                     async for target in self._query(stage, selector.query, number):
@@ -364,7 +369,8 @@ class Expander:
         match = query.matcher()
         shard = self.shard
         where = dict.fromkeys((p, r, 0) for p in projects for r in regions)
-        async for project_id, region_id, page in self._pages(where, params):
+        async for project_id, region_id, page in self._pages(where, params, counted=True):
+            self.read += len(page)
             matched = page if match is None else [i for i in page if match(i)]
             if shard is not None:
                 matched = [image for image in matched if shard.owns(image.id)]
@@ -373,7 +379,8 @@ class Expander:
                 yield target
 
     async def _pages(
-        self, regions: Iterable[tuple[int, int, int]], params: list[tuple[str, str]]
+        self, regions: Iterable[tuple[int, int, int]], params: list[tuple[str, str]],
+        *, counted: bool = False,
     ) -> AsyncIterator[tuple[int, int, list[Image]]]:
         """``(project_id, region_id, page)`` for each distinct ``(project_id, region_id,
         offset)`` of ``regions``: that region's list from ``offset``, by limit/offset until
@@ -430,6 +437,8 @@ class Expander:
             region = state.get(key)
             if region is None:  # its first page: the step is what the server pages by
                 region = state[key] = [at + n, 0, n if 0 < n < size and at + n < end else size]
+                if counted and count is not None:  # ``counted``: a query's, for progress
+                    self.expected += count
             was_open = region[0] < region[1]
             region[1] = end  # the latest page's word on the list's length
             if region[0] < end and not was_open:
@@ -521,8 +530,10 @@ class Expander:
         for project_id, region_id, waiting in stage.groups():
             if waiting >= _MIN_ROWS_FOR_LIST:
                 async for target in self._join(stage, project_id, region_id, waiting):
+                    self.read += 1
                     yield target
             async for target in self._get_each(stage, project_id, region_id):
+                self.read += 1
                 yield target
 
     async def _join(
