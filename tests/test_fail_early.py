@@ -219,7 +219,7 @@ def test_one_image_in_two_rows_that_disagree_is_exit_2_naming_both_lines(
     assert _requests(sim_thread)["patch"] == patches  # nothing sent
 
 
-# -- validate names every mistake ------------------------------------------------------------------
+# -- validate names every mistake ---------------------------------------------------------------
 def test_validate_names_every_mistake_of_the_job_and_of_each_file(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text(
         "name: Bad_Name\n"
@@ -262,7 +262,7 @@ def test_validate_names_every_mistake_of_the_job_and_of_each_file(tmp_path: Path
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-# -- progress while planning ------------------------------------------------------------------------
+# -- progress while planning -------------------------------------------------------------------
 def test_planning_says_how_far_it_is_while_it_lists(tmp_path: Path) -> None:
     # 40 list pages, 30 ms each, four at a time: a plan of about half a second, logged every
     # 0.1 s (the hidden knob; pods get a line every 5 s)
