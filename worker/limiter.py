@@ -83,6 +83,7 @@ _CUT_LEAST = 0.9  # any cut keeps at most this share
 _PLATEAU = 0.98  # the climb after a cut aims at this share of what the API accepted
 _ABOVE = 1.02  # a rate this far above what the API last accepted is a probe
 _STORM_SHARE = 0.1  # accepting less than this share of the rate since a cut is a storm
+_FEW_ANSWERS = 3  # a cut measured on fewer answers halves at most
 _SHARE_ANSWERS = 10  # a share is measured over at least this many answers
 _SHARE_ROSE = 1.25  # shares within this factor of each other are about the same
 _FAR = 1.1  # what the API accepted before counts as a goal of its own this far above
@@ -292,8 +293,8 @@ class RateController:
             if self._shares and not storm:
                 target = accepted = rate  # hold, and aim back at what it accepted before
                 self._remember(self._pre, now, force=True)
-            elif storm or answers < _SHARE_ANSWERS:
-                # a storm says nothing of the limit, nor do a few answers (the requests may be
+            elif storm or answers < _FEW_ANSWERS:
+                # a storm says nothing of the limit, nor do two answers (the requests may be
                 # waiting out their Retry-After): halve at most; in a storm, every 50 ms down
                 # to a tenth of what the API accepted before it, then once an epoch
                 target = max(target, rate * _CUT_MOST)
