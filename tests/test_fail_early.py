@@ -210,12 +210,13 @@ def test_one_image_in_two_rows_that_disagree_is_exit_2_naming_both_lines(
     assert proc.returncode == 0, proc.stderr  # the same values twice: no contradiction
     patches = _requests(sim_thread)["patch"]
     disagree = f"project_id,region_id,image_id,tag:owner\n{where},ana\n{where},bob\n"
-    proc = run_cli("run", _rows_job(tmp_path, disagree), "--base-url", sim_thread.url,
-                   "--state-dir", tmp_path / "s")
-    assert proc.returncode == 2, proc.stderr
-    assert "rows.csv:3" in proc.stderr and "rows.csv:2" in proc.stderr
-    assert f"image {image['id']} is named again" in proc.stderr
-    assert "'bob', not 'ana'" in proc.stderr
+    job = _rows_job(tmp_path, disagree)
+    for proc in (run_cli("validate", job),
+                 run_cli("run", job, "--base-url", sim_thread.url, "--state-dir", tmp_path / "s")):
+        assert proc.returncode == 2, proc.stderr
+        assert "rows.csv:3" in proc.stderr and "rows.csv:2" in proc.stderr
+        assert f"image {image['id']} is named again" in proc.stderr
+        assert "'bob', not 'ana'" in proc.stderr
     assert _requests(sim_thread)["patch"] == patches  # nothing sent
 
 

@@ -310,6 +310,9 @@ def validate(job: str, *, logs: LogOptions) -> None:
     try:
         loaded = spec.load_job(job)
         rows = spec.check_selector_files(loaded, every=True)
+        from worker.selectors import check_rows_agree
+
+        check_rows_agree(loaded)  # one image in rows that contradict each other
     except JobError as exc:  # every mistake found, one a line (the first few hundred)
         from worker.log import scrub
 

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import math
 import sqlite3
+import tempfile
 import zlib
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
@@ -119,6 +120,21 @@ def _disagree(old: Changes, new: Changes) -> str | None:
         if old.set_fields.get(name, field_value) != field_value:
             return f"sets {name} to {field_value!r}, not {old.set_fields[name]!r},"
     return None
+
+
+def check_rows_agree(job: spec.Job, *, env: Mapping[str, str] | None = None) -> None:
+    """``bulk-tagger validate``: the selector files' rows staged as a plan stages them (in a
+    temporary file: flat memory), so rows naming one image that contradict each other are a
+    JobError naming both lines before any plan."""
+    if not job.file_selectors:
+        return
+    with tempfile.TemporaryDirectory(prefix="bulk-tagger-") as folder:
+        stage = _Stage(Path(folder) / "stage.sqlite")
+        try:
+            for selector in job.file_selectors:
+                stage.add_rows(spec.iter_rows(job, selector, env=env), None)
+        finally:
+            stage.close()
 
 
 class _Stage:
