@@ -1,7 +1,8 @@
 """A hostile API: answers built to hurt the worker, each met through the real CLI.
 
 A small aiohttp server of the test's own (in a thread, so the CLI's peak RSS can be read with
-``os.wait4``) serves one project and one region whose list is the attack:
+``os.wait4``, by a small launcher: see ``LAUNCHER``) serves one project and one region whose
+list is the attack:
 
 - a huge body (150 MB, streamed without a length): refused past the cap, peak RSS bounded;
   and 399,000 small objects (the most an answer may hold): parsed, refused, RSS bounded too;
@@ -25,7 +26,9 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -193,29 +196,37 @@ def _env() -> dict[str, str]:
     return env
 
 
+#: the launcher of the measured run: a small process of its own starts the CLI and prints its
+#: ru_maxrss. Linux keeps a process's peak RSS across exec, and a child spawned straight from
+#: pytest starts with pytest's own high-water mark (hundreds of MB late in a full suite): the
+#: CLI's figure would be the test process's, not the worker's.
+LAUNCHER = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(proc.pid, 0)
+print(usage.ru_maxrss * 1024)
+sys.exit(os.waitstatus_to_exitcode(status) % 256)
+"""
+
+
 def run_measured(job: Path, server: Hostile, state: Path,
                  timeout: float = 60) -> tuple[int, str, int]:
     """The CLI's ``run`` in a subprocess: (exit code, stderr, peak RSS in bytes)."""
     err_path = state.parent / "stderr.txt"
     with err_path.open("wb") as err:
         proc = subprocess.Popen(
-            [*CLI, "run", str(job), "--base-url", server.url, "--state-dir", str(state),
-             "--log-format", "json", "--retry-base-seconds", "0.05",
+            [sys.executable, "-c", LAUNCHER, *CLI, "run", str(job), "--base-url", server.url,
+             "--state-dir", str(state), "--log-format", "json", "--retry-base-seconds", "0.05",
              "--lock-poll-seconds", "0.05"],
-            stdout=subprocess.DEVNULL, stderr=err, env=_env())
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"the run was still going after {timeout} s: "
-                        f"{len(server.seen)} requests, e.g. {server.seen[-3:]}")
-        time.sleep(0.05)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, err_path.read_text(), usage.ru_maxrss * 1024
+            stdout=subprocess.PIPE, stderr=err, env=_env(), start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the run it started
+        proc.wait()
+        pytest.fail(f"the run was still going after {timeout} s: "
+                    f"{len(server.seen)} requests, e.g. {server.seen[-3:]}")
+    return proc.returncode, err_path.read_text(), int(out)
 
 
 @pytest.fixture
