@@ -37,7 +37,8 @@ class ExitCode(IntEnum):
     FAILED = 1
     #: bad command line, job file or selector file; nothing was sent
     BAD_INPUT = 2
-    #: the plan has more changes than the job allows; nothing was changed
+    #: the plan has more changes than the job allows, or a selector matched nothing under
+    #: require_matches; nothing was changed
     SAFETY_LIMIT = 3
     #: the API refused the credentials; the run stopped at once
     AUTH_FAILED = 4
@@ -47,7 +48,7 @@ class ExitCode(IntEnum):
     #: ``--resume`` finishes once space is freed; retries would only hit the same wall
     STATE_VOLUME = 74
     #: interrupted, or the API unreachable past the retry budget; ``--resume`` goes on
-    #: (EX_TEMPFAIL)
+    #: (EX_TEMPFAIL); or the run (its lock) is held by another live process: nothing was sent
     INTERRUPTED = 75
     #: click's Abort (Ctrl-C at a prompt): 128 + SIGINT
     ABORTED = 130

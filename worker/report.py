@@ -399,7 +399,6 @@ def format_plan(
 # --------------------------------------------------------------------------- a run's report again
 
 ReportFormat = Literal["summary", "jsonl", "csv", "json"]
-REPORT_FORMATS: tuple[ReportFormat, ...] = ("summary", "jsonl", "csv", "json")
 
 
 def open_run(state_dir: Path, run_id: str) -> tuple[Journal, dict[str, Any], dict[str, Any]]:
