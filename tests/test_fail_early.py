@@ -144,6 +144,37 @@ def test_require_matches_fails_a_selector_that_matches_nothing(
     assert _requests(sim_thread)["patch"] == 0
 
 
+def test_require_matches_in_a_shard_counts_what_other_shards_own(
+    sim_thread: SimulatorThread, tmp_path: Path
+) -> None:
+    # one image by its unique name, another by a row: in 4 shards, 3 own neither, yet each
+    # selector matched; only a selector matching nothing in any shard stops a shard (exit 3)
+    images = sim_thread.call(sim_thread.sim.images)
+    named, listed = images[0], images[1]
+    rows = tmp_path / "rows.csv"
+    rows.write_text(f"project_id,region_id,image_id\n{listed['project_id']},"
+                    f"{listed['region_id']},{listed['id']}\n")
+    job = write_job(tmp_path, {
+        "name": "sharded", "changes": {"set_tags": {"stamp": "x"}},
+        "targets": [{"query": {**ALL, "name_glob": named["name"]}}, {"file": str(rows)}],
+    })
+    nothing = write_job(tmp_path, {
+        "name": "nothing", "changes": {"set_tags": {"stamp": "x"}},
+        "targets": [{"query": {**ALL, "name_glob": "no-image-is-named-like-this-*"}}],
+    }, name="nothing.yaml")
+    base = ("--base-url", sim_thread.url, "--state-dir", tmp_path / "s", "--require-matches")
+    planned = 0
+    for i in range(4):
+        proc = run_cli("plan", job, *base, "--shard", f"{i}/4")
+        assert proc.returncode == 0, (i, proc.stdout[-2000:], proc.stderr[-2000:])
+        assert run_cli("plan", nothing, *base, "--shard", f"{i}/4").returncode == 3
+    for run_dir in run_dirs(tmp_path / "s"):
+        if summary(run_dir).get("exit_code") == 0:
+            planned += sum(summary(run_dir)["matched"].values())
+    assert planned == 2  # each image in the one shard that owns it
+    assert _requests(sim_thread)["patch"] == 0
+
+
 def test_retries_are_said_at_info_a_line_every_few_seconds(tmp_path: Path) -> None:
     # every read answers 503 (the probe lets that pass: the API is there): the projects list
     # is retried until the job's short budget is spent, then the run ends 75

@@ -15,7 +15,7 @@ as ``selectors.Known``, which expands ``all`` without reading them again.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 from worker import api, retry, spec
@@ -101,13 +101,14 @@ async def _check_named(
 
 def check_limits(
     matched: Mapping[str, int] | None, planned: int, total: int, *, require_matches: bool,
-    max_changes: int | None, max_changes_percent: float | None,
+    max_changes: int | None, max_changes_percent: float | None, elsewhere: Collection[str] = (),
 ) -> None:
     """After the plan, before any PATCH: ``SafetyLimit`` (exit 3) where a selector matched no
     image under ``require_matches`` (``matched``: images per selector, None where this
-    process did not plan), or the plan changes more images (``planned`` of ``total``) than
+    process did not plan; ``elsewhere``: selectors whose images all fell to other shards, a
+    match all the same), or the plan changes more images (``planned`` of ``total``) than
     ``max_changes`` / ``max_changes_percent`` allow."""
-    empty = [label for label, n in (matched or {}).items() if n == 0]
+    empty = [label for label, n in (matched or {}).items() if n == 0 and label not in elsewhere]
     if require_matches and empty:
         raise SafetyLimit(
             f"{', '.join(empty)} matched no image, and require_matches is set: nothing was sent"

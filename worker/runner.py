@@ -91,6 +91,7 @@ class Runner:
             self.job_name = str(undone.get("job_name") or "")
         self.plan_reasons: Counter[str] = Counter()
         self.matched: dict[str, int] | None = None
+        self.elsewhere: set[str] = set()  # selectors that matched only other shards' images
         self.known: Known | None = None
         self.retry_log = retry.RetryLog(log)
         self.samples: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
@@ -456,7 +457,7 @@ class Runner:
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
             progress.close()
-        self.matched = dict(expander.matched)
+        self.matched, self.elsewhere = dict(expander.matched), expander.elsewhere
         log.info("run.matched", selectors=self.matched)
 
     def _expander(self, client: api.Client) -> Expander:
@@ -501,7 +502,7 @@ class Runner:
         options = self.job.options if self.job else None
         limit, percent = self.settings.max_changes, self.settings.max_changes_percent
         check_limits(
-            self.matched, *self.journal.plan_counts(),
+            self.matched, *self.journal.plan_counts(), elsewhere=self.elsewhere,
             require_matches=self.settings.require_matches or bool(
                 options and options.require_matches),
             max_changes=limit if limit is not None or options is None else options.max_changes,

@@ -154,6 +154,8 @@ class _Stage:
             " WITHOUT ROWID;"
         )
         self.rows = 0
+        #: selector files with rows of images another shard owns
+        self.elsewhere: set[str] = set()
 
     def close(self) -> None:
         self.conn.close()
@@ -197,6 +199,7 @@ class _Stage:
 
         for row in rows:
             if shard is not None and not shard.owns(row.image_id):
+                self.elsewhere.add(row.file)
                 continue
             batch.append(row)
             if len(batch) >= _CHUNK:
@@ -302,6 +305,9 @@ class Expander:
         #: images matched, per selector label (``selector_label``): a row's image exists
         numbered = list(enumerate(job.targets, start=1)) if job else []
         self.matched: Counter[str] = Counter({selector_label(n, t): 0 for n, t in numbered})
+        #: selectors that matched images (rows: named them) another shard owns: a match for
+        #: require_matches all the same, as that shard changes them
+        self.elsewhere: set[str] = set()
         #: progress while planning: images read (list pages' and file rows'), and how many
         #: there are to read as far as the lists' counts and the staged rows say so far
         self.read = 0
@@ -351,6 +357,8 @@ class Expander:
                 if isinstance(selector, spec.FileSelector):
                     stage.add_rows(spec.iter_rows(job, selector, env=self.env), self.shard)
             self.expected += stage.rows
+            self.elsewhere.update(self._file_labels[f] for f in stage.elsewhere
+                                  if f in self._file_labels)
             for number, selector in enumerate(job.targets, start=1):
                 if isinstance(selector, spec.QuerySelector):
                     async for target in self._query(stage, selector.query, number):
@@ -389,7 +397,10 @@ class Expander:
             self.read += len(page)
             matched = page if match is None else [i for i in page if match(i)]
             if shard is not None:
-                matched = [image for image in matched if shard.owns(image.id)]
+                mine = [image for image in matched if shard.owns(image.id)]
+                if len(mine) < len(matched):
+                    self.elsewhere.add(source)
+                matched = mine
             self.matched[source] += len(matched)
             for target in self._emit(stage, project_id, region_id, matched, source):
                 yield target
