@@ -24,6 +24,31 @@ from worker.simulator import SimulatorThread
 CLI = [sys.executable, "-m", "worker"]
 
 
+def make_image(
+    tags: dict[str, str] | None = None,
+    read_only: dict[str, str] | None = None,
+    **fields: Any,
+) -> Image:
+    """An image as the API would return it: writable and read-only tags, and fields."""
+    tag_list = [{"key": k, "value": v, "read_only": False} for k, v in (tags or {}).items()]
+    tag_list += [{"key": k, "value": v, "read_only": True} for k, v in (read_only or {}).items()]
+    raw: dict[str, Any] = {
+        "id": "img-1",
+        "project_id": 1337,
+        "region_id": 7,
+        "name": "ubuntu-22",
+        "os_distro": "ubuntu",
+        "os_version": "22.04",
+        "min_disk": 3,
+        "os_type": "linux",
+        "ssh_key": "allow",
+        "is_baremetal": False,
+        "tags": tag_list,
+    }
+    raw.update(fields)
+    return Image.from_api(raw)
+
+
 def write_job(folder: Path, job: dict[str, Any], name: str = "job.yaml") -> Path:
     path = folder / name
     path.write_text(yaml.safe_dump(job, sort_keys=False))

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import make_image
 from worker.models import Changes, Image, RunContext
 from worker.plan import (
     Plan,
@@ -20,31 +21,6 @@ from worker.plan import (
 from worker.templates import render
 
 CTX = RunContext(run_id="run-42", run_date="2024-05-06")
-
-
-def make_image(
-    tags: dict[str, str] | None = None,
-    read_only: dict[str, str] | None = None,
-    **fields: Any,
-) -> Image:
-    """An image as the API would return it: writable and read-only tags, and fields."""
-    tag_list = [{"key": k, "value": v, "read_only": False} for k, v in (tags or {}).items()]
-    tag_list += [{"key": k, "value": v, "read_only": True} for k, v in (read_only or {}).items()]
-    raw: dict[str, Any] = {
-        "id": "img-1",
-        "project_id": 1337,
-        "region_id": 7,
-        "name": "ubuntu-22",
-        "os_distro": "ubuntu",
-        "os_version": "22.04",
-        "min_disk": 3,
-        "os_type": "linux",
-        "ssh_key": "allow",
-        "is_baremetal": False,
-        "tags": tag_list,
-    }
-    raw.update(fields)
-    return Image.from_api(raw)
 
 
 def after(image: Image, patch: dict[str, Any]) -> Image:

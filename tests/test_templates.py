@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import make_image
 from worker.models import IMAGE_FIELDS, Image, RunContext
 from worker.templates import (
     TemplateError,
@@ -19,21 +18,6 @@ from worker.templates import (
 )
 
 CTX = RunContext(run_id="run-42", run_date="2024-05-06")
-
-
-def make_image(tags: dict[str, str] | None = None, **fields: Any) -> Image:
-    raw: dict[str, Any] = {
-        "id": "img-1",
-        "project_id": 1337,
-        "region_id": 7,
-        "name": "ubuntu-22",
-        "os_distro": "ubuntu",
-        "min_disk": 3,
-        "is_baremetal": False,
-        "tags": [{"key": k, "value": v, "read_only": False} for k, v in (tags or {}).items()],
-    }
-    raw.update(fields)
-    return Image.from_api(raw)
 
 
 # --- render --------------------------------------------------------------------------------
