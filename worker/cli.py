@@ -128,7 +128,8 @@ _api = _group(ApiOptions, "api_opts", [
     click.option("--concurrency", type=click.IntRange(1, defaults.MAX_CONCURRENCY),
                  default=None, help="Requests in flight at most (overrides the job's option)."),
     click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
-                 help="Requests per second at most, all kinds together."),
+                 help="Requests per second at most, all kinds together (overrides the "
+                      "job's rate_per_second; shards split it)."),
     click.option("--pushgateway", envvar="BULK_TAGGER_PUSHGATEWAY", default=None,
                  help="Prometheus Pushgateway URL for the run's metrics."),
     click.option("--run-id", default=None, help="Name the run (or the run to resume)."),
@@ -139,7 +140,7 @@ _api = _group(ApiOptions, "api_opts", [
                  default=defaults.RETRY_MAX_WAIT_S, hidden=True),
     # and how often a progress line is logged where there is no terminal
     click.option("--progress-seconds", type=click.FloatRange(min=0, min_open=True),
-                 default=5.0, hidden=True),
+                 default=defaults.PROGRESS_S, hidden=True),
 ])
 
 _apply = _group(ApplyOptions, "apply", [

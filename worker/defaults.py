@@ -32,6 +32,8 @@ RETRY_BASE_S = 0.5
 RETRY_MAX_WAIT_S = 30.0
 #: the first wait before a locked image's task is polled (``--lock-poll-seconds``, for tests)
 LOCK_POLL_S = 1.0
+#: where there is no terminal, a progress log line this often (``--progress-seconds``, for tests)
+PROGRESS_S = 5.0
 #: retention: finished runs older than this many days are pruned at the start of a run and by
 #: ``bulk-tagger prune`` (``--keep-days``, env ``BULK_TAGGER_KEEP_DAYS``; 0 keeps every run)
 KEEP_DAYS = 30.0

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from worker import defaults
 from worker.log import get_logger
 
 _log = get_logger("bulk_tagger.report")
@@ -33,7 +34,7 @@ class Progress:
     _WINDOW_S = 60.0
 
     def __init__(
-        self, *, stream: TextIO, tty: bool | None = None, interval_s: float = 5.0,
+        self, *, stream: TextIO, tty: bool | None = None, interval_s: float = defaults.PROGRESS_S,
         desc: str = "targets", event: str = "run.progress",
         details: Callable[[], dict[str, int]] | None = None,
         poll: Callable[[], tuple[int, int | None]] | None = None,

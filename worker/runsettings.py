@@ -45,7 +45,7 @@ class RunSettings:
     # knobs for tests: how fast retries and lock polls go
     retry_base_s: float = defaults.RETRY_BASE_S
     retry_max_wait_s: float = defaults.RETRY_MAX_WAIT_S
-    progress_s: float = 5.0  # a progress log line this often (no terminal)
+    progress_s: float = defaults.PROGRESS_S  # a progress log line this often (no terminal)
     lock_poll_s: float = defaults.LOCK_POLL_S
     #: retention: finished runs older than this many days are pruned at the start (0: none)
     keep_days: float = defaults.KEEP_DAYS
