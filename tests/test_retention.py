@@ -160,3 +160,7 @@ def test_runs_and_prune_dry_run_through_the_cli(tmp_path: Path) -> None:
 
     proc = run_cli("prune", "--state-dir", state, "--older-than", "soon")
     assert proc.returncode == 2 and "--older-than" in proc.stderr
+    # weeks, as a job file's ages take them: nothing here is two weeks old
+    proc = run_cli("prune", "--state-dir", state, "--older-than", "2w", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "would delete 0 run(s)" in proc.stdout

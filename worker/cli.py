@@ -175,11 +175,13 @@ _job = _group(JobOptions, "job_opts", [
 
 
 def _duration(text: str, field: str = "--resume-within") -> timedelta:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    """A duration as the job file's ages are written (90m, 24h, 30d, 2w), or fractional
+    (1.5h), or bare seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
     if not match:
-        raise JobError(f"not a duration: {text!r}", field=field, hint="e.g. 90m, 24h, 30d")
+        raise JobError(f"not a duration: {text!r}", field=field, hint="e.g. 90m, 24h, 30d, 2w")
     value, unit = float(match.group(1)), match.group(2) or "s"
-    return timedelta(seconds=value * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit])
+    return timedelta(seconds=value * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit])
 
 
 def _read_key(api_key_file: Path | None, *, required: bool) -> str:
