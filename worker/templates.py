@@ -34,7 +34,7 @@ import functools
 from dataclasses import dataclass
 
 from worker.models import IMAGE_FIELDS, Image, RunContext, tag_problem
-from worker.safety import has_control
+from worker.safety import excerpt, has_control
 
 __all__ = [
     "BOOL_TEXT_FORMS",
@@ -74,11 +74,6 @@ _Part = tuple[str | None, str, str | None]
 class _Compiled:
     parts: tuple[_Part, ...]
     error: TemplateError | None
-
-
-def _short(text: str, limit: int = 40) -> str:
-    shown = repr(text)
-    return shown if len(shown) <= limit else shown[: limit - 4] + "...'"
 
 
 def _placeholder_error(body: str) -> TemplateError | None:
@@ -133,7 +128,7 @@ def _kind_hint(body: str) -> str:
 
 def _unmatched(token: str, at: int, text: str) -> TemplateError:
     return TemplateError(
-        f"unmatched {token!r} at position {at} in {_short(text)}",
+        f"unmatched {token!r} at position {at} in {excerpt(text)}",
         f"templates are {FORMS}; write {token}{token} for a literal brace",
     )
 
@@ -262,7 +257,7 @@ def render(text: str, image: Image, ctx: RunContext) -> str:
             out.append(ctx.run_date if name == "date" else ctx.run_id)
     value = "".join(out)
     if has_control(value):  # copied from the image: never sent on (README: threat model)
-        raise TemplateGap(f"{_short(text)} renders {_short(value)},"
+        raise TemplateGap(f"{excerpt(text)} renders {excerpt(value)},"
                           " which holds a control character")
     return value
 
