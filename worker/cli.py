@@ -408,7 +408,8 @@ def undo(
     undone: str, *, preview: bool, max_changes: int | None, max_changes_percent: float | None,
     state_dir: Path, logs: LogOptions, api_opts: ApiOptions, apply: ApplyOptions
 ) -> None:
-    """Revert exactly what RUN_ID changed, where nobody changed it since."""
+    """Revert exactly what RUN_ID (an id, or the run's folder) changed, where nobody changed
+    it since."""
     from worker.retention import find_undo, locate_run
 
     logs.configure()
@@ -448,8 +449,8 @@ def report(
     run_id: str, *, fmt: ReportFormat | Literal["html"], export: bool, output: Path | None,
     state_dir: Path, logs: LogOptions,
 ) -> None:
-    """Print or export RUN_ID's report (a finished run's from its results.jsonl.gz);
-    --format html: one page to look at in a browser."""
+    """Print or export RUN_ID's report (an id, or the run's folder; a finished run's from its
+    results.jsonl.gz); --format html: one page to look at in a browser."""
     from worker.report import print_report
 
     logs.configure()
