@@ -10,16 +10,18 @@ Three parts, so the arithmetic is tested without sleeping:
     is run at 99% of itself from its first answer: no probing, no 429. A windowed quota
     (say 1,200 per 5 minutes) is paced evenly across its window: never faster than 99% of
     the quota per second, nor than what is left of the window's quota over the time left to
-    its reset.
+    its reset. One of N shards takes 1/N of a stated limit (``share``).
   * Without either it finds the limit: it starts at ``start`` and doubles every ``step_s``
     while demand exceeds it (slow start), but never past twice the rate the answers come
     back at. The run's first 429 cuts to 95% of what the API has just been accepting (the
     busiest recent 100 ms); a server's burst can hide its limit, so one second look 50 ms
     later cuts again, to 95% of what it accepted since, if 429s still come.
   * Later, a congestion episode (429s once the rate is back where the last cut aimed, or
-    after a calm second) cuts to 95% of what the API accepted in the last half second, then
-    (a second look, as above) to 95% of what it accepted since the cut if 429s still come,
-    then once per ``epoch_s`` while they last. A cut takes off at least a tenth; in a storm
+    after a calm second) cuts to 95% of what the API accepted in the last half second (to
+    half at once when most answers of the last 200 ms were 429s), then (a second look, as
+    above) to 95% of what it accepted since the cut if 429s still come, then once per
+    ``epoch_s`` while they last. A cut takes off at least a tenth, and at most half when
+    fewer than 3 answers measure it (the requests may be waiting out a Retry-After); in a storm
     (the API accepting almost nothing since the last cut) it halves, every 50 ms down to a
     tenth of what the API accepted before, then once an epoch: a storm says nothing of the
     limit and does not drop the rate to its floor. When the API refuses the same share of
