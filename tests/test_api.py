@@ -321,6 +321,39 @@ async def test_a_slow_answer_times_out_on_sock_read(sim_factory: SimFactory) -> 
     assert isinstance(exc.value, NoAnswer) and exc.value.cause == "timeout"
 
 
+async def test_a_dripping_answer_ends_at_the_total_deadline_kept_by_one_timer(
+    scripted: Scripted,
+) -> None:
+    # a deadline of 5 s or more is kept by the client's one timer (aiohttp would round it to
+    # a second anyway); a byte every 0.1 s never trips the read timeout
+    async def drip(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for _ in range(200):
+            await asyncio.sleep(0.1)
+            await resp.write(b" ")
+        return resp
+
+    scripted.routes[PATH] = drip
+    scripted.routes["/cloud/v1/images/1337/7/img-2"] = answer(200, {"id": "img-2"})
+    async with await open_client(scripted.url, request_timeout_s=5.0) as client:
+        started = time.monotonic()
+        with pytest.raises(NoAnswer) as exc:
+            await client.get_image(1337, 7, "img-1")
+        took = time.monotonic() - started
+        task = asyncio.current_task()
+        assert task is not None and task.cancelling() == 0  # the deadline's cancel taken back
+        assert (await client.get_image(1337, 7, "img-2")).id == "img-2"  # the client goes on
+        # a caller's own cancel of a request in flight stays a cancel
+        inflight = asyncio.ensure_future(client.get_image(1337, 7, "img-1"))
+        await asyncio.sleep(0.3)
+        inflight.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await inflight
+    assert 5.0 <= took < 6.5, took
+    assert exc.value.cause == "timeout" and client.counts.transient == 1
+
+
 async def test_a_2xx_that_is_not_json_is_transient(scripted: Scripted) -> None:
     scripted.routes[PATH] = answer(200, text="<html>maintenance</html>", content_type="text/html")
     async with await open_client(scripted.url) as client:
