@@ -59,6 +59,14 @@ def test_max_changes_percent(sim_thread: SimulatorThread, tmp_path: Path) -> Non
     assert proc.returncode == 3
     assert "max_changes_percent" in proc.stdout
     assert sim_thread.call(lambda: sim_thread.sim.counters.requests["patch"]) == 0
+    # the flag overrides the job, as undo's does: a looser share lets the same plan through
+    proc = run_cli("plan", job, "--base-url", sim_thread.url, "--state-dir", tmp_path / "s",
+                   "--max-changes-percent", "100")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("run", _job(tmp_path), "--base-url", sim_thread.url,
+                   "--state-dir", tmp_path / "s", "--max-changes-percent", "10")
+    assert proc.returncode == 3 and "max_changes_percent 10" in proc.stdout
+    assert sim_thread.call(lambda: sim_thread.sim.counters.requests["patch"]) == 0
 
 
 def test_shards_split_the_job_and_share_the_rate(tmp_path: Path) -> None:

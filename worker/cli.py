@@ -101,6 +101,7 @@ class JobOptions:
     simulate_images: int
     shard: str | None
     max_changes: int | None
+    max_changes_percent: float | None
     require_matches: bool
 
 
@@ -169,6 +170,8 @@ _job = _group(JobOptions, "job_opts", [
                       "BULK_TAGGER_SHARDS)."),
     click.option("--max-changes", type=click.IntRange(0), default=None,
                  help="Stop before any PATCH if the plan changes more images."),
+    click.option("--max-changes-percent", type=click.FloatRange(0, 100, min_open=True),
+                 default=None, help="... or more than this share of the matched images."),
     click.option("--require-matches", is_flag=True,
                  help="A selector that matches no image stops the run (exit 3)."),
 ])
@@ -259,6 +262,7 @@ def _settings(
         settings.simulate_images = job_opts.simulate_images
         settings.shard = _shard(job_opts.shard)
         settings.max_changes = job_opts.max_changes
+        settings.max_changes_percent = job_opts.max_changes_percent
         settings.require_matches = job_opts.require_matches
     return settings
 
