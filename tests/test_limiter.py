@@ -486,3 +486,37 @@ def test_one_of_n_shards_takes_its_share_of_a_stated_limit() -> None:
     c = RateController(clock=clock, share=1 / 4)
     c.on_stated(Stated(200.0, 1.0))
     assert c.rate == pytest.approx(STATED_SHARE * 50)
+
+
+def test_a_waiter_under_uvloop_is_woken_a_few_times_not_spun_for() -> None:
+    # uvloop counts a timer's delay in whole milliseconds: a pacer that armed its timer for
+    # the sub-millisecond rest of a wait was woken at once, again and again, until the slot
+    # was due (~45 wake-ups a waiter in a run's slow start); where missed slots are caught
+    # up it waits a millisecond instead, and the slots keep their times
+    uvloop = pytest.importorskip("uvloop")
+    pacer = Pacer(500.0, catchup_s=0.02)
+    wakeups = 0
+    release = pacer._release
+
+    def counted() -> None:
+        nonlocal wakeups
+        wakeups += 1
+        release()
+
+    pacer._release = counted  # type: ignore[method-assign]
+    order: list[int] = []
+
+    async def take(i: int) -> None:
+        await pacer.acquire()
+        order.append(i)
+
+    async def main() -> float:
+        started = time.monotonic()
+        await asyncio.gather(*(take(i) for i in range(40)))
+        return time.monotonic() - started
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        took = runner.run(main())
+    assert order == list(range(40))
+    assert took >= 39 / 500 * 0.95  # the slots keep their spacing: nothing given early
+    assert wakeups <= 3 * 40, wakeups

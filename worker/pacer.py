@@ -18,6 +18,9 @@ import asyncio
 import time
 from collections import deque
 
+#: the shortest wait a timer is armed for where missed slots are caught up (see ``_arm``)
+_TICK_S = 0.001
+
 
 class Pacer:
     """Slots evenly spaced at ``rate``, first come first served; at most ``capacity`` at once
@@ -80,6 +83,12 @@ class Pacer:
         if self._timer is not None:
             self._timer.cancel()
         delay = self._next - self._slack - time.monotonic()
+        if 0.0 < delay < _TICK_S <= self._catchup:
+            # uvloop counts a timer's delay in whole milliseconds: a shorter one fires at once,
+            # again and again until the slot is due (a busy loop: ~45 wake-ups a waiter in a
+            # run's slow start). Where missed slots are caught up, a waiter woken up to a
+            # millisecond late loses none of them: the slots keep their times.
+            delay = _TICK_S
         self._timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._release)
 
     def _release(self) -> None:
