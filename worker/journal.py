@@ -364,6 +364,12 @@ class Journal:
                     conn.execute("ROLLBACK")
             raise
 
+    async def room(self) -> None:
+        """Wait for the writer when eight batches of planned targets wait for it (a plan
+        faster than the disk): the buffer, and so memory, stays flat in the plan's size."""
+        if len(self._targets) >= 8 * self.batch:
+            await self.flush()
+
     async def flush(self) -> None:
         """Commit what is buffered (in a thread: the loop never waits on the disk).
 

@@ -452,6 +452,7 @@ class Runner:
         try:
             async for target in expander.targets():
                 self._record_plan(target)
+                await self.journal.room()  # type: ignore[union-attr]  # _record_plan asserts
         finally:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
