@@ -194,11 +194,10 @@ class Runner:
                 self._discard_unstarted()
                 raise
             self._open_journal()
-            assert self.journal is not None
-            self.journal.track_process(self._counters, self.started_at)
+            self._journal.track_process(self._counters, self.started_at)
             self._prune()
-            self.journal.track_timeline(self._totals)
-            self.journal.start_writer()
+            self._journal.track_timeline(self._totals)
+            self._journal.start_writer()
             try:
                 code = await self._phases(client)
             except AuthFailed as exc:
@@ -214,7 +213,7 @@ class Runner:
                 log.error(event, status=exc.status, error=exc.message)
                 code = ExitCode.INTERRUPTED
             except JobError:
-                await self.journal.stop_writer()
+                await self._journal.stop_writer()
                 raise
         if self.interrupted:
             code = ExitCode.INTERRUPTED
@@ -374,8 +373,7 @@ class Runner:
                      kept={e.run_id: why for e, why in result.kept})
 
     async def _phases(self, client: api.Client) -> int:
-        journal = self.journal
-        assert journal is not None
+        journal = self._journal
         if not (self.resumed and journal.run_info().get("plan_done")):
             state_dir = self.settings.state_dir
             if self.plan_ref is not None:
@@ -395,10 +393,15 @@ class Runner:
         counts = journal.counts()
         return ExitCode.FAILED if counts.get("failed") else ExitCode.OK
 
+    @property
+    def _journal(self) -> Journal:
+        """The run's journal, open from the start of a run's phases to its end."""
+        assert self.journal is not None
+        return self.journal
+
     # -- plan -----------------------------------------------------------------------------
     def _record_plan(self, target: Target, expect: dict[str, Any] | None = None) -> None:
-        journal = self.journal
-        assert journal is not None
+        journal = self._journal
         image = target.image
         status: str
         reason: str | None
@@ -452,7 +455,7 @@ class Runner:
         try:
             async for target in expander.targets():
                 self._record_plan(target)
-                await self.journal.room()  # type: ignore[union-attr]  # _record_plan asserts
+                await self._journal.room()  # the writer behind: wait (memory stays flat)
         finally:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -472,9 +475,9 @@ class Runner:
     async def _plan_again(self, targets: AsyncIterator[Again]) -> None:
         """Another run's targets read again (undo: the run's updated ones; run --plan: the
         plan's planned ones), recorded as ``planrun`` decided."""
-        journal = self.journal
-        assert journal is not None
+        journal = self._journal
         async for again in targets:
+            await journal.room()  # as in _plan: the writer behind, the reading waits
             target, image = again.target, again.target.image
             if again.conflict is not None:
                 self._record_conflict(target, again.name, again.conflict)
@@ -489,9 +492,9 @@ class Runner:
                     plan_detail=None, expect=again.expect)
 
     def _record_conflict(self, target: Target, name: str, detail: str) -> None:
-        assert self.journal is not None and target.image is not None
+        assert target.image is not None
         self.plan_reasons["skipped:conflict"] += 1
-        self.journal.add_target(
+        self._journal.add_target(
             project_id=target.project_id, region_id=target.region_id,
             image_id=target.image_id, name=target.image.name or name, source=target.source,
             changes=target.changes, before=target.image.state(), patch=None, lock_task=None,
@@ -499,11 +502,10 @@ class Runner:
         )
 
     def _check_limits(self) -> None:
-        assert self.journal is not None
         options = self.job.options if self.job else None
         limit, percent = self.settings.max_changes, self.settings.max_changes_percent
         check_limits(
-            self.matched, *self.journal.plan_counts(), elsewhere=self.elsewhere,
+            self.matched, *self._journal.plan_counts(), elsewhere=self.elsewhere,
             require_matches=self.settings.require_matches or bool(
                 options and options.require_matches),
             max_changes=limit if limit is not None or options is None else options.max_changes,
@@ -513,8 +515,7 @@ class Runner:
 
     # -- apply ----------------------------------------------------------------------------
     async def _apply(self, client: api.Client) -> None:
-        journal = self.journal
-        assert journal is not None
+        journal = self._journal
         progress = Progress(stream=self.settings.progress, interval_s=self.settings.progress_s)
         planned, _ = journal.plan_counts()
         pending = planned - sum(
@@ -565,8 +566,7 @@ class Runner:
         pages where a region holds enough of them (the file selectors' join), else a GET
         each. The pool plans each again against it (a target whose image changed since the
         plan is planned against what it is now; one whose PATCH landed is recorded so)."""
-        journal = self.journal
-        assert journal is not None
+        journal = self._journal
         expander = Expander(
             None, client, stage_path=journal.run_dir / "stage.sqlite",
             policy=self._retry_policy(), concurrency=self.concurrency, on_retry=self._on_retry,
