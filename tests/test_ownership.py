@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
@@ -231,3 +232,26 @@ def test_the_lock_lives_on_an_open_file_and_a_probe_never_drops_it(tmp_path: Pat
     lock.release()
     assert is_held(run_dir) is None
     RunLock.acquire(run_dir, run_id="r1").release()
+
+
+def test_a_refused_process_reading_before_the_holder_wrote_still_names_it(
+    tmp_path: Path,
+) -> None:
+    """The holder takes the lock, then writes who it is: a process refused in between found
+    the file empty and said "a process" (a flaky failure of the two-resumes test). It now
+    reads again for a moment."""
+
+    run_dir = tmp_path / "r1"
+    run_dir.mkdir()
+    path = run_dir / "run.lock"
+    with path.open("wb") as fh:  # the holder, between its flock and its write
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        writer = threading.Timer(0.05, lambda: path.write_bytes(
+            b'{"pid": 4242, "host": "node-7", "since": "2026-11-30T16:00:00Z",'
+            b' "command": "bulk-tagger run"}'))
+        writer.start()
+        with pytest.raises(RunHeld, match=r"pid 4242 on node-7 since 2026-11-30T16:00:00Z"):
+            RunLock.acquire(run_dir, run_id="r1")
+        writer.join()
+        holder = is_held(run_dir)
+        assert holder is not None and holder.pid == 4242
