@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -77,13 +78,13 @@ def test_window_slides_and_old_retries_leave_it() -> None:
     for _ in range(10):
         assert budget.try_retry()
     assert not budget.can_retry()
-    assert budget.retry_delay() == pytest.approx(10.0)
+    assert budget.window_delay() == pytest.approx(10.0)
     clock.advance(5)
     assert not budget.can_retry()
-    assert budget.retry_delay() == pytest.approx(5.0)
+    assert budget.window_delay() == pytest.approx(5.0)
     clock.advance(5)
     assert budget.can_retry()
-    assert budget.retry_delay() == 0.0
+    assert budget.window_delay() == 0.0
 
 
 def test_retry_delay_counts_the_oldest_slots_first() -> None:
@@ -96,7 +97,7 @@ def test_retry_delay_counts_the_oldest_slots_first() -> None:
         budget.on_retry()
     assert not budget.can_retry()
     # the first two leave at t=10: then 3 in the window, 2 allowed
-    assert budget.retry_delay() == pytest.approx(7.0)
+    assert budget.window_delay() == pytest.approx(7.0)
     clock.advance(7)
     assert budget.can_retry()
 
@@ -110,7 +111,83 @@ def test_requests_leaving_the_window_take_their_allowance_along() -> None:
     clock.advance(10)
     assert budget.allowance == pytest.approx(0.0)
     assert not budget.can_retry()
-    assert budget.retry_delay() == pytest.approx(10.0)  # nothing in the window will free one
+    assert budget.window_delay() == pytest.approx(10.0)  # nothing in the window will free one
+
+
+def _storm(budget: RetryBudget, clock: FakeClock) -> int:
+    """5 s of good traffic (100 first attempts a second), then a storm: every answer bad and
+    every request retried until the budget refuses. Returns the retries it took."""
+    for _ in range(500):
+        clock.advance(0.01)
+        budget.on_request()
+        budget.on_answer(True)
+    taken = 0
+    for _ in range(100):
+        clock.advance(0.001)
+        budget.on_request()
+        budget.on_answer(False)
+        while budget.try_retry():
+            budget.on_answer(False)
+            taken += 1
+    return taken
+
+
+def test_good_answers_after_a_storm_release_the_retries_the_window_refuses() -> None:
+    """A short storm overdraws the window for its whole 10 s; once the API answers well
+    again, waiting retries go at once instead of waiting for the window to slide."""
+    clock = FakeClock(0.0)
+    budget = _budget(clock, ratio=0.1, window_s=10, min_per_s=10)
+    taken = _storm(budget, clock)
+    assert taken <= 0.1 * 600 + 100 + 1  # the storm itself got no more than the budget
+    assert not budget.can_retry() and not budget.try_retry()
+    assert budget.window_delay() > 4.0  # the window alone would hold them for seconds
+    for good in range(1, 5):
+        budget.on_answer(True)
+        assert not budget.healthy, good
+        assert not budget.try_retry()
+    budget.on_answer(True)  # the fifth good answer in a row
+    assert budget.healthy and budget.retry_delay() == 0.0
+    assert sum(budget.try_retry() for _ in range(200)) == 200
+    budget.on_answer(False)  # one bad answer and the window rules again
+    assert not budget.healthy and not budget.try_retry()
+
+
+def test_a_spent_window_still_lets_a_probe_through_every_tenth_of_a_second() -> None:
+    """While the window refuses and the API answers badly, one retry goes every
+    1 / min_per_s seconds, so a run whose every worker waits still learns it is back."""
+    clock = FakeClock(0.0)
+    budget = _budget(clock, ratio=0.1, window_s=10, min_per_s=10)
+    _storm(budget, clock)
+    assert 0.0 < budget.retry_delay() <= 0.1
+    probes = 0
+    for _ in range(300):  # 3 s, asked every 10 ms by many waiters at once
+        clock.advance(0.01)
+        for _ in range(8):
+            if budget.try_retry():
+                budget.on_answer(False)
+                probes += 1
+    assert 25 <= probes <= 31  # 10 a second (each asked at 10 ms ticks), not 8 waiters' worth
+
+
+def test_a_failing_api_is_not_taken_for_a_healthy_one() -> None:
+    """At 80% bad answers a run of five good ones is rare: over 10,000 answers the budget
+    holds retries to its share (the bypass lets through at most a few waiters)."""
+    rng = random.Random(7)
+    clock = FakeClock(0.0)
+    budget = _budget(clock, ratio=0.1, window_s=10, min_per_s=10)
+    sent = retries = 0
+    for _ in range(10_000):  # 100 s at 100 first attempts a second, each wanting a retry
+        clock.advance(0.01)
+        budget.on_request()
+        sent += 1
+        if rng.random() < 0.8:
+            budget.on_answer(False)
+            if budget.try_retry():
+                retries += 1
+                budget.on_answer(rng.random() >= 0.8)
+        else:
+            budget.on_answer(True)
+    assert retries <= 0.1 * sent + 10 * 100 + 100 + 0.01 * sent
 
 
 @pytest.mark.parametrize(
@@ -122,6 +199,7 @@ def test_requests_leaving_the_window_take_their_allowance_along() -> None:
         ({"min_per_s": -1}, "min_per_s"),
         ({"min_per_s": math.nan}, "min_per_s"),
         ({"bins": 0}, "bins"),
+        ({"healthy_after": 0}, "healthy_after"),
     ],
 )
 def test_retry_budget_refuses_bad_settings(kw: dict[str, float], needle: str) -> None:
@@ -140,7 +218,8 @@ def test_retry_budget_refuses_bad_settings(kw: dict[str, float], needle: str) ->
 def test_retries_in_any_window_never_exceed_the_budget(
     events: list[tuple[str, float]], ratio: float, min_per_s: float
 ) -> None:
-    """Property: retries taken through try_retry within any window fit the formula."""
+    """Property: retries taken through try_retry within any window fit the formula, plus
+    the probes (one each ``1 / min_per_s`` seconds at most) of an API that answers badly."""
     clock = FakeClock(0.0)
     window = 10.0
     budget = RetryBudget(ratio=ratio, window_s=window, min_per_s=min_per_s, bins=10, clock=clock)
@@ -150,8 +229,10 @@ def test_retries_in_any_window_never_exceed_the_budget(
             clock.advance(gap)
         elif kind == "req":
             budget.on_request()
+            budget.on_answer(False)  # a failing API: nothing ever says it is well
             log.append((clock.now, "req"))
         elif budget.try_retry():
+            budget.on_answer(False)
             log.append((clock.now, "retry"))
     # the budget's window is exact to one slot (1 s): check a window a slot shorter than its
     # own against a request count a slot longer, which bounds any window it could have used
@@ -160,7 +241,8 @@ def test_retries_in_any_window_never_exceed_the_budget(
             continue
         retries = sum(1 for t, k in log if k == "retry" and t_end - (window - 1) < t <= t_end)
         requests = sum(1 for t, k in log if k == "req" and t_end - (window + 1) < t <= t_end)
-        assert retries <= ratio * requests + min_per_s * window + 1e-9
+        probes = min_per_s * window + 1 if min_per_s > 0 else 0
+        assert retries <= ratio * requests + min_per_s * window + probes + 1e-9
 
 
 # -- CircuitBreaker ------------------------------------------------------------------------
@@ -291,7 +373,7 @@ def test_healthy_run_with_scattered_failures_never_trips() -> None:
         ({"failure_ratio": 1.5}, "failure_ratio"),
         ({"min_failures": 0}, "min_failures"),
         ({"bins": 0}, "bins"),
-    ],
+            ],
 )
 def test_breaker_refuses_bad_settings(kw: dict[str, float], needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
@@ -327,7 +409,8 @@ async def test_retry_call_draws_on_the_run_budget(sim_factory: SimFactory) -> No
         results = await asyncio.gather(*(read(k) for k in keys), return_exceptions=True)
     gets = sim.counters.requests["get"]
     assert budget.requests_total == len(keys)
-    assert gets - len(keys) <= 0.1 * len(keys) + 30  # retries: 10% plus the reserve
+    # retries: 10% plus the reserve, plus the probes (one each 2 s) of the calls' 2 s
+    assert gets - len(keys) <= 0.1 * len(keys) + 30 + 2
     assert budget.refused_total > 0
     assert any(isinstance(r, Transient) for r in results)  # some calls gave up, as they must
     assert any(not isinstance(r, BaseException) for r in results)

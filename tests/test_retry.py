@@ -250,6 +250,32 @@ async def test_a_spent_run_budget_makes_a_retry_wait_for_it() -> None:
     assert budget.retries_total == 2
 
 
+async def test_good_answers_let_a_retry_the_spent_run_budget_refused_go_at_once() -> None:
+    """call() tells the run's budget how each attempt was answered: after five good answers
+    in a row, a retry the spent window refuses may go at once; a bad answer puts the window
+    back in charge (here the call gives up: the next probe is 100 s away)."""
+    budget = RetryBudget(ratio=0.0, window_s=60.0, min_per_s=0.01)  # the window never has room
+    budget.on_retry()  # the probe of the last 100 s is spent
+    policy = RetryPolicy(budget_s=0.3, base_s=0.001, max_wait_s=0.002, run_budget=budget)
+    refused = Flaky(Transient("a"))
+    with pytest.raises(Transient):
+        await retry.call(refused, policy)
+    assert refused.calls == 1
+    for _ in range(4):
+        assert await retry.call(Flaky(), policy) == ("done", 1)
+    assert not budget.healthy  # four good answers after a bad one
+    assert await retry.call(Flaky(), policy) == ("done", 1)
+    assert budget.healthy and budget.retry_delay() == 0.0
+    with pytest.raises(NotFound):  # an answer from a working API: still well
+        await retry.call(Flaky(NotFound("gone")), policy)
+    assert budget.healthy
+    again = Flaky(Transient("b"))
+    with pytest.raises(Transient):  # its own bad answer ends the streak
+        await retry.call(again, policy)
+    assert again.calls == 1 and not budget.healthy
+    assert budget.retries_total == 1 and budget.refused_total >= 2
+
+
 async def test_successes_draw_nothing_from_the_run_budget() -> None:
     budget = RetryBudget(ratio=0.1, window_s=10.0, min_per_s=0.0)
     policy = RetryPolicy(run_budget=budget)

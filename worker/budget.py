@@ -9,6 +9,12 @@ what the whole run does to the API when many calls fail at once:
   API then sees about ``1 + ratio`` times the run's first attempts, not ``max_attempts``
   times. First attempts deposit (``on_request``), retries withdraw (``on_retry``);
   ``can_retry`` says whether one more retry fits, ``retry_delay`` how long until it may.
+  The budget guards an API that is failing, not one that failed: each answer is told
+  (``on_answer``), and once ``healthy_after`` (5) answers in a row were good, retries the
+  window had no room for go ahead (a short storm overdraws the window for its whole 10 s;
+  the retries it left waiting would otherwise hold the run for that long). While the window
+  refuses and nothing says the API is well, one retry goes every ``1 / min_per_s`` seconds
+  (a probe), so a run whose every worker waits still learns when the API is back.
 - ``CircuitBreaker``: watches how targets end and trips when they keep failing alike: the last
   ``consecutive`` (50) counted outcomes all failed for the same reason, or, over the last
   ``window_s`` (60 s), at least ``min_failures`` (100) failed and they are at least
@@ -23,6 +29,7 @@ Neither is safe across threads; the pool runs on one event loop.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
@@ -97,6 +104,7 @@ class RetryBudget:
         window_s: float = 10.0,
         min_per_s: float = 10.0,
         bins: int = 10,
+        healthy_after: int = 5,
         clock: Clock = time.monotonic,
     ) -> None:
         if not ratio >= 0:  # also refuses NaN
@@ -109,7 +117,14 @@ class RetryBudget:
             )
         if bins < 1:
             raise ValueError(f"bins must be >= 1, got {bins!r}")
+        if healthy_after < 1:
+            raise ValueError(f"healthy_after must be >= 1, got {healthy_after!r}")
         self.ratio = ratio
+        self.healthy_after = healthy_after
+        #: good answers in a row (any request's), and when the last probe went
+        self._good = 0
+        self._probe_gap = 1.0 / min_per_s if min_per_s > 0 else math.inf
+        self._last_retry = -math.inf
         self.window_s = window_s
         self.min_per_s = min_per_s
         self.reserve = min_per_s * window_s
@@ -137,24 +152,45 @@ class RetryBudget:
         """Whether one more retry fits in the budget now."""
         return self.allowance >= 1.0
 
+    def on_answer(self, good: bool) -> None:
+        """An attempt was answered: ``good`` unless the answer asks for a retry (a 5xx, a
+        429, no answer at all); a 404 or a 422 is a good answer from a working API."""
+        self._good = self._good + 1 if good else 0
+
+    @property
+    def healthy(self) -> bool:
+        """The last ``healthy_after`` answers were all good: nothing to guard."""
+        return self._good >= self.healthy_after
+
     def on_retry(self) -> None:
         """A retry was sent (whether or not ``can_retry`` said yes)."""
         self._window.add(1)
         self.retries_total += 1
+        self._last_retry = self.clock()
 
     def try_retry(self) -> bool:
-        """Take one retry if it fits (True), else count a refusal (False)."""
-        if self.can_retry():
+        """Take one retry if it fits, the API answers well again, or a probe is due (True);
+        else count a refusal (False)."""
+        if self.can_retry() or self.healthy or self._probe_due():
             self.on_retry()
             return True
         self.refused_total += 1
         return False
 
-    def retry_delay(self) -> float:
-        """Seconds until a retry may fit, as old slots leave the window (0.0 if one fits now).
+    def _probe_due(self) -> bool:
+        return self.min_per_s > 0 and self.clock() - self._last_retry >= self._probe_gap
 
-        An estimate: requests arriving meanwhile only bring it closer.
-        """
+    def retry_delay(self) -> float:
+        """Seconds until a retry may go: as old slots leave the window, or the next probe
+        (0.0 if one may go now). An estimate: requests and good answers meanwhile only bring
+        it closer."""
+        if self.can_retry() or self.healthy:
+            return 0.0
+        probe = max(0.0, self._last_retry + self._probe_gap - self.clock())
+        return min(self.window_delay(), probe)
+
+    def window_delay(self) -> float:
+        """Seconds until the window alone has room for a retry, as old slots leave it."""
         if self.can_retry():
             return 0.0
         now = self.clock()

@@ -49,6 +49,7 @@ class RunBudget(Protocol):
     """The run-wide retry budget a policy may carry (``worker.budget.RetryBudget``)."""
 
     def on_request(self) -> None: ...
+    def on_answer(self, good: bool) -> None: ...
     def try_retry(self) -> bool: ...
     def retry_delay(self) -> float: ...
 
@@ -137,11 +138,17 @@ async def call(
     if run_budget is not None:
         run_budget.on_request()
     try:
-        return await fn(), 1
+        result = await fn()
     except ApiError as exc:
+        if run_budget is not None:
+            run_budget.on_answer(not exc.retryable)
         if not exc.retryable or policy.max_attempts <= 1:
             raise
         first: BaseException = exc
+    else:
+        if run_budget is not None:
+            run_budget.on_answer(True)
+        return result, 1
     delay = policy.wait(first, 1)
     if delay >= policy.budget_s:
         raise first
@@ -192,7 +199,11 @@ async def call(
                     result = await fn()
                 except ApiError as exc:
                     last = exc
+                    if run_budget is not None:
+                        run_budget.on_answer(not exc.retryable)
                     raise
+                if run_budget is not None:
+                    run_budget.on_answer(True)
     except _BudgetSpent:
         raise last from None
     return result, attempts
