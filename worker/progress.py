@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TextIO
 
 from worker import defaults
@@ -140,6 +141,18 @@ class Progress:
             await asyncio.sleep(self._interval)
             if not self._closed:
                 self._render()
+
+    @contextlib.asynccontextmanager
+    async def shown(self) -> AsyncIterator[Progress]:
+        """``run`` as a task while the block runs; then cancelled, and ``close``."""
+        ticker = asyncio.create_task(self.run())
+        try:
+            yield self
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            self.close()
 
     def close(self) -> None:
         """Render the final state once (and end the bar's line); later calls do nothing."""

@@ -23,7 +23,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from worker import api, exports, report, retention, retry, safety, spec, statevol
+from worker import api, apply, exports, report, retention, retry, safety, spec, statevol
 from worker.budget import CircuitBreaker, RetryBudget
 from worker.errors import (
     ApiError,
@@ -35,11 +35,11 @@ from worker.errors import (
     JobError,
     SafetyLimit,
 )
-from worker.journal import Journal, Pending, now_iso, read_run_info
+from worker.journal import Journal, now_iso, read_run_info
 from worker.limiter import AdaptiveLimiter, RateController
 from worker.log import get_logger, scrub
 from worker.metrics import push_metrics
-from worker.models import Image, Outcome, RunContext, Target
+from worker.models import RunContext, Target
 from worker.plan import plan_changes
 from worker.planrun import Again, PlanRef, check_plan, plan_targets, undo_targets
 from worker.pool import Pool, PoolSettings
@@ -451,21 +451,16 @@ class Runner:
                             interval_s=settings.progress_s,
                             details=lambda: {"pages": client.counts.by_kind["list"]},
                             poll=lambda: (expander.read, expander.expected or None))
-        ticker = asyncio.create_task(progress.run())
-        try:
+        async with progress.shown():
             async for target in expander.targets():
                 self._record_plan(target)
                 await self._journal.room()  # the writer behind: wait (memory stays flat)
-        finally:
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
-            progress.close()
         self.matched, self.elsewhere = dict(expander.matched), expander.elsewhere
         log.info("run.matched", selectors=self.matched)
 
     def _expander(self, client: api.Client) -> Expander:
-        """An expander that reads given images again (no job): another run's targets."""
+        """An expander that reads given images again (no job): another run's targets, or a
+        resumed run's own."""
         return Expander(
             None, client, stage_path=self.settings.state_dir / self.run_id / "stage.sqlite",
             policy=self._retry_policy(), concurrency=self.concurrency,
@@ -516,30 +511,11 @@ class Runner:
     # -- apply ----------------------------------------------------------------------------
     async def _apply(self, client: api.Client) -> None:
         journal = self._journal
-        progress = Progress(stream=self.settings.progress, interval_s=self.settings.progress_s)
-        planned, _ = journal.plan_counts()
-        pending = planned - sum(
-            n for status, n in journal.counts().items() if status != "planned"
-        ) if self.resumed else planned
-        progress.set_total(max(0, pending))
-        add_outcome = journal.add_outcome
-        advance = progress.advance
-
-        def sink(seq: int, outcome: Outcome) -> None:
-            add_outcome(seq, outcome)
-            advance(outcome.status)
-
-        record = self.breaker.record
-
-        def observe(outcome: Outcome) -> None:
-            trip = record(outcome.status, outcome.reason, outcome.http_status)
-            if trip is not None and not pool.stopping:
-                log.error("run.circuit_open", reason=trip.reason, http_status=trip.http_status,
-                          failures=trip.failures, exit_code=trip.exit_code)
-                pool.abort(CircuitOpen(trip.message, exit_code=trip.exit_code))
-
+        progress = apply.progress_of(journal, Progress(
+            stream=self.settings.progress, interval_s=self.settings.progress_s),
+            resumed=self.resumed)
         partial = bool(self.job and self.job.options.on_read_only == "partial")
-        pool = self.pool = Pool(
+        self.pool = apply.wire(
             client,
             PoolSettings(
                 concurrency=self.concurrency, retry=self._retry_policy(),
@@ -547,47 +523,11 @@ class Runner:
                 lock_poll_s=self.settings.lock_poll_s,
                 partial=partial, on_retry=self.retry_log,
             ),
-            self.ctx,
-            sink,
-            observe=observe,
+            self.ctx, journal=journal, progress=progress, breaker=self.breaker,
         )
-        ticker = asyncio.create_task(progress.run())
-        try:
-            items = self._reread(client) if self.resumed else journal.iter_pending()
-            await pool.run(items, reread=self.resumed)
-        finally:
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
-            progress.close()
-
-    async def _reread(self, client: api.Client, batch: int = 500) -> AsyncIterator[Pending]:
-        """A resumed run's pending targets, each with its image as read just now: by list
-        pages where a region holds enough of them (the file selectors' join), else a GET
-        each. The pool plans each again against it (a target whose image changed since the
-        plan is planned against what it is now; one whose PATCH landed is recorded so)."""
-        journal = self._journal
-        expander = Expander(
-            None, client, stage_path=journal.run_dir / "stage.sqlite",
-            policy=self._retry_policy(), concurrency=self.concurrency, on_retry=self._on_retry,
-            page_size=self.job.options.page_size if self.job else None,
-        )
-        read: dict[int, Image | None] = {}
-
-        def take() -> list[Pending]:
-            items = journal.pending_of(sorted(read))
-            for item in items:
-                item.image, item.read = read[item.seq], True
-            read.clear()
-            return items
-
-        async for tag, image in expander.reread(journal.pending_keys()):
-            read[int(tag)] = image
-            if len(read) >= batch:
-                for item in take():
-                    yield item
-        for item in take():
-            yield item
+        items = (apply.reread(journal, self._expander(client)) if self.resumed
+                 else journal.iter_pending())
+        await apply.run(self.pool, items, progress, reread=self.resumed)
 
     # -- the end --------------------------------------------------------------------------
     def _counters(self) -> tuple[dict[str, int], float]:
