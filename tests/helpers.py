@@ -184,3 +184,20 @@ def need(name: str) -> str:
             pytest.fail(why)
         pytest.skip(why)
     return path
+
+
+def markdown_table(text: str, heading: str) -> tuple[list[str], list[list[str]]]:
+    """The first table under the markdown line ``heading`` (the whole line, ``#``s too): its
+    header's cells and its rows' cells, stripped (a cell holding ``|`` is not supported)."""
+    lines = text.splitlines()
+    start = lines.index(heading)
+    table: list[list[str]] = []
+    for line in lines[start + 1:]:
+        if line.startswith("#"):
+            break
+        if line.startswith("|"):
+            table.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif table:
+            break
+    assert len(table) >= 2, f"no table under {heading!r}"
+    return table[0], table[2:]

@@ -28,9 +28,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import need
+from tests.helpers import markdown_table, need
 from worker import defaults
-from worker.errors import ExitCode
+from worker.errors import ExitCode, Rerun
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "jobs" / "k8s"
@@ -41,9 +41,15 @@ DOCKERFILE = ROOT / "Dockerfile"
 K8S_VERSIONS = ("1.30.0", "1.37.0")
 WORKER_DEFAULT_GRACE_S = defaults.GRACE_S
 APP_UID = 10001
-EXIT_FAIL_AT_ONCE = (ExitCode.BAD_INPUT, ExitCode.SAFETY_LIMIT, ExitCode.AUTH_FAILED,
-                     ExitCode.STATE_VOLUME)
-EXIT_RESUME = ExitCode.INTERRUPTED
+#: What a Job's first matching podFailurePolicy rule may do with an exit, by what a rerun of
+#: the command does (ExitCode.rerun); None: no rule matched, counted toward the backoff limit.
+#: A finished run with failed targets (1) is not worth re-planning the estate at once.
+ACTIONS_BY_RERUN: dict[Rerun, set[str | None]] = {
+    Rerun.DONE: {"FailJob", "FailIndex"},
+    Rerun.SAME: {"FailJob"},
+    Rerun.RESUMES: {"Count", None},
+    Rerun.UNKNOWN: {None},
+}
 POLICY_ACTIONS = {"FailJob", "FailIndex", "Ignore", "Count"}
 
 Doc = dict[str, Any]
@@ -295,19 +301,30 @@ def test_pod_failure_policy_maps_exit_codes(label: str) -> None:
             assert codes.get("containerName", "bulk-tagger") == "bulk-tagger"
         if rule["action"] == "FailIndex":
             assert "backoffLimitPerIndex" in spec, "FailIndex needs backoffLimitPerIndex"
-    for code in EXIT_FAIL_AT_ONCE:
-        assert first_matching_action(policy, exit_code=code) == "FailJob", code
-    # 75: interrupted or API unreachable: retried (counted toward backoff), never fatal.
-    assert first_matching_action(policy, exit_code=EXIT_RESUME) in {"Count", None}
+    # every code a rule names is one of ours; each of ours (but 0) goes as its rerun says
+    named = {c for r in policy["rules"] for c in r.get("onExitCodes", {}).get("values", [])}
+    assert named <= set(ExitCode), named - set(ExitCode)
+    for code in set(ExitCode) - {ExitCode.OK}:
+        action = first_matching_action(policy, exit_code=code)
+        assert action in ACTIONS_BY_RERUN[code.rerun], (code, code.rerun, action)
     # Drains, evictions, preemptions: retried without spending the backoff budget.
     assert first_matching_action(policy, condition="DisruptionTarget") == "Ignore"
     # A disrupted pod's SIGTERM exit (75) must be ignored, not counted: Ignore comes first.
     (disruption_rule,) = [r for r in policy["rules"] if "onPodConditions" in r]
     assert policy["rules"].index(disruption_rule) == 0
-    # The run finished with failed targets: not worth re-planning the estate at once.
-    assert first_matching_action(policy, exit_code=1) in {"FailJob", "FailIndex"}
     # Replacement pods wait for the old one to end: never two writers on one journal.
     assert spec.get("podReplacementPolicy", "Failed") == "Failed"
+
+
+def test_readme_says_what_the_cronjob_does_with_each_exit_code() -> None:
+    policy = job_spec("cronjob")["podFailurePolicy"]
+    _, rows = markdown_table((ROOT / "README.md").read_text(),
+                             "### 9. Exit codes, and what the CronJob does with them")
+    rules = {int(row[0]): row[2] for row in rows if row[0].isdigit()}
+    assert set(rules) >= set(ExitCode) - {ExitCode.ABORTED}  # no prompt in a pod to Ctrl-C at
+    for code, rule in rules.items():
+        action = first_matching_action(policy, exit_code=code)
+        assert rule == ("" if code == 0 else action or "none: counted"), (code, rule, action)
 
 
 @pytest.mark.parametrize("label", JOB_LABELS)

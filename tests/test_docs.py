@@ -12,8 +12,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from tests.helpers import results, run_cli, run_dirs
+from tests.helpers import markdown_table, results, run_cli, run_dirs
 from worker import spec
+from worker.errors import ExitCode
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "job-file.md"
@@ -83,3 +84,28 @@ def test_every_example_validates_plans_and_runs_cleanly(example: Path, tmp_path:
         wanted = "planned" if command == "plan" else "updated"
         assert any(r["status"] == wanted for r in rows), rows[:3]  # it does something
         assert not [r for r in rows if r["status"] == "failed"]
+
+
+#: The exit-code tables of README.md and docs/job-file.md, and the codes each must list: every
+#: one of ExitCode's, but a pod's table leaves out 130 (a pod has no prompt to Ctrl-C at).
+EXIT_TABLES = [
+    (ROOT / "README.md", "### Exit codes", set(ExitCode)),
+    (ROOT / "README.md", "### 9. Exit codes, and what the CronJob does with them",
+     set(ExitCode) - {ExitCode.ABORTED}),
+    (DOCS, "## Exit codes", set(ExitCode)),
+]
+
+
+@pytest.mark.parametrize(("doc", "heading", "codes"), EXIT_TABLES,
+                         ids=["README", "README-cronjob", "job-file"])
+def test_the_exit_code_tables_say_what_exit_code_says(
+    doc: Path, heading: str, codes: set[ExitCode]
+) -> None:
+    header, rows = markdown_table(doc.read_text(), heading)
+    assert header[1] == "meaning", header
+    ours = [row for row in rows if row[0].isdigit()]  # not "137, 143" nor "any": the pod's
+    listed = [(int(row[0]), row[1]) for row in ours]
+    wanted = [(int(code), code.meaning) for code in sorted(codes)]
+    assert listed == wanted, (
+        f"{doc.name}, {heading!r}: the rows should begin, as worker/errors.py has them:\n"
+        + "\n".join(f"| {code} | {meaning} |" for code, meaning in wanted))

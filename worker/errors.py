@@ -1,6 +1,7 @@
 """The exit codes and one exception tree for bulk-tagger.
 
-``ExitCode`` is the one place the process's exit codes are written (README, "Exit codes").
+``ExitCode`` is the one place the process's exit codes and their meanings are written (README,
+"Exit codes", shows them as they are here).
 
     BulkTaggerError                 what aborts a command (exit_code says how it ends)
     ├── JobError          (2)       bad command line, job or selector file (file, line, field)
@@ -25,33 +26,93 @@ request header).
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import IntEnum, StrEnum
+
+
+class Rerun(StrEnum):
+    """What running the same command again does after an exit code: what a Kubernetes Job's
+    podFailurePolicy should do with it (README, "9. Exit codes, and what the CronJob does with
+    them"; tests/test_deploy.py holds jobs/k8s and that table to ``ExitCode.rerun``)."""
+
+    #: the run finished: another is a new run
+    DONE = "done"
+    #: it ends the same way (the input, the plan, the key, the full volume are as they were)
+    SAME = "same"
+    #: it resumes the run where it stopped
+    RESUMES = "resumes"
+    #: it may or may not (a bug; a prompt's Ctrl-C)
+    UNKNOWN = "unknown"
 
 
 class ExitCode(IntEnum):
-    """How a command ends (README, "Exit codes"); the CronJob's podFailurePolicy keys on these."""
+    """How a command ends. Each code's ``meaning`` (markdown: README's and docs/job-file.md's
+    "Exit codes" tables show it word for word, tests/test_docs.py holds them to it) and what a
+    ``rerun`` of the command does (the Kubernetes Jobs' podFailurePolicy keys on it) are in
+    ``_ABOUT``, below."""
 
-    #: every target ended updated, unchanged or skipped (a plan: it was made)
     OK = 0
-    #: the run finished and some targets failed (each failure has its record)
     FAILED = 1
-    #: bad command line, job file or selector file; nothing was sent
     BAD_INPUT = 2
-    #: the plan has more changes than the job allows, or a selector matched nothing under
-    #: require_matches; nothing was changed
     SAFETY_LIMIT = 3
-    #: the API refused the credentials; the run stopped at once
     AUTH_FAILED = 4
-    #: a bug: an exception nobody expected (EX_SOFTWARE)
-    INTERNAL = 70
-    #: the state volume is full or cannot be written (EX_IOERR); what was recorded is kept,
-    #: ``--resume`` finishes once space is freed; retries would only hit the same wall
-    STATE_VOLUME = 74
-    #: interrupted, or the API unreachable past the retry budget; ``--resume`` goes on
-    #: (EX_TEMPFAIL); or the run (its lock) is held by another live process: nothing was sent
-    INTERRUPTED = 75
-    #: click's Abort (Ctrl-C at a prompt): 128 + SIGINT
-    ABORTED = 130
+    INTERNAL = 70  # EX_SOFTWARE
+    STATE_VOLUME = 74  # EX_IOERR
+    INTERRUPTED = 75  # EX_TEMPFAIL
+    ABORTED = 130  # 128 + SIGINT: click's Abort
+
+    @property
+    def meaning(self) -> str:
+        return _ABOUT[self][0]
+
+    @property
+    def rerun(self) -> Rerun:
+        return _ABOUT[self][1]
+
+
+_ABOUT: dict[ExitCode, tuple[str, Rerun]] = {
+    ExitCode.OK: ("every target ended updated, unchanged or skipped", Rerun.DONE),
+    ExitCode.FAILED: (
+        "the run finished and some targets failed (each has its record: "
+        "`bulk-tagger report RUN_ID --format jsonl` lists them)",
+        Rerun.DONE,
+    ),
+    ExitCode.BAD_INPUT: (
+        "bad command line, job or selector file; a wrong base URL; a project or region the job "
+        "names that the API does not list; a job file changed under `--resume`; a plan "
+        "`run --plan` may not apply (nothing sent)",
+        Rerun.SAME,
+    ),
+    ExitCode.SAFETY_LIMIT: (
+        "safety limit: the plan is over `max_changes` / `max_changes_percent`, or a selector "
+        "matched nothing under `require_matches` (nothing changed)",
+        Rerun.SAME,
+    ),
+    ExitCode.AUTH_FAILED: (
+        "the API refused the credentials (401, or 403 on the run's reads): the run stopped at "
+        "once",
+        Rerun.SAME,
+    ),
+    ExitCode.INTERNAL: (
+        "an internal error (a bug: set `BULK_TAGGER_DEBUG=1` for the traceback and report it)",
+        Rerun.UNKNOWN,
+    ),
+    ExitCode.STATE_VOLUME: (
+        "the state volume is full or cannot be written, or refused before planning when the run "
+        "clearly cannot fit (nothing sent); what was recorded is kept, and `--resume` finishes "
+        "once space is freed",
+        Rerun.SAME,
+    ),
+    ExitCode.INTERRUPTED: (
+        "interrupted (SIGTERM/SIGINT), or the API unreachable (no answer to the first read, or "
+        "past the retry budget): `--resume` goes on; or the run is held by another live process "
+        "(nothing sent: try later)",
+        Rerun.RESUMES,
+    ),
+    ExitCode.ABORTED: (
+        "Ctrl-C outside a run's own handling (e.g. `validate`, `report`): nothing to resume",
+        Rerun.UNKNOWN,
+    ),
+}
 
 
 class BulkTaggerError(Exception):

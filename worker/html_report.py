@@ -28,10 +28,9 @@ from worker import svgchart, timeline
 from worker.errors import JobError
 from worker.journal import Journal
 from worker.report import (
-    EXIT_MEANINGS,
-    PLAN_DONE,
     REQUEST_KINDS,
     _duration_text,
+    exit_meaning,
     format_change,
     open_run,
 )
@@ -105,10 +104,7 @@ def _summary(summary: Mapping[str, Any], info: Mapping[str, Any],
     options: Mapping[str, Any] = info.get("options") or {}
     code = summary.get("exit_code")
     kind = info.get("kind") or summary.get("kind") or "run"
-    meaning = (PLAN_DONE if kind == "plan" and code == 0
-               else EXIT_MEANINGS.get(code, "unknown exit code") if isinstance(code, int)
-               else "no exit code: the run is still going, or its process was killed "
-                    "(`--resume` goes on)")
+    meaning = exit_meaning(code, kind)
     ceiling = options.get("rate_ceiling")
     run_rows: list[tuple[str, Any]] = [
         ("job", summary.get("job") or info.get("job_name")),

@@ -32,22 +32,6 @@ REQUEST_KINDS: tuple[str, ...] = ("list", "get", "patch", "task")
 REQUEST_FIELDS: tuple[str, ...] = ("total", *REQUEST_KINDS, "retries", "rate_limited", "lock_waits")
 _NOT_KINDS = frozenset({"total", "retries", "rate_limited", "lock_waits"})
 
-#: What each exit code means (README, "Exit codes"), for people reading a summary.
-EXIT_MEANINGS: dict[int, str] = {
-    ExitCode.OK: "every target ended updated, unchanged or skipped",
-    ExitCode.FAILED: "the run finished and some targets failed (each failure has its record in "
-    "results.jsonl.gz: `bulk-tagger report RUN_ID --format jsonl`)",
-    ExitCode.BAD_INPUT: "bad command line, job spec or selector file; nothing was sent",
-    ExitCode.SAFETY_LIMIT: "safety limit: the plan has more changes than the job allows, or a "
-    "selector matched nothing under require_matches; nothing was changed",
-    ExitCode.AUTH_FAILED: "the API refused the credentials; the run stopped at once",
-    ExitCode.INTERRUPTED: "interrupted or the API unreachable past the retry budget; `--resume` "
-    "goes on",
-    ExitCode.STATE_VOLUME: "the state volume is full or cannot be written; what was recorded is "
-    "kept, `--resume` finishes once space is freed",
-}
-
-
 # --------------------------------------------------------------------------- latency
 
 _BASE = 1.02  # bucket width 2%: the bucket's geometric middle is within 1% of any value in it
@@ -228,6 +212,18 @@ def _table(pairs: Iterable[tuple[str, Any]], indent: str = "  ") -> list[str]:
 PLAN_DONE = "the plan is made; nothing was changed (`bulk-tagger run` applies it)"
 
 
+def exit_meaning(code: object, kind: str = "run") -> str:
+    """What a summary's ``exit_code`` says to a person: ``ExitCode``'s meaning, a plan's own,
+    or why there is none."""
+    if code is None:
+        return ("no exit code: the run is still going, or its process was killed "
+                "(`--resume` goes on)")
+    if kind == "plan" and code == ExitCode.OK:
+        return PLAN_DONE
+    known = [member for member in ExitCode if member == code]
+    return known[0].meaning if known else "unknown exit code"
+
+
 def _by_reason(summary: Mapping[str, Any]) -> list[str]:
     lines: list[str] = []
     reasons: Mapping[str, Mapping[str, int]] = summary.get("reasons") or {}
@@ -289,10 +285,7 @@ def format_summary(summary: Mapping[str, Any], *, targets: bool = True) -> str:
         + ", ".join(f"{p} {float(lat.get(p, 0.0)):,.1f} ms" for p in ("p50", "p95", "p99")),
     ]
     code = summary.get("exit_code")
-    meaning = EXIT_MEANINGS.get(code, "unknown exit code") if isinstance(code, int) else "unknown"
-    if kind == "plan" and code == 0:
-        meaning = PLAN_DONE
-    lines.append(f"Exit code {code}: {meaning}")
+    lines.append(f"Exit code {code}: {exit_meaning(code, kind)}")
     return "\n".join(lines)
 
 
