@@ -4,6 +4,8 @@ real headless browser with the network off (tests/browser.py), and the page's pa
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import re
 import signal
@@ -12,9 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+from tests import finished_run
 from tests.browser import Browser
 from tests.helpers import results, run_cli, run_dirs, summary, write_job
-from worker import timeline
+from worker import html_report, timeline
 from worker.simulator import SimulatorThread
 from worker.svgchart import Bins, requests_chart
 from worker.tally import KeyTally, Tally
@@ -232,3 +235,54 @@ def test_tally_keeps_fixed_amounts() -> None:
                 '{"tags":{"k":"v"}}', 1, 200, 0.0, 1, None) for i in range(1_000))
     tally = Tally.of(changes)
     assert len(tally.samples) == 50 and tally.keys.rows()[0][1].set == 1_000
+
+
+def test_a_big_run_lists_up_to_its_caps_and_names_the_command_for_the_rest(
+    tmp_path: Path,
+) -> None:
+    """3,000 failures in 5 groups and 300 skips in 2 (tests/finished_run.py), the caps lowered:
+    40 names a group, 100 a status. Each group lists its first targets in plan order and
+    counts the rest; the command the page names prints every failed target."""
+    state = tmp_path / "state"
+    finished_run.write(state, "big", 4_000, failed=3_000, skipped=300, unchanged=100,
+                       seconds=30)
+    page = html_report.build(state, "big", html_report.Caps(names=40, section=100, diffs=5))
+    failed_rows = list(csv.DictReader(io.StringIO(run_cli(
+        "report", "big", "--state-dir", state, "--format", "csv", "--status", "failed").stdout)))
+    assert len(failed_rows) == 3_000 and {r["status"] for r in failed_rows} == {"failed"}
+
+    # every group counted; names listed until the status's 100 are spent, the rest counted
+    groups = re.findall(r"<h3>([a-z_]+)(?:, HTTP \d+)?: ([\d,]+)</h3>", page)
+    assert groups[:5] == [(r, "600") for r in ("lock_timeout", "not_found", "rejected",
+                                               "server_error", "unreachable")]
+    assert groups[5:] == [("read_only", "150"), ("rename_conflict", "150")]
+    failures = page[page.index("<h2>Failures by reason"):page.index("<h2>Skipped")]
+    skips = page[page.index("<h2>Skipped"):page.index("<h2>Not changed")]
+    assert re.findall(r"and ([\d,]+) more<", failures) == ["560", "560", "580", "600", "600"]
+    assert re.findall(r"and ([\d,]+) more<", skips) == ["110", "110"]
+    assert failures.count("<li>") == 100 and skips.count("<li>") == 80
+    for reason, shown in (("lock_timeout", 40), ("not_found", 40), ("rejected", 20)):
+        first = [r for r in failed_rows if r["reason"] == reason][:shown]
+        assert all(f"<li>{r['name']} <span class=note>{r['image_id']}</span>" in failures
+                   for r in first)
+    command = "bulk-tagger report big --format csv --status failed"
+    assert f"All 3,000 failed targets, one CSV row each: <code>{command}</code>" in failures
+    assert "All 300 skipped targets" in skips and "--status skipped" in skips
+    # the updated ones in counts: 600 images a key, 5 changes in full
+    assert "<td>managed-by</td><td class=n>600</td>" in page
+    assert page.count("tags.managed-by: (none) -&gt; bulk-tagger") == 5
+    assert "and 595 more changed images" in page
+
+    # the default caps through the CLI: 100 a group, 1,000 failed names, every skip listed
+    proc = run_cli("report", "big", "--state-dir", state, "--format", "html")
+    assert proc.returncode == 0, proc.stderr
+    whole = proc.stdout
+    listed = whole[whole.index("<h2>Failures"):whole.index("<h2>Skipped")]
+    assert listed.count("<li>") == 500 and listed.count(" more<") == 5
+    skipped = whole[whole.index("<h2>Skipped"):whole.index("<h2>Not changed")]
+    assert skipped.count("<li>") == 200 and "All 300 skipped" in skipped
+    assert len(whole) < 200_000
+    # --status picks results lines: with another format it is refused
+    refused = run_cli("report", "big", "--state-dir", state, "--format", "html",
+                      "--status", "failed")
+    assert refused.returncode == 2 and "--status" in refused.stderr

@@ -26,6 +26,7 @@ import click
 
 from worker import defaults
 from worker.errors import BulkTaggerError, ExitCode, JobError
+from worker.models import STATUSES
 
 if TYPE_CHECKING:
     from worker.report import ReportFormat
@@ -447,16 +448,20 @@ def undo(
               help="Write the plain results.jsonl and results.csv (and summary.json) anew.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report to this file instead of printing it.")
+@click.option("--status", "statuses", multiple=True, type=click.Choice(STATUSES),
+              help="--format jsonl or csv: only the targets that ended so (repeatable).")
 @_STATE_DIR
 @_logs
 def report(
     run_id: str, *, fmt: ReportFormat | Literal["html"], export: bool, output: Path | None,
-    state_dir: Path, logs: LogOptions,
+    statuses: tuple[str, ...], state_dir: Path, logs: LogOptions,
 ) -> None:
     """Print or export RUN_ID's report (an id, or the run's folder; a finished run's from its
     results.jsonl.gz); --format html: one page to look at in a browser."""
     from worker.report import print_report
 
+    if statuses and fmt not in ("jsonl", "csv"):
+        raise click.UsageError("--status picks results lines: use it with --format jsonl or csv")
     logs.configure()
     if fmt == "html":  # built whole first: a bad run id leaves no file behind
         from worker.html_report import build
@@ -468,10 +473,10 @@ def report(
             output.write_text(page, encoding="utf-8")
         return
     if output is None:
-        print_report(state_dir, run_id, fmt, export=export, out=sys.stdout)
+        print_report(state_dir, run_id, fmt, export=export, out=sys.stdout, statuses=statuses)
         return
     with output.open("w", encoding="utf-8", newline="") as out:
-        print_report(state_dir, run_id, fmt, export=export, out=out)
+        print_report(state_dir, run_id, fmt, export=export, out=out, statuses=statuses)
 
 
 @cli.command()

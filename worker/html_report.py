@@ -8,18 +8,24 @@ It reads like a document on a phone (one column, tables that scroll sideways) an
 What it shows: the summary (summary.json's figures, the exit code's meaning, the rate ceiling,
 what the run is: an undo of which run, how many processes worked it); the requests per second
 over the run's time (the journal's ``seconds`` table, worker.timeline); the failures grouped
-by reason and HTTP status with the API's first messages and the first images of each; the
-changes per key and the first changes in the plan's format (report.format_change).
+by reason and HTTP status, and the skipped targets by reason, with the first messages and the
+first images of each; the changes per key and the first changes in the plan's format
+(report.format_change).
 
-Size and time do not grow with the targets past the fixed caps (worker.tally): one pass over
-the results, the page a few hundred KB at most. A run whose per-target record is gone (a
-pruned results file) still gets its summary and chart, and a line saying what is missing.
+Size and memory do not grow with the targets past the fixed caps (``Caps``, worker.tally): one
+pass over the results; where a status has more targets than the page lists, it counts the
+rest and names the command that prints them all (``report --format csv --status``). A run of
+1,000,000 targets gets a page of about 170 KB (bench scenario v). A run whose per-target
+record is gone (a pruned results file) still gets its summary and chart, and a line saying
+what is missing.
 Every text from the API, the job or the journal goes through ``html.escape``.
 """
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -34,7 +40,7 @@ from worker.report import (
     format_change,
     open_run,
 )
-from worker.tally import Tally
+from worker.tally import Groups, Tally
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 
@@ -154,7 +160,8 @@ def _summary(summary: Mapping[str, Any], info: Mapping[str, Any],
 
 
 def _chart(journal: Journal, ceiling: float | None) -> str:
-    bins = svgchart.Bins.of(list(timeline.read(journal.path)))
+    span = timeline.span(journal.path)
+    bins = svgchart.Bins.of(timeline.read(journal.path), span=span) if span else None
     if bins is None:
         return '<p class="note">No per-second record: the run is older than it, or sent ' \
                "nothing.</p>"
@@ -172,23 +179,55 @@ def _chart(journal: Journal, ceiling: float | None) -> str:
     return "".join(out)
 
 
-def _failures(tally: Tally) -> str:
-    groups = tally.failure_groups()
-    if not groups:
+@dataclass(frozen=True)
+class Caps:
+    """How much of a big run the page lists (README, "Read a run's report from the volume"):
+    past these it counts the rest and names the command that prints them all."""
+
+    names: int = 100  # images listed per group of failed (or skipped) targets
+    section: int = 1000  # images listed in all the groups of one status
+    diffs: int = 50  # changes shown in full
+
+
+CAPS = Caps()
+
+
+def _all_of(run_id: str, status: str, count: int) -> str:
+    """The line naming the command that prints every target of ``status``."""
+    command = f"bulk-tagger report {shlex.quote(run_id)} --format csv --status {status}"
+    return (f'<p class="note">All {count:,} {status} targets, one CSV row each: '
+            f"<code>{_esc(command)}</code> (with this page's --state-dir)</p>")
+
+
+def _groups(groups: Groups, status: str, run_id: str, caps: Caps) -> str:
+    """A status's groups, largest first: each with its first messages and images, up to the
+    caps; the rest counted, and the command that prints them all."""
+    listed = groups.largest_first()
+    if not listed:
         return "<p>None.</p>"
+    http = status == "failed"
     out = [_table(((g.reason, g.http_status if g.http_status is not None else "-", g.count)
-                   for g in groups), ("reason", "HTTP status", "targets"))]
-    for g in groups:
-        status = f", HTTP {g.http_status}" if g.http_status is not None else ""
-        out.append(f"<h3>{_esc(g.reason)}{_esc(status)}: {g.count:,}</h3>")
+                   if http else (g.reason, g.count) for g in listed),
+                  ("reason", "HTTP status", "targets") if http else ("reason", "targets"))]
+    left = caps.section
+    shown = 0
+    for g in listed:
+        code = f", HTTP {g.http_status}" if g.http_status is not None else ""
+        out.append(f"<h3>{_esc(g.reason)}{_esc(code)}: {g.count:,}</h3>")
         out += [f"<blockquote>{_esc(m)}</blockquote>" for m in g.messages]
-        out.append('<ul class="images">' + "".join(
-            f"<li>{_esc(name)} <span class=note>{_esc(image_id)}</span></li>"
-            for name, image_id in g.images) + "</ul>")
-        if g.count > len(g.images):
-            out.append(f'<p class="note">and {g.count - len(g.images):,} more</p>')
-    if tally.other_failures:
-        out.append(f'<p class="note">and {tally.other_failures:,} in further groups</p>')
+        images = g.images[:max(0, min(left, caps.names))]
+        left -= len(images)
+        shown += len(images)
+        if images:
+            out.append('<ul class="images">' + "".join(
+                f"<li>{_esc(name)} <span class=note>{_esc(image_id)}</span></li>"
+                for name, image_id in images) + "</ul>")
+        if g.count > len(images):
+            out.append(f'<p class="note">and {g.count - len(images):,} more</p>')
+    if groups.other:
+        out.append(f'<p class="note">and {groups.other:,} in further groups</p>')
+    if groups.count > shown:
+        out.append(_all_of(run_id, status, groups.count))
     return "".join(out)
 
 
@@ -215,23 +254,26 @@ def _changes(tally: Tally) -> str:
     return "".join(out)
 
 
-def _record(journal: Journal, run_id: str, kind: str) -> tuple[Tally | None, str]:
+def _record(journal: Journal, run_id: str, kind: str,
+            caps: Caps) -> tuple[Tally | None, str]:
     """The results added up, or None and why (a pruned or damaged record)."""
     changed = frozenset({"updated", "planned"} if kind == "plan" else {"updated"})
     try:
-        return Tally.of(journal.iter_results(run_id, raw=True), changed=changed), ""
+        return Tally.of(journal.iter_results(run_id, raw=True), changed=changed,
+                        images=caps.names, diffs=caps.diffs), ""
     except JobError as exc:  # the finished run's results file is gone or damaged
         return None, str(exc)
 
 
-def build(state_dir: Path, run_id: str) -> str:
-    """The page for ``run_id`` (a run folder of ``state_dir``)."""
+def build(state_dir: Path, run_id: str, caps: Caps = CAPS) -> str:
+    """The page for ``run_id`` (a run folder of ``state_dir``), listing targets up to
+    ``caps``."""
     journal, info, summary = open_run(state_dir, run_id)
     try:
         processes = journal.earlier_processes()
         ceiling = (info.get("options") or {}).get("rate_ceiling")
         chart = _chart(journal, float(ceiling) if ceiling else None)
-        tally, missing = _record(journal, run_id, str(info.get("kind") or "run"))
+        tally, missing = _record(journal, run_id, str(info.get("kind") or "run"), caps)
     finally:
         journal.close()
     run_id = str(info.get("run_id") or run_id)  # RUN_ID may have been the run's folder
@@ -249,7 +291,10 @@ def build(state_dir: Path, run_id: str) -> str:
         parts.append(f'<h2>Failures and changes</h2><p class="note">The per-target record is '
                      f"not available: {_esc(missing)}</p>")
     else:
-        parts += ["<h2>Failures by reason</h2>", _failures(tally)]
+        parts += ["<h2>Failures by reason</h2>", _groups(tally.failed, "failed", run_id, caps)]
+        if tally.skipped.count:
+            parts += ["<h2>Skipped, by reason</h2>",
+                      _groups(tally.skipped, "skipped", run_id, caps)]
         if tally.reasons:
             parts += ["<h2>Not changed, by reason</h2>",
                       _table(sorted(tally.reasons.items(), key=lambda kv: (-kv[1], kv[0])),

@@ -14,7 +14,7 @@ import collections
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -392,6 +392,7 @@ def format_plan(
 # --------------------------------------------------------------------------- a run's report again
 
 ReportFormat = Literal["summary", "jsonl", "csv", "json"]
+_STATUS = RESULT_FIELDS.index("status")
 
 
 def open_run(state_dir: Path, run_id: str) -> tuple[Journal, dict[str, Any], dict[str, Any]]:
@@ -413,14 +414,16 @@ def open_run(state_dir: Path, run_id: str) -> tuple[Journal, dict[str, Any], dic
 
 
 def print_report(
-    state_dir: Path, run_id: str, fmt: ReportFormat, *, export: bool, out: TextIO
+    state_dir: Path, run_id: str, fmt: ReportFormat, *, export: bool, out: TextIO,
+    statuses: Collection[str] = (),
 ) -> None:
     """``bulk-tagger report``: RUN_ID's summary or results, read from its journal alone.
 
     ``export`` writes the plain results.jsonl and results.csv, and summary.json, anew first. A
     finished run's results come from its results.jsonl.gz (``Journal.iter_results``). A run
     without a summary (killed, or still going) gets one made of its journal's counts, exit
-    code null.
+    code null. ``statuses``: only the results lines of these statuses are printed (jsonl and
+    csv; the exports stay whole).
     """
     journal, _, summary = open_run(state_dir, run_id)
     run_dir = journal.run_dir
@@ -441,6 +444,8 @@ def print_report(
             if fmt == "csv":
                 out.write(",".join(RESULT_FIELDS) + "\r\n")
             for row in journal.iter_results(run_id, raw=True):
+                if statuses and row[_STATUS] not in statuses:
+                    continue
                 if fmt == "jsonl":
                     out.write(safety.json_printable(exports.jsonl_line(row).decode()))
                 else:

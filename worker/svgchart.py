@@ -11,7 +11,7 @@ for (between a killed process and its resume) are drawn empty. Every text is esc
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from html import escape
 
@@ -43,16 +43,24 @@ class Bins:
     rate: list[float | None]
 
     @classmethod
-    def of(cls, rows: Sequence[Row], max_bins: int = MAX_BINS) -> Bins | None:
-        if not rows:
+    def of(cls, rows: Iterable[Row], max_bins: int = MAX_BINS,
+           span: tuple[int, int] | None = None) -> Bins | None:
+        """The bins of ``rows`` (in time order); ``span``: their first and last second, so
+        the rows can stream past (a day of seconds need not sit in memory at once)."""
+        if span is None:
+            rows = list(rows)
+            span = (rows[0][0], rows[-1][0]) if rows else None
+        if span is None:
             return None
-        start, end = rows[0][0], rows[-1][0]
+        start, end = span
         seconds = end - start + 1
         per = max(1, math.ceil(seconds / max_bins))
         n = math.ceil(seconds / per)
         sums = [[0.0] * n for _ in range(5)]
         rate_sum, rate_n = [0.0] * n, [0] * n
         for t, *counts, rate in rows:
+            if t > end:  # a live run's second written after the span was read
+                break
             i = (t - start) // per
             for k in range(5):
                 sums[k][i] += counts[k]

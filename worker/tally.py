@@ -1,7 +1,8 @@
-"""A run's record added up for a person: failures by reason and HTTP status, what changed per
-key, the first changes in full. One pass over the results (``Journal.iter_results(raw=True)``:
-the journal's rows, or a finished run's results.jsonl.gz), in memory that does not grow with
-the number of targets: counts, and at most ``images`` names per failure group and ``diffs``
+"""A run's record added up for a person: failures by reason and HTTP status, skips by reason,
+what changed per key, the first changes in full. One pass over the results
+(``Journal.iter_results(raw=True)``: the journal's rows, or a finished run's
+results.jsonl.gz), in memory that does not grow with the number of targets: counts, and at
+most ``MAX_KEYS`` groups of ``images`` names and ``MESSAGES`` messages each, and ``diffs``
 changes.
 
 ``KeyTally`` is the per-key count alone (set, removed, renamed: read off the merge patch and
@@ -170,6 +171,9 @@ def _shown(key: str) -> str:
 
 @dataclass
 class FailureGroup:
+    """The targets of one status that share a reason (and, failed, an HTTP status): how many,
+    the first distinct messages, the first images."""
+
     reason: str
     http_status: int | None
     count: int = 0
@@ -178,19 +182,58 @@ class FailureGroup:
     images: list[tuple[str, str]] = field(default_factory=list)
 
 
+class Groups:
+    """Targets grouped by (reason, HTTP status): at most ``MAX_KEYS`` groups (the rest counted
+    in ``other``), ``images`` names and ``MESSAGES`` messages each."""
+
+    def __init__(self, images: int) -> None:
+        self.images = images
+        self.groups: dict[tuple[str, int | None], FailureGroup] = {}
+        self.other = 0  # targets past the groups' cap
+        self.count = 0
+
+    def add(self, reason: str, http: int | None, message: str, name: str,
+            image_id: str) -> None:
+        self.count += 1
+        key = (reason, http)
+        group = self.groups.get(key)
+        if group is None:
+            if len(self.groups) >= MAX_KEYS:
+                self.other += 1
+                return
+            group = self.groups[key] = FailureGroup(*key)
+        group.count += 1
+        message = message[:MESSAGE_CHARS]
+        if message and len(group.messages) < MESSAGES and message not in group.messages:
+            group.messages.append(message)
+        if len(group.images) < self.images:
+            group.images.append((name, image_id))
+
+    def largest_first(self) -> list[FailureGroup]:
+        return sorted(self.groups.values(),
+                      key=lambda g: (-g.count, g.reason, g.http_status or 0))
+
+
 @dataclass
 class Tally:
-    """The run's results added up (``add`` each row, or ``of`` them all)."""
+    """The run's results added up (``add`` each row, or ``of`` them all): failed and skipped
+    targets by reason, the others' reasons counted, the changes per key and the first in
+    full."""
 
-    images: int = 100  # names kept per failure group
+    images: int = 100  # names kept per failure or skip group
     diffs: int = 50  # changes kept in full
     changed: frozenset[str] = frozenset({"updated"})  # statuses whose patch counts
-    failures: dict[tuple[str, int | None], FailureGroup] = field(default_factory=dict)
-    other_failures: int = 0
-    reasons: Counter[str] = field(default_factory=Counter)  # "<status>: <reason>", not failed
+    failed: Groups = field(init=False)
+    skipped: Groups = field(init=False)
+    #: "<status>: <reason>" of the targets neither changed, failed nor skipped (unchanged)
+    reasons: Counter[str] = field(default_factory=Counter)
     keys: KeyTally = field(default_factory=KeyTally)
     samples: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = field(default_factory=list)
     rows: int = 0
+
+    def __post_init__(self) -> None:
+        self.failed = Groups(self.images)
+        self.skipped = Groups(self.images)
 
     @classmethod
     def of(cls, rows: Iterable[tuple[Any, ...]], **kwargs: Any) -> Tally:
@@ -202,8 +245,12 @@ class Tally:
     def add(self, row: tuple[Any, ...]) -> None:
         self.rows += 1
         status = row[_STATUS]
-        if status == "failed":
-            self._failed(row)
+        if status in ("failed", "skipped"):
+            http = row[_HTTP]
+            (self.failed if status == "failed" else self.skipped).add(
+                str(row[_REASON] or "unknown"),
+                int(http) if isinstance(http, int) and status == "failed" else None,
+                str(row[_ERROR] or ""), str(row[_NAME] or ""), str(row[_IMAGE]))
         elif status in self.changed:
             patch = _obj(row[_PATCH])
             if patch:
@@ -216,25 +263,10 @@ class Tally:
                 if keep:
                     self.samples.append((str(row[_NAME] or ""), str(row[_IMAGE]), before, patch))
         elif row[_REASON] and status != "updated":
-            self.reasons[f"{status}: {row[_REASON]}"] += 1
-
-    def _failed(self, row: tuple[Any, ...]) -> None:
-        http = row[_HTTP]
-        key = (str(row[_REASON] or "unknown"), int(http) if isinstance(http, int) else None)
-        group = self.failures.get(key)
-        if group is None:
-            if len(self.failures) >= MAX_KEYS:
-                self.other_failures += 1
-                return
-            group = self.failures[key] = FailureGroup(*key)
-        group.count += 1
-        message = str(row[_ERROR] or "")[:MESSAGE_CHARS]
-        if message and len(group.messages) < MESSAGES and message not in group.messages:
-            group.messages.append(message)
-        if len(group.images) < self.images:
-            group.images.append((str(row[_NAME] or ""), str(row[_IMAGE])))
+            key = f"{status}: {row[_REASON]}"
+            if key in self.reasons or len(self.reasons) < MAX_KEYS:
+                self.reasons[key] += 1
 
     def failure_groups(self) -> list[FailureGroup]:
         """Largest first."""
-        return sorted(self.failures.values(),
-                      key=lambda g: (-g.count, g.reason, g.http_status or 0))
+        return self.failed.largest_first()

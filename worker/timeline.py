@@ -83,6 +83,21 @@ def write(conn: sqlite3.Connection, rows: list[Row] | None) -> None:
         conn.executemany(_UPSERT, rows)
 
 
+def span(journal_path: Path) -> tuple[int, int] | None:
+    """The run's first and last second; None without a row (or the table)."""
+    try:
+        conn = sqlite3.connect(f"{journal_path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        first, last = conn.execute("SELECT MIN(t), MAX(t) FROM seconds").fetchone()
+    except sqlite3.OperationalError:  # a journal from before the table
+        return None
+    finally:
+        conn.close()
+    return None if first is None else (int(first), int(last))
+
+
 def read(journal_path: Path) -> Iterator[Row]:
     """The run's seconds in order, read-only; none from a journal without the table."""
     try:

@@ -61,8 +61,10 @@ class Sizes:
     h_quota_images: int = 500
     r_images: int = 20_000
     s_targets: int = 20_000
-    #: (v) the html report of a run of this many private targets (issue 21)
+    #: (v) the html report of a run of this many private targets (issue 21), and of a
+    #: finished run of this many targets written without running it
     v_targets: int = 100_000
+    v_written_targets: int = 1_000_000
     #: (a) and (b): rounds of every contender in turn (the median of per-round ratios counts)
     rounds: int = 5
 
@@ -538,12 +540,25 @@ def scenario_r(sizes: Sizes, progress: Callable[[str], None]) -> dict[str, Any]:
 def scenario_v(sizes: Sizes, progress: Callable[[str], None]) -> dict[str, Any]:
     with workdir() as wd:
         row = htmlpage.measure(sizes.v_targets, progress, wd)
-    n = row["targets"]
+    with workdir() as wd:
+        big = htmlpage.measure_written(sizes.v_written_targets, progress, wd)
+    n, m = row["targets"], big["targets"]
     checks = [
         check(f"v: report --format html of {n:,} targets, wall s", row["wall_s"], "<=",
               htmlpage.WALL_S, f"page {row['page_bytes']:,} B; cpu {row['cpu_s']} s"),
         check(f"v: report --format html of {n:,} targets, peak RSS MB", row["maxrss_mb"],
               "<=", htmlpage.RSS_MB),
+        check(f"v: report --format html of {m:,} written targets, peak RSS MB",
+              big["maxrss_mb"], "<=", htmlpage.RSS_MB,
+              f"wall {big['wall_s']} s, cpu {big['cpu_s']} s"),
+        check(f"v: report --format html of {m:,} written targets, page bytes",
+              big["page_bytes"], "<=", htmlpage.BIG_PAGE_BYTES,
+              f"{big['names_listed']:,} names listed"),
+        check(f"v: report --format html of {m:,} written targets, wall s", big["wall_s"],
+              "<=", htmlpage.BIG_WALL_S),
+        check(f"v: the {m:,}-target page names the command for every failed and skipped "
+              "target", big["export_lines"], "==", 2),
     ]
     return {"scenario": "v", "title": "the html report of a big run",
-            "params": {"targets": sizes.v_targets}, "rows": [row], "checks": checks}
+            "params": {"targets": sizes.v_targets, "written_targets": sizes.v_written_targets},
+            "rows": [row, big], "checks": checks}
