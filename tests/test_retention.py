@@ -24,6 +24,7 @@ from tests.helpers import results, run_cli, write_job
 from worker import api, spec
 from worker.cli import cli
 from worker.journal import Journal, read_run_info
+from worker.runlock import RunLock
 from worker.runner import Runner, RunSettings
 from worker.simulator import SimConfig, Simulator, SimulatorThread
 
@@ -164,3 +165,53 @@ def test_runs_and_prune_dry_run_through_the_cli(tmp_path: Path) -> None:
     proc = run_cli("prune", "--state-dir", state, "--older-than", "2w", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert "would delete 0 run(s)" in proc.stdout
+
+
+def test_runs_shows_a_run_a_live_process_holds_as_running(tmp_path: Path) -> None:
+    """A run whose lock a live process holds (this test's, by RunLock.acquire, as a run
+    takes it) is listed as running with its holder, by `runs` in another process; the
+    holder's fields come from the lock file, so they are printed escaped."""
+    state = tmp_path / "state"
+    live = unfinished(state, "live", started=datetime.now(UTC) - timedelta(minutes=5))
+    unfinished(state, "killed", started=datetime.now(UTC) - timedelta(hours=1))
+    done = unfinished(state, "done", started=datetime.now(UTC) - timedelta(hours=2))
+    journal = Journal(done)
+    journal.finish_run(0, {"run_id": "done", "counts": {"updated": 3}})
+    journal.close()
+    lock = RunLock.acquire(live, run_id="live", command="bulk-tagger run nightly.yaml")
+    other = RunLock.acquire(done, run_id="done", command="bulk-tagger prune")
+    try:
+        holder = json.loads((live / "run.lock").read_bytes())
+        assert holder["pid"] == os.getpid()
+        # what the file says is shown as it says it: here a host with a terminal escape
+        (live / "run.lock").write_bytes(json.dumps({**holder, "host": "node-1\x1b[2J"}).encode())
+        proc = run_cli("runs", "--state-dir", state)
+        assert proc.returncode == 0, proc.stderr
+        assert "\x1b" not in proc.stdout
+        rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
+        assert (f"running (pid {os.getpid()} on node-1\\x1b[2J since {holder['since']}"
+                " (bulk-tagger run nightly.yaml))") in rows["live"]
+        assert "- (unfinished)" in rows["killed"] and "running" not in rows["killed"]
+        assert f"0 (held by pid {os.getpid()} on " in rows["done"]  # finished, being pruned
+
+        proc = run_cli("runs", "--state-dir", state, "--format", "json")
+        assert proc.returncode == 0, proc.stderr
+        assert "\x1b" not in proc.stdout and "\\u001b" in proc.stdout
+        listed = {r["run_id"]: r for r in json.loads(proc.stdout)}
+        assert listed["live"]["running"] is True and listed["live"]["finished"] is False
+        assert listed["live"]["holder"] == {"pid": os.getpid(), "host": "node-1\x1b[2J",
+                                            "since": holder["since"],
+                                            "command": "bulk-tagger run nightly.yaml"}
+        assert listed["killed"]["running"] is False and listed["killed"]["holder"] is None
+        assert listed["done"]["running"] is False and listed["done"]["finished"] is True
+        assert listed["done"]["holder"]["command"] == "bulk-tagger prune"
+    finally:
+        lock.release()
+        other.release()
+    # its holder gone (as when the process ends), the run is unfinished again
+    proc = run_cli("runs", "--state-dir", state, "--format", "json")
+    listed = {r["run_id"]: r for r in json.loads(proc.stdout)}
+    assert listed["live"]["running"] is False and listed["live"]["holder"] is None
+    proc = run_cli("runs", "--state-dir", state)
+    assert "- (unfinished)" in next(line for line in proc.stdout.splitlines()
+                                   if line.startswith("live"))

@@ -28,7 +28,7 @@ from typing import Any
 from worker import safety
 from worker.errors import ExitCode, JobError
 from worker.journal import read_run_info
-from worker.runlock import RunHeld, RunLock, is_held
+from worker.runlock import Holder, RunHeld, RunLock, is_held
 from worker.statevol import folder_bytes
 
 UNFINISHED = (None, ExitCode.INTERRUPTED)
@@ -49,11 +49,18 @@ class RunEntry:
     bytes: int
     parent_run_id: str | None = None
     shard: str | None = None
+    #: the live process that holds the run's lock (runlock.is_held), if one does
+    holder: Holder | None = None
     path: Path = field(default=Path(), compare=False, repr=False)
 
     @property
     def finished(self) -> bool:
         return self.exit_code not in UNFINISHED
+
+    @property
+    def running(self) -> bool:
+        """A live process works it: it holds the lock, and the run has no final exit code."""
+        return self.holder is not None and not self.finished
 
     def moment(self) -> datetime:
         """When it finished (else started), as an aware UTC datetime."""
@@ -63,6 +70,7 @@ class RunEntry:
         data = asdict(self)
         data.pop("path")
         data["finished"] = self.finished
+        data["running"] = self.running
         return data
 
 
@@ -90,7 +98,7 @@ def _entry(child: Path) -> RunEntry | None:
         finished_at=info.get("finished_at"), exit_code=info.get("exit_code"),
         duration_s=float(duration) if isinstance(duration, int | float) else None,
         counts=counts, bytes=folder_bytes(child), parent_run_id=info.get("parent_run_id"),
-        shard=info.get("shard"), path=child,
+        shard=info.get("shard"), holder=is_held(child), path=child,
     )
 
 
@@ -209,8 +217,13 @@ def format_runs(entries: Sequence[RunEntry], fmt: str, state_dir: Path) -> str:
     rows = [header]
     for e in entries:
         exit_text = "-" if e.exit_code is None else str(e.exit_code)
-        if not e.finished:
+        if e.running:
+            exit_text = "running"
+        elif not e.finished:
             exit_text += " (unfinished)"
+        if e.holder is not None:  # its fields come from the lock file: shown escaped
+            held = safety.printable(e.holder.describe())
+            exit_text += f" ({'' if e.running else 'held by '}{held})"
         counts = " ".join(f"{k}={v}" for k, v in e.counts.items()) or "-"
         rows.append((e.run_id, e.job, e.kind, e.started_at, _duration(e.duration_s), exit_text,
                      counts, _size(e.bytes)))
