@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import T0, sample_summary
+from worker import units
 from worker.exports import write_exports
 from worker.models import RESULT_FIELDS
 from worker.report import (
@@ -314,6 +315,14 @@ def test_format_summary_says_what_happened() -> None:
     ok = format_summary(sample_summary(exit_code=0))
     assert "Exit code 0: every target ended updated, unchanged or skipped" in ok
     assert "Exit code 75:" in format_summary(sample_summary(exit_code=75))
+    assert "Exit code 9: unknown exit code" in format_summary(sample_summary(exit_code=9))
+
+
+def test_durations_and_sizes_read_one_way() -> None:
+    durations = [units.duration_text(s) for s in (0.04, 59.94, 100, 3723.4)]
+    assert durations == ["0.0s", "59.9s", "1m 40s", "1h 02m 03s"]
+    sizes = [units.size_text(n) for n in (512, 1536, 5 * 1024**2, 3 * 1024**4)]
+    assert sizes == ["512 B", "1.5 KiB", "5.0 MiB", "3072.0 GiB"]
 
 
 # --------------------------------------------------------------------------- plan output

@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.helpers import results, run_cli, write_job
-from worker import api, spec
+from worker import api, spec, units
 from worker.cli import cli
 from worker.journal import Journal, read_run_info
 from worker.runlock import RunLock
@@ -142,6 +142,10 @@ def test_runs_and_prune_dry_run_through_the_cli(tmp_path: Path) -> None:
     assert first["finished"] and first["counts"] == {"updated": 8}
     assert first["bytes"] > 0 and first["duration_s"] >= 0
     assert listed[2]["finished"] is False and listed[2]["exit_code"] is None
+    # a run's duration reads the same in the runs table and in its report (worker.units)
+    took = units.duration_text(first["duration_s"])
+    assert lines[2].split()[4] == took and took.endswith("s"), lines[2]
+    assert f"({took})" in run_cli("report", "first", "--state-dir", state).stdout
 
     # everything finished is older than 0 s: both would go, the unfinished one never
     proc = run_cli("prune", "--state-dir", state, "--older-than", "0s", "--dry-run")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import click
 
-from worker import defaults
+from worker import defaults, units
 from worker.errors import BulkTaggerError, ExitCode, JobError
 from worker.models import STATUSES
 
@@ -185,7 +185,7 @@ def _duration(text: str, field: str = "--resume-within") -> timedelta:
     if not match:
         raise JobError(f"not a duration: {text!r}", field=field, hint="e.g. 90m, 24h, 30d, 2w")
     value, unit = float(match.group(1)), match.group(2) or "s"
-    return timedelta(seconds=value * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit])
+    return timedelta(seconds=value * units.SECONDS_PER_UNIT[unit])
 
 
 def _read_key(api_key_file: Path | None, *, required: bool) -> str:

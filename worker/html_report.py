@@ -30,12 +30,11 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from worker import svgchart, timeline
+from worker import svgchart, timeline, units
 from worker.errors import JobError
 from worker.journal import Journal
 from worker.report import (
     REQUEST_KINDS,
-    _duration_text,
     exit_meaning,
     format_change,
     open_run,
@@ -118,7 +117,7 @@ def _summary(summary: Mapping[str, Any], info: Mapping[str, Any],
         ("kind", kind),
         ("started", summary.get("started_at") or info.get("started_at")),
         ("finished", summary.get("finished_at") or info.get("finished_at") or "-"),
-        ("duration", _duration_text(float(summary.get("duration_s") or 0.0))),
+        ("duration", units.duration_text(float(summary.get("duration_s") or 0.0))),
     ]
     if info.get("shard"):
         run_rows.append(("shard", info["shard"]))

@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from worker import safety
+from worker import safety, units
 from worker.errors import ExitCode, JobError
 from worker.journal import Journal, read_run_info
 from worker.models import Changes, Image, Target
@@ -58,11 +58,6 @@ class PlanRef:
 
     run_id: str
     undone: str | None
-
-
-def _age_text(age: timedelta) -> str:
-    hours = age.total_seconds() / 3600
-    return f"{hours:.1f}h" if hours >= 1 else f"{age.total_seconds() / 60:.0f}m"
 
 
 def check_plan(
@@ -106,9 +101,9 @@ def check_plan(
     started = datetime.fromisoformat(str(info.get("started_at")).replace("Z", "+00:00"))
     age = (now or datetime.now(UTC)) - started
     if age > max_age:
+        old, limit = (units.duration_text(t.total_seconds()) for t in (age, max_age))
         raise JobError(
-            f"plan {plan_run_id} is {_age_text(age)} old, over --plan-max-age "
-            f"{_age_text(max_age)}", field="--plan-max-age",
+            f"plan {plan_run_id} is {old} old, over --plan-max-age {limit}", field="--plan-max-age",
             hint="the images may have changed since: plan again (or raise --plan-max-age)")
     return PlanRef(plan_run_id, undone)
 

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from worker import exports, safety
+from worker import exports, safety, units
 from worker.errors import ExitCode
 from worker.journal import Journal
 from worker.models import RESULT_FIELDS, STATUSES
@@ -191,14 +191,6 @@ def build_summary(
     return summary
 
 
-def _duration_text(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
-
-
 def _table(pairs: Iterable[tuple[str, Any]], indent: str = "  ") -> list[str]:
     rows = [(str(k), f"{v:,}" if isinstance(v, int) else str(v)) for k, v in pairs]
     if not rows:
@@ -253,7 +245,7 @@ def format_summary(summary: Mapping[str, Any], *, targets: bool = True) -> str:
     lines = [
         head,
         f"  {summary.get('started_at', '?')} -> {summary.get('finished_at', '?')}"
-        f"  ({_duration_text(float(summary.get('duration_s') or 0.0))})",
+        f"  ({units.duration_text(float(summary.get('duration_s') or 0.0))})",
     ]
     if summary.get("plan_run_id"):
         lines.append(f"  applied the plan {summary['plan_run_id']} (nothing else)")

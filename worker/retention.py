@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from worker import safety
+from worker import safety, units
 from worker.errors import ExitCode, JobError
 from worker.journal import read_run_info
 from worker.runlock import Holder, RunHeld, RunLock, is_held
@@ -187,25 +187,6 @@ def prune(
 
 
 # -- what a person reads ------------------------------------------------------------------------
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
 def format_runs(entries: Sequence[RunEntry], fmt: str, state_dir: Path) -> str:
     """``runs``' output (no trailing newline): a table, one line a run, newest first; or
     (``fmt`` json) a JSON list of the same."""
@@ -225,8 +206,9 @@ def format_runs(entries: Sequence[RunEntry], fmt: str, state_dir: Path) -> str:
             held = safety.printable(e.holder.describe())
             exit_text += f" ({'' if e.running else 'held by '}{held})"
         counts = " ".join(f"{k}={v}" for k, v in e.counts.items()) or "-"
-        rows.append((e.run_id, e.job, e.kind, e.started_at, _duration(e.duration_s), exit_text,
-                     counts, _size(e.bytes)))
+        took = "-" if e.duration_s is None else units.duration_text(e.duration_s)
+        rows.append((e.run_id, e.job, e.kind, e.started_at, took, exit_text, counts,
+                     units.size_text(e.bytes)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
@@ -236,10 +218,10 @@ def format_runs(entries: Sequence[RunEntry], fmt: str, state_dir: Path) -> str:
 
 def format_prune(result: PruneResult, *, dry_run: bool) -> str:
     verb = "would delete" if dry_run else "deleted"
-    lines = [f"{verb} {e.run_id} ({e.job}, {e.kind}, finished {e.finished_at}, {_size(e.bytes)})"
-             for e in result.pruned]
+    lines = [f"{verb} {e.run_id} ({e.job}, {e.kind}, finished {e.finished_at}, "
+             f"{units.size_text(e.bytes)})" for e in result.pruned]
     lines += [f"kept {e.run_id}: {why}" for e, why in result.kept]
-    lines.append(f"{verb} {len(result.pruned)} run(s), {_size(result.bytes)}")
+    lines.append(f"{verb} {len(result.pruned)} run(s), {units.size_text(result.bytes)}")
     return "\n".join(lines)
 
 

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from worker import defaults, safety
+from worker import defaults, safety, units
 from worker.models import SETTABLE_FIELDS, Changes, Image
 from worker.spec.checks import (
     _ID_ENV,
@@ -229,7 +229,6 @@ class Query(BaseModel):
 
 _GLOB_CHARS = frozenset("*?[")
 _DURATION = re.compile(r"(\d+)([smhdw])")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def _value_test(value: str) -> Callable[[str], bool]:
@@ -246,7 +245,7 @@ def moment(text: str) -> datetime | timedelta:
     ``2024-01-31T12:00:00Z``; UTC where no offset is given). ``_Problem`` otherwise."""
     found = _DURATION.fullmatch(text.strip())
     if found:
-        return timedelta(seconds=int(found.group(1)) * _UNIT_S[found.group(2)])
+        return timedelta(seconds=int(found.group(1)) * units.SECONDS_PER_UNIT[found.group(2)])
     at = image_time(text)
     if at is None:
         raise _Problem(
