@@ -283,3 +283,15 @@ async def test_successes_draw_nothing_from_the_run_budget() -> None:
         assert await retry.call(Flaky(), policy) == ("done", 1)
     assert budget.requests_total == 20 and budget.retries_total == 0
     assert budget.allowance == pytest.approx(2.0)
+
+
+async def test_a_reader_returns_the_result_alone_after_its_retries() -> None:
+    flaky = Flaky(Transient("502", status=502), RateLimited("429", retry_after=0.0))
+    seen: list[str] = []
+    read = retry.Reader(FAST, on_retry=lambda exc, delay: seen.append(type(exc).__name__))
+    assert await read(flaky) == "done"
+    assert flaky.calls == 3 and seen == ["Transient", "RateLimited"]
+    gone = Flaky(NotFound("gone", status=404))
+    with pytest.raises(NotFound):
+        await retry.Reader(FAST)(gone)
+    assert gone.calls == 1

@@ -15,8 +15,7 @@ as ``selectors.Known``, which expands ``all`` without reading them again.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection, Mapping
-from typing import Any
+from collections.abc import Callable, Collection, Mapping
 
 from worker import api, retry, spec
 from worker.errors import ApiError, AuthFailed, JobError, SafetyLimit, Unreachable
@@ -24,8 +23,6 @@ from worker.log import get_logger
 from worker.selectors import Known, listed_ids
 
 log = get_logger("bulk_tagger.run")
-
-Read = Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
 
 
 async def check_names(
@@ -35,15 +32,11 @@ async def check_names(
     """The probe, then (for a job) the projects and regions its queries name, read with the
     run's retries. Raises what ends the command (see the module)."""
 
-    async def read(fn: Callable[[], Awaitable[Any]]) -> Any:
-        result, _ = await retry.call(fn, policy, on_retry=on_retry)
-        return result
-
     try:
         regions = await client.probe()
         known = Known(regions=None if regions is None else listed_ids(regions, "regions"))
         if job is not None:
-            known = await _check_named(job, client, read, known)
+            known = await _check_named(job, client, retry.Reader(policy, on_retry), known)
     except AuthFailed as exc:
         log.error("run.auth_failed", status=exc.status, error=exc.message)
         raise AuthFailed(
@@ -62,7 +55,7 @@ async def check_names(
 async def _check_named(
     job: spec.Job,
     client: api.Client,
-    read: Read,
+    read: retry.Reader,
     known: Known,
 ) -> Known:
     """The projects and regions lists the job's queries need, each read once (``known`` may

@@ -116,6 +116,24 @@ class RetryLog:
         self._since = 0
 
 
+class Reader:
+    """One read at a time (a list page, the projects list, one image) with ``policy``'s
+    retries: ``await reader(fn)`` is ``fn()``'s result alone (the client counts the requests;
+    nobody counts a read's attempts)."""
+
+    __slots__ = ("on_retry", "policy")
+
+    def __init__(
+        self, policy: RetryPolicy, on_retry: Callable[[BaseException, float], None] | None = None
+    ) -> None:
+        self.policy = policy
+        self.on_retry = on_retry
+
+    async def __call__(self, fn: Callable[[], Awaitable[T]]) -> T:
+        result, _ = await call(fn, self.policy, on_retry=self.on_retry)
+        return result
+
+
 def is_retryable(exc: BaseException) -> bool:
     """The table's verdict: True for Transient and RateLimited, False for all else (and
     always False for ``asyncio.CancelledError``, which is not an ``ApiError``)."""

@@ -318,20 +318,15 @@ class Expander:
         }
         self.client = client
         self.stage_path = stage_path
-        self.policy = policy
+        self._read = retry.Reader(policy, on_retry)
         self.concurrency = max(1, concurrency)
         self.shard = shard
         self.env = env
-        self.on_retry = on_retry
         self.job_changes = job.changes_model() if job else Changes()
         self.page_size = page_size or (job.options.page_size if job else defaults.PAGE_SIZE)
         self.read_ahead = min(READ_AHEAD, self.concurrency)
         queries = sum(isinstance(s, spec.QuerySelector) for s in job.targets) if job else 0
         self.dedup = job is None or queries > 1 or queries < len(job.targets)
-
-    async def _read(self, fn: Callable[[], Awaitable[T]]) -> T:
-        result, _ = await retry.call(fn, self.policy, on_retry=self.on_retry)
-        return result
 
     async def _ids(self, value: list[int] | str, kind: str) -> list[int]:
         if not isinstance(value, str):
