@@ -37,6 +37,7 @@ import gzip
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import threading
@@ -556,8 +557,25 @@ def format_report(results: list[ChaosResult], title: str) -> str:
         "faults injected by kind:",
         *(f"  {k:24s} {v}" for k, v in sorted(faults.items())),
         f"wall time: {sum(r.duration_s for r in results):.1f}s",
+        per_target_line(results),
     ]
     for r in results:
         for problem in r.problems[:10]:
             lines.append(f"seed {r.seed}: {problem}")
     return "\n".join(lines)
+
+
+def per_target_line(results: list[ChaosResult]) -> str:
+    """Wall time per target: the median seed's and the slowest seed's, as a ratio (a seed a
+    401 stops early is quick per target: the median of the seeds that ran to the end is
+    given too)."""
+    per = {r.seed: r.duration_s * 1000 / r.targets for r in results if r.targets}
+    if not per:
+        return "time per target: no targets"
+    median = statistics.median(per.values())
+    full = [per[r.seed] for r in results if r.targets and r.expected_exit != 4]
+    slow = max(per, key=per.__getitem__)
+    to_end = (f"; of the {len(full)} that ran to the end {statistics.median(full):.2f}"
+              if full else "")
+    return (f"time per target: median seed {median:.2f} ms{to_end}; slowest seed {slow} "
+            f"{per[slow]:.2f} ms = {per[slow] / median:.2f}x the median")
