@@ -468,6 +468,13 @@ class Expander:
             elif was_open and region[0] >= end:
                 open_.remove(key)
 
+        def drop(key: tuple[int, int], event: str, **why: Any) -> None:
+            """Read no more of a region: it is gone, or its paging went wrong."""
+            gone.add(key)
+            log.warning(event, project_id=key[0], region_id=key[1], **why)
+            with contextlib.suppress(ValueError):
+                open_.remove(key)
+
         try:
             ask()
             while flight:
@@ -477,22 +484,15 @@ class Expander:
                     page, count = await future
                 except NotFound as exc:
                     if key not in gone:
-                        gone.add(key)
-                        log.warning("selectors.region_not_found", project_id=p, region_id=r,
-                                    error=exc.message)
-                        with contextlib.suppress(ValueError):
-                            open_.remove(key)
+                        drop(key, "selectors.region_not_found", error=exc.message)
                     ask()
                     continue
                 if key in gone:  # a page of a region that vanished meanwhile
                     ask()
                     continue
                 if page and not self._fresh_page(pages.setdefault(key, set()), page):
-                    gone.add(key)
-                    log.warning("selectors.paging_stopped", project_id=p, region_id=r,
-                                offset=at, reason="a page repeated an earlier one")
-                    with contextlib.suppress(ValueError):
-                        open_.remove(key)
+                    drop(key, "selectors.paging_stopped", offset=at,
+                         reason="a page repeated an earlier one")
                     ask()
                     continue
                 arrived(key, at, len(page), count)
