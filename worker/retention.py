@@ -31,6 +31,7 @@ from worker.journal import read_run_info
 from worker.runlock import Holder, RunHeld, RunLock, is_held
 from worker.statevol import folder_bytes
 
+#: a run's exit code while it may go on (``--resume``): none yet, or interrupted
 UNFINISHED = (None, ExitCode.INTERRUPTED)
 
 
@@ -248,7 +249,7 @@ def find_resumable(
             continue
         if kind == "undo" and info["job_hash"] != job_hash:
             continue
-        if info["exit_code"] not in (None, ExitCode.INTERRUPTED):
+        if info["exit_code"] not in UNFINISHED:
             continue
         started = datetime.fromisoformat(info["started_at"].replace("Z", "+00:00"))
         if started < cutoff:
