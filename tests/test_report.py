@@ -316,6 +316,8 @@ def test_format_summary_says_what_happened() -> None:
     assert "Exit code 0: every target ended updated, unchanged or skipped" in ok
     assert "Exit code 75:" in format_summary(sample_summary(exit_code=75))
     assert "Exit code 9: unknown exit code" in format_summary(sample_summary(exit_code=9))
+    assert "Exit code none: the run is still going" in format_summary(
+        sample_summary(exit_code=None))
 
 
 def test_durations_and_sizes_read_one_way() -> None:

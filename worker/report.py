@@ -208,8 +208,7 @@ def exit_meaning(code: object, kind: str = "run") -> str:
     """What a summary's ``exit_code`` says to a person: ``ExitCode``'s meaning, a plan's own,
     or why there is none."""
     if code is None:
-        return ("no exit code: the run is still going, or its process was killed "
-                "(`--resume` goes on)")
+        return "the run is still going, or its process was killed (`--resume` goes on)"
     if kind == "plan" and code == ExitCode.OK:
         return PLAN_DONE
     known = [member for member in ExitCode if member == code]
@@ -277,7 +276,7 @@ def format_summary(summary: Mapping[str, Any], *, targets: bool = True) -> str:
         + ", ".join(f"{p} {float(lat.get(p, 0.0)):,.1f} ms" for p in ("p50", "p95", "p99")),
     ]
     code = summary.get("exit_code")
-    lines.append(f"Exit code {code}: {exit_meaning(code, kind)}")
+    lines.append(f"Exit code {'none' if code is None else code}: {exit_meaning(code, kind)}")
     return "\n".join(lines)
 
 
