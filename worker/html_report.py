@@ -34,6 +34,8 @@ from worker import svgchart, timeline, units
 from worker.errors import JobError
 from worker.journal import Journal
 from worker.report import (
+    PERCENTILES,
+    REQUEST_FIELDS,
     REQUEST_KINDS,
     exit_meaning,
     format_change,
@@ -131,7 +133,7 @@ def _summary(summary: Mapping[str, Any], info: Mapping[str, Any],
                                       "their running times)"))
     kinds = [(k, reqs.get(k, 0)) for k in REQUEST_KINDS] + [
         (k, v) for k, v in reqs.items()
-        if k not in REQUEST_KINDS and k not in ("total", "retries", "rate_limited", "lock_waits")]
+        if k not in REQUEST_FIELDS]
     rate_rows: list[tuple[str, Any]] = [
         ("rate ceiling", f"{ceiling:,.1f} req/s" if ceiling else "none set: discovered"),
         ("achieved", f"{float(summary.get('rate_per_second') or 0.0):,.1f} req/s"),
@@ -140,7 +142,7 @@ def _summary(summary: Mapping[str, Any], info: Mapping[str, Any],
         rate_rows.append(("limiter's rate at the end",
                           f"{float(summary['rate_limit_final']):,.1f} req/s"))
     rate_rows += [(f"latency {p}", f"{float(lat.get(p) or 0.0):,.1f} ms")
-                  for p in ("p50", "p95", "p99")]
+                  for p in PERCENTILES]
     error = summary.get("error")
     return "".join([
         f'<div class="exit{"" if code in (0, None) else " bad"}"><b>Exit code '

@@ -18,12 +18,9 @@ from typing import Any
 
 from worker.errors import ExitCode
 from worker.log import get_logger
-from worker.report import REQUEST_FIELDS, REQUEST_KINDS, LatencyStats
+from worker.report import NOT_KINDS, LatencyStats
 
 _log = get_logger("bulk_tagger.report")
-
-#: Request counters of summary.json that are not a request kind.
-_NOT_KINDS = frozenset(REQUEST_FIELDS) - frozenset(REQUEST_KINDS)
 
 #: Upper bounds (seconds) of the latency histogram's buckets: Prometheus' defaults, which span
 #: a fast answer (5 ms) to a slow one (10 s), plus 30 s for the tail of a struggling API.
@@ -95,7 +92,7 @@ def metric_families(
         "bulk_tagger_requests", "Requests of the last run by kind", labels=["kind"]
     )
     for kind, n in reqs.items():
-        if kind not in _NOT_KINDS:
+        if kind not in NOT_KINDS:
             by_kind.add_metric([kind], n)
     yield by_kind
     yield gauge("bulk_tagger_rate_limited", "429 answers in the last run",

@@ -30,7 +30,11 @@ from worker.runlock import RunHeld, held_message, is_held
 #: first four are request kinds.
 REQUEST_KINDS: tuple[str, ...] = ("list", "get", "patch", "task")
 REQUEST_FIELDS: tuple[str, ...] = ("total", *REQUEST_KINDS, "retries", "rate_limited", "lock_waits")
-_NOT_KINDS = frozenset({"total", "retries", "rate_limited", "lock_waits"})
+#: the counters of summary.json's ``requests`` that are not a request kind (``total`` adds
+#: the kinds up)
+NOT_KINDS = frozenset(REQUEST_FIELDS) - frozenset(REQUEST_KINDS)
+#: summary.json's ``latency_ms`` percentiles, and the quantile each is
+PERCENTILES: dict[str, float] = {"p50": 0.50, "p95": 0.95, "p99": 0.99}
 
 # --------------------------------------------------------------------------- latency
 
@@ -110,11 +114,8 @@ class LatencyStats:
         return sum(self._buckets[:index])
 
     def percentiles(self) -> dict[str, float]:
-        """``{"p50", "p95", "p99"}`` in milliseconds (3 decimals); 0.0 each when empty."""
-        return {
-            name: round(self.quantile(q), 3)
-            for name, q in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99))
-        }
+        """``PERCENTILES`` in milliseconds (3 decimals); 0.0 each when empty."""
+        return {name: round(self.quantile(q), 3) for name, q in PERCENTILES.items()}
 
 
 # --------------------------------------------------------------------------- summary
@@ -169,7 +170,7 @@ def build_summary(
     reqs = {name: int(requests.get(name, 0)) for name in REQUEST_FIELDS}
     reqs.update({k: int(v) for k, v in requests.items() if k not in reqs})
     if "total" not in requests:
-        reqs["total"] = sum(v for k, v in reqs.items() if k not in _NOT_KINDS)
+        reqs["total"] = sum(v for k, v in reqs.items() if k not in NOT_KINDS)
     useful = max(reqs["total"] - reqs["rate_limited"], 0)
     first_start = (earlier or {}).get("started_at") or _iso_utc(started_at)
     summary: dict[str, Any] = {
@@ -260,7 +261,7 @@ def format_summary(summary: Mapping[str, Any], *, targets: bool = True) -> str:
     matched: Mapping[str, int] = summary.get("matched") or {}
     if matched:
         lines += ["Images matched, by selector:", *_table(matched.items(), indent="    ")]
-    kinds = [(k, v) for k, v in reqs.items() if k not in _NOT_KINDS]
+    kinds = [(k, v) for k, v in reqs.items() if k not in NOT_KINDS]
     kinds_text = ", ".join(f"{k} {v:,}" for k, v in kinds)
     lines += [
         f"Requests: {int(reqs.get('total', 0)):,} total ({kinds_text})",
@@ -273,7 +274,7 @@ def format_summary(summary: Mapping[str, Any], *, targets: bool = True) -> str:
             ]
         ),
         "Latency: "
-        + ", ".join(f"{p} {float(lat.get(p, 0.0)):,.1f} ms" for p in ("p50", "p95", "p99")),
+        + ", ".join(f"{p} {float(lat.get(p, 0.0)):,.1f} ms" for p in PERCENTILES),
     ]
     code = summary.get("exit_code")
     lines.append(f"Exit code {'none' if code is None else code}: {exit_meaning(code, kind)}")
