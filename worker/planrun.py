@@ -1,4 +1,13 @@
-"""Applying a reviewed plan (``run --plan PLAN_RUN_ID``) and reading a run's targets again.
+"""The plan phase of a run: each target planned into the journal, and what it plans from when
+it is not a job's selectors (a reviewed plan applied, an undone run's targets).
+
+``Recorder`` plans each target (``worker.plan``) and buffers it in the journal as ``planned``
+or with its final no-op outcome (a bad id, a gone image, a conflict, a no-op's reason),
+waiting for the journal's writer when it falls behind (memory stays flat in the plan's
+size); a plan (or a preview) also adds up its changes per key and keeps a few samples for
+its text.
+
+Applying a reviewed plan (``run --plan PLAN_RUN_ID``) and reading a run's targets again:
 
 ``check_plan`` decides whether a plan run may be applied, before anything is sent: it must be
 a finished ``plan`` (a job's, or an undo's preview), made from this very job file (its hash),
@@ -13,8 +22,9 @@ one GET an image), and hands each row out with the image as it is now (None wher
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,10 +34,11 @@ import orjson
 from worker import safety, units
 from worker.errors import ExitCode, JobError
 from worker.journal import Journal, read_run_info
-from worker.models import Changes, Image, Target
-from worker.plan import inverse_patch, shows
+from worker.models import Changes, Image, RunContext, Target
+from worker.plan import inverse_patch, plan_changes, shows
 from worker.selectors import Expander
 from worker.spec import Job
+from worker.tally import KeyTally
 
 #: a target of another run: (project, region, image, name, before, patch), as
 #: ``Journal.iter_updated`` gives it
@@ -164,3 +175,95 @@ async def plan_targets(expander: Expander, run_dir: Path) -> AsyncIterator[Again
                 yield Again(target, name, expect=before, patch=patch)
     finally:
         source.close()
+
+
+#: a plan's sample: (name, image id, state before, patch)
+Sample = tuple[str, str, dict[str, Any], dict[str, Any]]
+
+
+@dataclass(slots=True)
+class Recorder:
+    """Targets planned into ``journal`` (``ctx``: the run's, for templates; ``partial``:
+    ``on_read_only: partial``). ``tally`` (a plan, a preview: nothing is sent): the changes
+    per key in ``keys`` and the first ``max_samples`` patches in ``samples``. ``reasons``:
+    the no-ops and failures by ``status:reason``."""
+
+    journal: Journal
+    ctx: RunContext
+    partial: bool
+    tally: bool
+    max_samples: int
+    keys: KeyTally = field(default_factory=KeyTally)
+    samples: list[Sample] = field(default_factory=list)
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    async def targets(self, targets: AsyncIterator[Target]) -> None:
+        """Each of ``targets`` planned and recorded."""
+        async for target in targets:
+            self.record(target)
+            await self.journal.room()  # the writer behind: wait (memory stays flat)
+
+    def record(self, target: Target, expect: dict[str, Any] | None = None) -> None:
+        """``target`` planned against its image and recorded (``expect``: see ``Again``)."""
+        image = target.image
+        status: str
+        reason: str | None
+        detail: str | None
+        before: dict[str, Any] | None
+        patch: dict[str, Any] | None
+        bad_id = safety.image_id_problem(target.image_id)
+        if bad_id is not None:  # never sent: an id that would not stay one path segment
+            status, reason, detail, before, patch = "failed", "bad_id", bad_id, None, None
+            name = image.name if image is not None else ""
+        elif image is None:
+            status, reason, detail, before, patch = (
+                "failed", "not_found", "no such image", None, None)
+            name = ""
+        else:
+            plan = plan_changes(image, target.changes, self.ctx, partial=self.partial)
+            status, reason, detail, patch = plan.status, plan.reason, plan.detail, plan.patch
+            before = image.state()
+            name = image.name
+            if self.tally:
+                self.keys.add(before, patch or {}, kept=target.changes.add_tags)
+                if patch is not None and len(self.samples) < self.max_samples:
+                    self.samples.append((name, image.id, before, patch))
+        if reason:
+            self.reasons[f"{status}:{reason}"] += 1
+        self.journal.add_target(
+            project_id=target.project_id, region_id=target.region_id,
+            image_id=target.image_id, name=name, source=target.source,
+            changes=target.changes, before=before, patch=patch,
+            lock_task=image.task_id if image is not None else None,
+            plan_status=status, plan_reason=reason, plan_detail=detail, expect=expect,
+        )
+
+    async def again(self, targets: AsyncIterator[Again]) -> None:
+        """Another run's targets read again (undo: the run's updated ones; run --plan: the
+        plan's planned ones), recorded as ``undo_targets`` or ``plan_targets`` decided."""
+        journal = self.journal
+        async for again in targets:
+            await journal.room()  # as in ``targets``: the writer behind, the reading waits
+            target, image = again.target, again.target.image
+            if again.conflict is not None:
+                self.conflict(target, again.name, again.conflict)
+            elif again.patch is None or image is None:
+                self.record(target, expect=again.expect)
+            else:  # the reviewed plan's own patch: what is sent is what was reviewed
+                journal.add_target(
+                    project_id=target.project_id, region_id=target.region_id,
+                    image_id=target.image_id, name=image.name, source=target.source,
+                    changes=target.changes, before=again.expect, patch=again.patch,
+                    lock_task=image.task_id, plan_status="planned", plan_reason=None,
+                    plan_detail=None, expect=again.expect)
+
+    def conflict(self, target: Target, name: str, detail: str) -> None:
+        """``target`` recorded ``skipped`` / ``conflict``: its image changed since."""
+        assert target.image is not None
+        self.reasons["skipped:conflict"] += 1
+        self.journal.add_target(
+            project_id=target.project_id, region_id=target.region_id,
+            image_id=target.image_id, name=target.image.name or name, source=target.source,
+            changes=target.changes, before=target.image.state(), patch=None, lock_task=None,
+            plan_status="skipped", plan_reason="conflict", plan_detail=detail,
+        )

@@ -3,7 +3,9 @@
 
 ``run`` is plan, then apply: the whole plan is streamed into the journal first (so a bad row
 deep in a file, or a plan over the safety limit, stops the run before any PATCH), then the
-apply phase streams the planned targets back out of the journal into the pool.
+apply phase streams the planned targets back out of the journal into the pool. The run's
+folder is chosen, locked and its journal opened by ``worker.runfolder``; the plan phase
+records into the journal through ``planrun.Recorder``; the apply phase is ``worker.apply``.
 
 Signals: the first SIGTERM/SIGINT stops taking targets and lets in-flight ones finish for at
 most ``grace_s``; a second one stops at once. Either way the journal is committed, the
@@ -14,13 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import signal
 import sqlite3
-from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from worker import api, apply, exports, report, retention, retry, safety, spec, statevol
@@ -39,18 +39,17 @@ from worker.journal import Journal, now_iso, read_run_info
 from worker.limiter import AdaptiveLimiter, RateController
 from worker.log import get_logger, scrub
 from worker.metrics import push_metrics
-from worker.models import RunContext, Target
-from worker.plan import plan_changes
-from worker.planrun import Again, PlanRef, check_plan, plan_targets, undo_targets
+from worker.models import RunContext
+from worker.planrun import Recorder, plan_targets, undo_targets
 from worker.pool import Pool, PoolSettings
 from worker.preflight import check_limits, check_names
 from worker.progress import Progress
-from worker.runlock import RunHeld, RunLock, held_message, is_held
-from worker.runsettings import RunSettings, new_run_id
+from worker.runfolder import RunFolder
+from worker.runsettings import RunSettings
 from worker.selectors import Expander, Known
-from worker.tally import KeyTally
 
 log = get_logger("bulk_tagger.run")
+
 
 class Runner:
     """One command's run. ``await Runner(...).execute()`` returns the exit code."""
@@ -66,35 +65,29 @@ class Runner:
         self.settings = settings
         self.kind = kind  # "run" | "plan" | "undo"
         self.plans_only = kind == "plan" or settings.preview  # nothing is sent
-        self.keys = KeyTally()  # a plan's changes per key
         self.job = job
         self.parent_run_id = parent_run_id
         self.journal: Journal | None = None
-        self.run_lock: RunLock | None = None  # held from before the journal opens to the end
+        self.recorder: Recorder | None = None  # made with the journal
         self.client: api.Client | None = None
         self.pool: Pool | None = None
         self.latency = report.LatencyStats()
         self.retries = 0
         self.signals = 0
         self.interrupted = False
-        self.resumed = False
         self.fatal: BaseException | None = None
         self.started_at = settings.clock()
-        #: the summary of the process this one resumes (requests and time are added up)
-        self.earlier: dict[str, Any] | None = None
-        self.run_id = ""
         self.job_name = job.name if job else ""
-        #: run --plan: the plan being applied (checked when the run opens)
-        self.plan_ref: PlanRef | None = None
         if job is None and parent_run_id:  # undo: named after the job it undoes
             undone = read_run_info(settings.state_dir / parent_run_id)
             self.job_name = str(undone.get("job_name") or "")
-        self.plan_reasons: Counter[str] = Counter()
+        #: its folder: chosen, locked to the end, its journal opened (worker.runfolder)
+        self.folder = RunFolder(settings, kind=kind, job=job, job_name=self.job_name,
+                                parent_run_id=parent_run_id, started_at=self.started_at)
         self.matched: dict[str, int] | None = None
         self.elsewhere: set[str] = set()  # selectors that matched only other shards' images
         self.known: Known | None = None
         self.retry_log = retry.RetryLog(log)
-        self.samples: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
         self.ctx = RunContext(run_id="", run_date=self.started_at.strftime("%Y-%m-%d"))
         self._body: asyncio.Task[int] | None = None
         # run-level limits over every call of the run (README, "Run-level budgets")
@@ -104,6 +97,14 @@ class Runner:
         self.breaker = CircuitBreaker(consecutive=self.options.stop_after_failures)
         self._grace: asyncio.TimerHandle | None = None
         self._finishing = False
+
+    @property
+    def run_id(self) -> str:
+        return self.folder.run_id
+
+    @property
+    def resumed(self) -> bool:
+        return self.folder.resumed
 
     # -- options --------------------------------------------------------------------------
     @property
@@ -120,6 +121,11 @@ class Runner:
         if rate is not None and self.settings.shard is not None:
             rate = rate / self.settings.shard.count
         return rate
+
+    @property
+    def partial(self) -> bool:
+        """``on_read_only: partial``: a read-only tag skipped, the rest of the change made."""
+        return bool(self.job and self.job.options.on_read_only == "partial")
 
     def _retry_policy(self) -> retry.RetryPolicy:
         return retry.RetryPolicy(
@@ -151,19 +157,7 @@ class Runner:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-            self._release()
-
-    def _discard_unstarted(self) -> None:
-        """A new run the probe refused leaves no folder behind (nothing to resume, report)."""
-        if not self.resumed and self.run_id:
-            self._release()
-            self.run_lock = None
-            if not (self.settings.state_dir / self.run_id / "journal.sqlite").exists():
-                shutil.rmtree(self.settings.state_dir / self.run_id, ignore_errors=True)
-
-    def _release(self) -> None:
-        if self.run_lock is not None:
-            self.run_lock.release()
+            self.folder.release()
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self.signals += 1
@@ -187,11 +181,11 @@ class Runner:
     async def _main(self) -> int:
         async with self._api() as client:
             self.client = client
-            self._choose_run()
+            self.folder.choose()
             try:
                 await self._preflight(client)
             except BaseException:
-                self._discard_unstarted()
+                self.folder.discard_unstarted()
                 raise
             self._open_journal()
             self._journal.track_process(self._counters, self.started_at)
@@ -251,110 +245,14 @@ class Runner:
         job = self.job if self.kind != "undo" else None
         self.known = await check_names(client, job, self._retry_policy(), self._on_retry)
 
-    def _choose_run(self) -> None:
-        """The run's id: a new one, ``--run-id``'s, or the run ``--resume`` continues (a
-        refusal here comes before any request)."""
-        settings = self.settings
-        safety.state_dir(settings.state_dir)
-        shard = str(settings.shard) if settings.shard else None
-        if settings.plan_run_id is not None:  # refused before anything is made (exit 2)
-            self.plan_ref = check_plan(settings.state_dir, settings.plan_run_id, job=self.job,
-                                       shard=shard, max_age=settings.plan_max_age)
-        job_hash = (self.job.sha256 if self.job else self.parent_run_id) or ""
-        kind = self.kind
-        run_id = settings.run_id
-        if run_id is not None:
-            safety.run_dir(settings.state_dir, run_id)  # a safe name, and ours if it exists
-        if settings.resume and kind != "plan" and not settings.preview:
-            found = run_id if run_id and (settings.state_dir / run_id).is_dir() else None
-            if found is None and run_id is None:
-                found = retention.find_resumable(
-                    settings.state_dir, job_name=self.job_name, job_hash=job_hash,
-                    kind=kind, shard=shard, within=settings.resume_within,
-                )
-            if found is not None:
-                info = read_run_info(settings.state_dir / found)
-                if info.get("job_hash") != job_hash:
-                    raise JobError(
-                        f"run {found} was made from another version of this job file",
-                        field="--resume",
-                    )
-                # taken before anything is written or sent: a second --resume of the same
-                # run refuses here (exit 75) instead of starting a parallel new run
-                self._lock_run(found, latest=run_id is None)
-                finished = read_run_info(settings.state_dir / found).get("exit_code")
-                if run_id is None and finished not in (None, ExitCode.INTERRUPTED):
-                    self._release()  # its holder finished it meanwhile: the next is new
-                    self.run_lock = None
-                else:
-                    run_id, self.resumed = found, True
-        if run_id is None:
-            run_id = new_run_id(self.job_name, settings.shard, kind, self.started_at)
-        elif not self.resumed and (settings.state_dir / run_id / "journal.sqlite").exists():
-            raise JobError(f"run {run_id} exists already", field="--run-id",
-                           hint="pass --resume to continue it, or choose another id")
-        if self.kind == "undo" and self.parent_run_id:
-            holder = is_held(settings.state_dir / self.parent_run_id)
-            if holder is not None:  # its record is still being written: undo it later
-                raise RunHeld(held_message(self.parent_run_id, holder))
-        if self.run_lock is None:
-            self._check_space(None)  # a new run: refused before its folder is made
-            safety.private_run_dir(settings.state_dir / run_id)
-            self._lock_run(run_id)
-        self.run_id = run_id
-
     def _open_journal(self) -> None:
-        settings = self.settings
-        run_id, shard = self.run_id, str(settings.shard) if settings.shard else None
-        job_hash = (self.job.sha256 if self.job else self.parent_run_id) or ""
-        journal = Journal(settings.state_dir / run_id)
-        if self.resumed and journal.compacted:
-            journal.close()
-            raise JobError(f"run {run_id} has finished: there is nothing to resume",
-                           field="--resume", hint="`bulk-tagger report` shows its record")
-        if self.resumed:
-            self._check_space(journal)
-        run_started = self.started_at
-        if self.resumed:
-            info = journal.run_info()
-            # what the earlier process recorded (none if it was killed before its end): the
-            # summary adds this process to it; templates keep the run's first date
-            self.earlier = info.get("summary") or None
-            with contextlib.suppress(TypeError, ValueError):
-                run_started = datetime.fromisoformat(str(info.get("started_at")))
-            journal.reopen_run()
-            log.info("run.resumed", run_id=run_id, counts=journal.counts())
-        else:
-            options = self.job.options.model_dump(mode="json") if self.job else {}
-            options.update(concurrency=self.concurrency, rate_ceiling=self.rate_ceiling)
-            journal.create_run(  # an undo's preview is a plan run (run --plan applies it)
-                run_id=run_id, kind="plan" if settings.preview else self.kind,
-                job_name=self.job_name,
-                job_path=str(self.job.path) if self.job else None, job_hash=job_hash,
-                options=options, parent_run_id=self.parent_run_id, shard=shard,
-                started_at=now_iso(self.started_at),
-            )
-            log.info("run.started", run_id=run_id, kind=self.kind, job=self.job_name)
-        self.ctx = RunContext(run_id=run_id, run_date=run_started.strftime("%Y-%m-%d"))
-        self.journal = journal
-
-    def _check_space(self, journal: Journal | None) -> None:
-        """Refuse before planning (nothing sent) a run that clearly cannot fit on the state
-        volume: its size is the last run of this job's (a resumed run: its own targets)."""
-        bytes_per_target, targets = statevol.measured_bytes_per_target(
-            self.settings.state_dir, self.job_name)
-        held = 0
-        if journal is not None:
-            targets = max(targets, journal.plan_counts()[1])
-            held = statevol.folder_bytes(journal.run_dir)
-        statevol.check_space(self.settings.state_dir, targets=targets,
-                             bytes_per_target=bytes_per_target, held=held)
-
-    def _lock_run(self, run_id: str, *, latest: bool = False) -> None:
-        command = f"bulk-tagger {self.kind}" + (" --resume" if self.settings.resume else "")
-        self.run_lock = RunLock.acquire(
-            self.settings.state_dir / run_id, run_id=run_id, command=command, latest=latest
-        )
+        options = self.job.options.model_dump(mode="json") if self.job else {}
+        options.update(concurrency=self.concurrency, rate_ceiling=self.rate_ceiling)
+        self.journal = self.folder.open_journal(options)
+        self.ctx = RunContext(run_id=self.run_id,
+                              run_date=self.folder.run_started.strftime("%Y-%m-%d"))
+        self.recorder = Recorder(self.journal, self.ctx, partial=self.partial,
+                                 tally=self.plans_only, max_samples=self.settings.plan_samples)
 
     def _prune(self) -> None:
         """Retention: delete finished runs older than ``keep_days`` (README: "Retention")."""
@@ -376,11 +274,11 @@ class Runner:
         journal = self._journal
         if not (self.resumed and journal.run_info().get("plan_done")):
             state_dir = self.settings.state_dir
-            if self.plan_ref is not None:
-                await self._plan_again(plan_targets(
-                    self._expander(client), state_dir / self.plan_ref.run_id))
+            if self.folder.plan_ref is not None:
+                await self._recorder.again(plan_targets(
+                    self._expander(client), state_dir / self.folder.plan_ref.run_id))
             elif self.kind == "undo":
-                await self._plan_again(undo_targets(
+                await self._recorder.again(undo_targets(
                     self._expander(client), state_dir / (self.parent_run_id or "")))
             else:
                 await self._plan(client)
@@ -399,43 +297,13 @@ class Runner:
         assert self.journal is not None
         return self.journal
 
-    # -- plan -----------------------------------------------------------------------------
-    def _record_plan(self, target: Target, expect: dict[str, Any] | None = None) -> None:
-        journal = self._journal
-        image = target.image
-        status: str
-        reason: str | None
-        detail: str | None
-        before: dict[str, Any] | None
-        patch: dict[str, Any] | None
-        bad_id = safety.image_id_problem(target.image_id)
-        if bad_id is not None:  # never sent: an id that would not stay one path segment
-            status, reason, detail, before, patch = "failed", "bad_id", bad_id, None, None
-            name = image.name if image is not None else ""
-        elif image is None:
-            status, reason, detail, before, patch = (
-                "failed", "not_found", "no such image", None, None)
-            name = ""
-        else:
-            partial = bool(self.job and self.job.options.on_read_only == "partial")
-            plan = plan_changes(image, target.changes, self.ctx, partial=partial)
-            status, reason, detail, patch = plan.status, plan.reason, plan.detail, plan.patch
-            before = image.state()
-            name = image.name
-            if self.plans_only:
-                self.keys.add(before, patch or {}, kept=target.changes.add_tags)
-                if patch is not None and len(self.samples) < self.settings.plan_samples:
-                    self.samples.append((name, image.id, before, patch))
-        if reason:
-            self.plan_reasons[f"{status}:{reason}"] += 1
-        journal.add_target(
-            project_id=target.project_id, region_id=target.region_id,
-            image_id=target.image_id, name=name, source=target.source,
-            changes=target.changes, before=before, patch=patch,
-            lock_task=image.task_id if image is not None else None,
-            plan_status=status, plan_reason=reason, plan_detail=detail, expect=expect,
-        )
+    @property
+    def _recorder(self) -> Recorder:
+        """What plans into the journal (made when the journal opens)."""
+        assert self.recorder is not None
+        return self.recorder
 
+    # -- plan -----------------------------------------------------------------------------
     async def _plan(self, client: api.Client) -> None:
         assert self.job is not None
         settings = self.settings
@@ -452,9 +320,7 @@ class Runner:
                             details=lambda: {"pages": client.counts.by_kind["list"]},
                             poll=lambda: (expander.read, expander.expected or None))
         async with progress.shown():
-            async for target in expander.targets():
-                self._record_plan(target)
-                await self._journal.room()  # the writer behind: wait (memory stays flat)
+            await self._recorder.targets(expander.targets())
         self.matched, self.elsewhere = dict(expander.matched), expander.elsewhere
         log.info("run.matched", selectors=self.matched)
 
@@ -465,35 +331,6 @@ class Runner:
             None, client, stage_path=self.settings.state_dir / self.run_id / "stage.sqlite",
             policy=self._retry_policy(), concurrency=self.concurrency,
             on_retry=self._on_retry, page_size=self.options.page_size,
-        )
-
-    async def _plan_again(self, targets: AsyncIterator[Again]) -> None:
-        """Another run's targets read again (undo: the run's updated ones; run --plan: the
-        plan's planned ones), recorded as ``planrun`` decided."""
-        journal = self._journal
-        async for again in targets:
-            await journal.room()  # as in _plan: the writer behind, the reading waits
-            target, image = again.target, again.target.image
-            if again.conflict is not None:
-                self._record_conflict(target, again.name, again.conflict)
-            elif again.patch is None or image is None:
-                self._record_plan(target, expect=again.expect)
-            else:  # the reviewed plan's own patch: what is sent is what was reviewed
-                journal.add_target(
-                    project_id=target.project_id, region_id=target.region_id,
-                    image_id=target.image_id, name=image.name, source=target.source,
-                    changes=target.changes, before=again.expect, patch=again.patch,
-                    lock_task=image.task_id, plan_status="planned", plan_reason=None,
-                    plan_detail=None, expect=again.expect)
-
-    def _record_conflict(self, target: Target, name: str, detail: str) -> None:
-        assert target.image is not None
-        self.plan_reasons["skipped:conflict"] += 1
-        self._journal.add_target(
-            project_id=target.project_id, region_id=target.region_id,
-            image_id=target.image_id, name=target.image.name or name, source=target.source,
-            changes=target.changes, before=target.image.state(), patch=None, lock_task=None,
-            plan_status="skipped", plan_reason="conflict", plan_detail=detail,
         )
 
     def _check_limits(self) -> None:
@@ -514,14 +351,13 @@ class Runner:
         progress = apply.progress_of(journal, Progress(
             stream=self.settings.progress, interval_s=self.settings.progress_s),
             resumed=self.resumed)
-        partial = bool(self.job and self.job.options.on_read_only == "partial")
         self.pool = apply.wire(
             client,
             PoolSettings(
                 concurrency=self.concurrency, retry=self._retry_policy(),
                 lock_timeout_s=self.options.lock_timeout_seconds,
                 lock_poll_s=self.settings.lock_poll_s,
-                partial=partial, on_retry=self.retry_log,
+                partial=self.partial, on_retry=self.retry_log,
             ),
             self.ctx, journal=journal, progress=progress, breaker=self.breaker,
         )
@@ -559,6 +395,7 @@ class Runner:
         journal = self.journal
         if journal is None:
             return code
+        recorder = self._recorder
         self._finishing = True
         if self._grace is not None:
             self._grace.cancel()
@@ -569,7 +406,7 @@ class Runner:
         finished = self.settings.clock()
         requests, _ = self._counters()
         # every process that worked the run before this one, killed ones too (journalled)
-        earlier = journal.earlier_processes() or self.earlier
+        earlier = journal.earlier_processes() or self.folder.earlier
         extra: dict[str, Any] = {"kind": self.kind}
         if self.settings.shard:
             extra["shard"] = str(self.settings.shard)
@@ -578,7 +415,7 @@ class Runner:
         if self.settings.plan_run_id or self.settings.preview:
             extra.update(plan_run_id=self.settings.plan_run_id, preview=self.settings.preview)
         if self.plans_only:
-            extra["changes_per_key"] = self.keys.as_json()
+            extra["changes_per_key"] = recorder.keys.as_json()
         if self.fatal is not None:
             extra["error"] = scrub(str(self.fatal))
         if self.client is not None:
@@ -587,7 +424,9 @@ class Runner:
         # the next run of this job measures its need on the state volume by
         extra["record_bytes_peak"] = statevol.folder_bytes(journal.run_dir)
         # a resumed run planned by an earlier process: that one's
-        matched = self.matched if self.matched is not None else (self.earlier or {}).get("matched")
+        matched = self.matched
+        if matched is None:
+            matched = (self.folder.earlier or {}).get("matched")
         if matched is not None:
             extra["matched"] = matched
         extra["reasons"] = journal.reasons()
@@ -609,13 +448,13 @@ class Runner:
             # finished for good: results.jsonl.gz is the targets' record from now on
             await asyncio.to_thread(journal.compact, rows)
         journal.close()
-        self._release()
+        self.folder.release()
         text: list[str] = []  # for a person: control characters (names, tags) escaped
         if self.plans_only:
             # counts from the journal: a target named twice is planned once
             text.append(report.format_plan(
-                counts, self.plan_reasons, self.samples,
-                max(0, counts.get("planned", 0) - len(self.samples)), self.keys.lines(),
+                counts, recorder.reasons, recorder.samples,
+                max(0, counts.get("planned", 0) - len(recorder.samples)), recorder.keys.lines(),
             ))
         if isinstance(self.fatal, BulkTaggerError) and not isinstance(self.fatal, ApiError):
             text.append(f"stopped: {scrub(str(self.fatal))}")
