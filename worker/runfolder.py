@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from worker import retention, safety, spec, statevol
-from worker.errors import ExitCode, JobError
+from worker.errors import JobError
 from worker.journal import Journal, now_iso, read_run_info
 from worker.log import get_logger
 from worker.planrun import PlanRef, check_plan
@@ -95,7 +95,7 @@ class RunFolder:
                 # run refuses here (exit 75) instead of starting a parallel new run
                 self._lock(found, latest=run_id is None)
                 finished = read_run_info(settings.state_dir / found).get("exit_code")
-                if run_id is None and finished not in (None, ExitCode.INTERRUPTED):
+                if run_id is None and finished not in retention.UNFINISHED:
                     self.release()  # its holder finished it meanwhile: the next is new
                     self.lock = None
                 else:
