@@ -267,6 +267,7 @@ def test_a_big_run_lists_up_to_its_caps_and_names_the_command_for_the_rest(
                    for r in first)
     command = "bulk-tagger report big --format csv --status failed"
     assert f"All 3,000 failed targets, one CSV row each: <code>{command}</code>" in failures
+    assert failures.index("All 3,000 failed") < failures.index("<ul")  # before the lists
     assert "All 300 skipped targets" in skips and "--status skipped" in skips
     # the updated ones in counts: 600 images a key, 5 changes in full
     assert "<td>managed-by</td><td class=n>600</td>" in page

@@ -210,15 +210,16 @@ def _groups(groups: Groups, status: str, run_id: str, caps: Caps) -> str:
     out = [_table(((g.reason, g.http_status if g.http_status is not None else "-", g.count)
                    if http else (g.reason, g.count) for g in listed),
                   ("reason", "HTTP status", "targets") if http else ("reason", "targets"))]
+    listable = sum(min(g.count, caps.names) for g in listed)
+    if groups.count > min(listable, caps.section):  # said first: past it, a long list
+        out.append(_all_of(run_id, status, groups.count))
     left = caps.section
-    shown = 0
     for g in listed:
         code = f", HTTP {g.http_status}" if g.http_status is not None else ""
         out.append(f"<h3>{_esc(g.reason)}{_esc(code)}: {g.count:,}</h3>")
         out += [f"<blockquote>{_esc(m)}</blockquote>" for m in g.messages]
         images = g.images[:max(0, min(left, caps.names))]
         left -= len(images)
-        shown += len(images)
         if images:
             out.append('<ul class="images">' + "".join(
                 f"<li>{_esc(name)} <span class=note>{_esc(image_id)}</span></li>"
@@ -227,8 +228,6 @@ def _groups(groups: Groups, status: str, run_id: str, caps: Caps) -> str:
             out.append(f'<p class="note">and {g.count - len(images):,} more</p>')
     if groups.other:
         out.append(f'<p class="note">and {groups.other:,} in further groups</p>')
-    if groups.count > shown:
-        out.append(_all_of(run_id, status, groups.count))
     return "".join(out)
 
 
