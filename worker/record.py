@@ -84,8 +84,8 @@ def compact(conn: sqlite3.Connection, run_dir: Path, exported: int) -> bool:
 def iter_results(run_dir: Path, *, raw: bool = False) -> Iterator[Any]:
     """The run's results in plan order: dicts, or (``raw``) tuples in RESULT_FIELDS order."""
     for row in _lines(run_dir):
-        if raw:
-            yield tuple(row.get(name) for name in RESULT_FIELDS)
+        if raw:  # map: a third of a generator's cost, paid a million times in a big report
+            yield tuple(map(row.get, RESULT_FIELDS))
         else:
             yield {name: row.get(name) for name in RESULT_FIELDS}
 
