@@ -5,7 +5,8 @@
 deep in a file, or a plan over the safety limit, stops the run before any PATCH), then the
 apply phase streams the planned targets back out of the journal into the pool. The run's
 folder is chosen, locked and its journal opened by ``worker.runfolder``; the plan phase
-records into the journal through ``planrun.Recorder``; the apply phase is ``worker.apply``.
+records into the journal through ``planrun.Recorder``; the apply phase is ``worker.apply``;
+``worker.runend`` writes the record at the end and the text a person reads.
 
 Signals: the first SIGTERM/SIGINT stops taking targets and lets in-flight ones finish for at
 most ``grace_s``; a second one stops at once. Either way the journal is committed, the
@@ -23,19 +24,18 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
-from worker import api, apply, exports, report, retention, retry, safety, spec, statevol
+from worker import api, apply, report, retention, retry, runend, spec, statevol
 from worker.budget import CircuitBreaker, RetryBudget
 from worker.errors import (
     ApiError,
     AuthFailed,
     BadAnswer,
-    BulkTaggerError,
     CircuitOpen,
     ExitCode,
     JobError,
     SafetyLimit,
 )
-from worker.journal import Journal, now_iso, read_run_info
+from worker.journal import Journal, read_run_info
 from worker.limiter import AdaptiveLimiter, RateController
 from worker.log import get_logger, scrub
 from worker.metrics import push_metrics
@@ -435,35 +435,13 @@ class Runner:
             finished_at=finished, exit_code=code, counts=counts, requests=requests,
             latency=self.latency, extra=extra, earlier=earlier,
         )
-        run_dir = journal.run_dir
-        rows = await asyncio.to_thread(
-            exports.write_exports, run_dir, journal.iter_results(self.run_id, raw=True), summary
-        )
-        for stale in ("results.jsonl", "results.csv"):  # an earlier `report --export`'s
-            (run_dir / stale).unlink(missing_ok=True)
-        # finished only once the exports exist: a kill while writing them leaves the run
-        # resumable, and the resume writes them
-        journal.finish_run(code, summary, now_iso(finished))
-        if code != ExitCode.INTERRUPTED:
-            # finished for good: results.jsonl.gz is the targets' record from now on
-            await asyncio.to_thread(journal.compact, rows)
-        journal.close()
+        await runend.write_record(journal, run_id=self.run_id, code=code, summary=summary,
+                                  finished_at=finished)
         self.folder.release()
-        text: list[str] = []  # for a person: control characters (names, tags) escaped
-        if self.plans_only:
-            # counts from the journal: a target named twice is planned once
-            text.append(report.format_plan(
-                counts, recorder.reasons, recorder.samples,
-                max(0, counts.get("planned", 0) - len(recorder.samples)), recorder.keys.lines(),
-            ))
-        if isinstance(self.fatal, BulkTaggerError) and not isinstance(self.fatal, ApiError):
-            text.append(f"stopped: {scrub(str(self.fatal))}")
-        text += [report.format_summary(summary, targets=self.kind != "plan"),
-                 f"report: {run_dir}",
-                 f"  results.jsonl.gz and summary.json there; `bulk-tagger report "
-                 f"{self.run_id} --format jsonl|csv|json` prints them"]
         out = self.settings.out
-        out.write("".join(safety.printable(line, newlines=True) + "\n" for line in text))
+        out.write(runend.end_text(
+            summary, journal=journal, run_id=self.run_id, kind=self.kind, counts=counts,
+            plan=recorder if self.plans_only else None, fatal=self.fatal))
         out.flush()
         log.info("run.finished", run_id=self.run_id, exit_code=code, counts=counts)
         if self.settings.pushgateway and not self.plans_only:
