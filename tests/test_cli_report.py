@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import csv
 import gzip
+import html
 import io
 import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -24,6 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
+from worker.runlock import RunLock
 from worker.simulator import SimConfig, SimulatorThread
 
 JOB = {
@@ -95,6 +100,36 @@ def test_summary_is_what_the_run_printed(finished: tuple[Path, str, str]) -> Non
     assert {s for s, n in counts.items() if n} == {"updated", "skipped", "failed"}
 
 
+def test_the_command_a_summary_names_runs_as_printed(
+    finished: tuple[Path, str, str], tmp_path: Path
+) -> None:
+    """The command exit code 1 names (it lists the failed targets) carries the --state-dir
+    the report was read from (quoted for a shell), except the default ./runs: run as printed,
+    from another folder, it prints the run's failed rows."""
+    state, run_id, _ = finished
+    failed = json.loads((state / run_id / "summary.json").read_text())["counts"]["failed"]
+    for where, cwd in ((tmp_path / "the team's runs", tmp_path / "elsewhere"),
+                       (tmp_path / "runs", tmp_path)):  # the default: no --state-dir
+        shutil.copytree(state / run_id, where / run_id)
+        cwd.mkdir(exist_ok=True)
+        args = ("--state-dir", where) if where.name != "runs" else ()
+        code, out, err = output("report", run_id, *args, cwd=tmp_path)
+        assert code == 0, err
+        (line,) = [line for line in out.splitlines() if line.startswith("Exit code 1:")]
+        match = re.search(r"`(bulk-tagger [^`]+)` lists them", line)
+        assert match, line
+        printed = match.group(1)
+        tail = f" --state-dir {shlex.quote(str(where))}" if args else ""
+        assert printed == f"bulk-tagger report {run_id} --format jsonl --status failed{tail}"
+        print(printed)
+        words = shlex.split(printed)
+        assert words[0] == "bulk-tagger"
+        code, out, err = output(*words[1:], cwd=cwd)
+        assert code == 0, err
+        rows = [json.loads(line) for line in out.splitlines()]
+        assert len(rows) == failed >= 1 and {r["status"] for r in rows} == {"failed"}
+
+
 def test_json_is_summary_json(finished: tuple[Path, str, str]) -> None:
     state, run_id, _ = finished
     code, out, _ = output("report", run_id, "--state-dir", state, "--format", "json")
@@ -153,10 +188,16 @@ def test_export_writes_the_files_anew_byte_for_byte(
 
 
 def test_report_of_a_killed_run(tmp_path: Path) -> None:
+    """A run SIGKILLed after its plan: its report (summary, jsonl, --export) is made of its
+    journal. The summary and the page say whether a live process still works it (its lock's
+    holder, here this test's own, escaped) or its process ended without finishing it, and
+    name the command that continues it: run as printed (the base URL from the environment,
+    as a deployment sets it), it finishes the same run."""
     with SimulatorThread(SimConfig(images=120)) as sim:
         sim.call(sim.sim.set_faults, latency_ms=100.0)
         state = tmp_path / "state"
-        proc = bulk_tagger("run", write_job(tmp_path), "--base-url", sim.url, "--state-dir",
+        job = write_job(tmp_path)
+        proc = bulk_tagger("run", job, "--base-url", sim.url, "--state-dir",
                            state, "--run-id", "killed", wait=False)
         journal = state / "killed" / "journal.sqlite"
 
@@ -183,24 +224,66 @@ def test_report_of_a_killed_run(tmp_path: Path) -> None:
         assert {json.loads(line)["status"] for line in out.splitlines()} >= {"planned"}
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
-    assert not (state / "killed" / "summary.json").exists()
+        sim.call(sim.sim.set_faults, latency_ms=0.0)
+        assert not (state / "killed" / "summary.json").exists()
 
-    code, out, err = output("report", "killed", "--state-dir", state)
-    assert code == 0, err
-    assert "killed" in out and "planned" in out
-    code, out, _ = output("report", "killed", "--state-dir", state, "--format", "jsonl")
-    rows = [json.loads(line) for line in out.splitlines()]
-    statuses = {r["status"] for r in rows}
-    assert "planned" in statuses and "failed" in statuses
-    targets = sqlite3.connect(journal).execute("SELECT COUNT(*) FROM targets").fetchone()[0]
-    assert len(rows) == targets
-    code, _, err = output("report", "killed", "--state-dir", state, "--export")
-    assert code == 0, err
-    exported = (state / "killed" / "results.jsonl").read_text("utf-8").splitlines()
-    assert [json.loads(line) for line in exported] == rows
-    summary = json.loads((state / "killed" / "summary.json").read_text())
-    assert summary["run_id"] == "killed" and summary["exit_code"] is None
-    assert sum(summary["counts"].values()) == len(rows)
+        code, out, err = output("report", "killed", "--state-dir", state)
+        assert code == 0, err
+        assert "killed" in out and "planned" in out
+        resume = f"bulk-tagger run {job} --resume --state-dir {state}"
+        ended = ("its process ended without finishing it (killed, or the node was lost): "
+                 f"`{resume}` continues it")
+        assert out.splitlines()[-1] == f"Exit code none: {ended}"
+        code, page, err = output("report", "killed", "--state-dir", state, "--format", "html")
+        assert code == 0, err
+        assert f"<b>Exit code none</b>: {html.escape(ended)}</div>" in page
+        assert "still running" not in out + page
+        code, out, _ = output("report", "killed", "--state-dir", state, "--format", "jsonl")
+        rows = [json.loads(line) for line in out.splitlines()]
+        statuses = {r["status"] for r in rows}
+        assert "planned" in statuses and "failed" in statuses
+        targets = sqlite3.connect(journal).execute("SELECT COUNT(*) FROM targets").fetchone()[0]
+        assert len(rows) == targets
+        code, _, err = output("report", "killed", "--state-dir", state, "--export")
+        assert code == 0, err
+        exported = (state / "killed" / "results.jsonl").read_text("utf-8").splitlines()
+        assert [json.loads(line) for line in exported] == rows
+        summary = json.loads((state / "killed" / "summary.json").read_text())
+        assert summary["run_id"] == "killed" and summary["exit_code"] is None
+        assert sum(summary["counts"].values()) == len(rows)
+
+        # a live process holds it (this test's lock, as a run takes it): still running
+        lock = RunLock.acquire(state / "killed", run_id="killed",
+                               command="bulk-tagger run nightly.yaml")
+        try:
+            holder = json.loads((state / "killed" / "run.lock").read_bytes())
+            # what the lock file says is shown as it says it: here a terminal escape
+            (state / "killed" / "run.lock").write_bytes(
+                json.dumps({**holder, "host": "node-1\x1b[2J"}).encode())
+            code, out, err = output("report", "killed", "--state-dir", state)
+            assert code == 0, err
+            running = (f"still running: pid {os.getpid()} on node-1\\x1b[2J since "
+                       f"{holder['since']} (bulk-tagger run nightly.yaml)")
+            assert out.splitlines()[-1] == f"Exit code none: {running}"
+            assert "\x1b" not in out and "continues it" not in out
+            print(out.splitlines()[-1])
+            code, page, err = output("report", "killed", "--state-dir", state,
+                                     "--format", "html")
+            assert code == 0, err
+            assert f"<b>Exit code none</b>: {html.escape(running)}</div>" in page
+            assert "\x1b" not in page
+        finally:
+            lock.release()
+
+        # the command as printed continues the same run (the missing image fails: exit 1)
+        print(ended)
+        words = shlex.split(resume)
+        code, out, err = output(*words[1:], env={"GCORE_BASE_URL": sim.url})
+        assert code == 1, err[-3000:]
+        assert '"run.resumed"' in err, err[-3000:]
+        assert [p.name for p in state.iterdir()] == ["killed"]
+        summary = json.loads((state / "killed" / "summary.json").read_text())
+        assert summary["exit_code"] == 1 and summary["counts"]["planned"] == 0
 
 
 def test_report_of_an_unknown_run_is_a_usage_error(tmp_path: Path) -> None:

@@ -8,10 +8,12 @@ import csv
 import io
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from html import unescape
 from pathlib import Path
 
 from tests import finished_run
@@ -242,13 +244,22 @@ def test_a_big_run_lists_up_to_its_caps_and_names_the_command_for_the_rest(
 ) -> None:
     """3,000 failures in 5 groups and 300 skips in 2 (tests/finished_run.py), the caps lowered:
     40 names a group, 100 a status. Each group lists its first targets in plan order and
-    counts the rest; the command the page names prints every failed target."""
-    state = tmp_path / "state"
+    counts the rest; the command the page names (with the page's --state-dir, quoted for a
+    shell), run as printed, prints every failed target."""
+    state = tmp_path / "the team's state"
     finished_run.write(state, "big", 4_000, failed=3_000, skipped=300, unchanged=100,
                        seconds=30)
     page = html_report.build(state, "big", html_report.Caps(names=40, section=100, diffs=5))
-    failed_rows = list(csv.DictReader(io.StringIO(run_cli(
-        "report", "big", "--state-dir", state, "--format", "csv", "--status", "failed").stdout)))
+    match = re.search(r"All 3,000 failed targets, one CSV row each: <code>([^<]+)</code>", page)
+    assert match, page[:3000]
+    command = unescape(match.group(1))
+    assert command == ("bulk-tagger report big --format csv --status failed --state-dir "
+                       f"{shlex.quote(str(state))}")
+    words = shlex.split(command)
+    assert words[0] == "bulk-tagger"
+    proc = run_cli(*words[1:])  # as printed
+    assert proc.returncode == 0, proc.stderr
+    failed_rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     assert len(failed_rows) == 3_000 and {r["status"] for r in failed_rows} == {"failed"}
 
     # every group counted; names listed until the status's 100 are spent, the rest counted
@@ -265,8 +276,7 @@ def test_a_big_run_lists_up_to_its_caps_and_names_the_command_for_the_rest(
         first = [r for r in failed_rows if r["reason"] == reason][:shown]
         assert all(f"<li>{r['name']} <span class=note>{r['image_id']}</span>" in failures
                    for r in first)
-    command = "bulk-tagger report big --format csv --status failed"
-    assert f"All 3,000 failed targets, one CSV row each: <code>{command}</code>" in failures
+    assert "All 3,000 failed targets" in failures
     assert failures.index("All 3,000 failed") < failures.index("<ul")  # before the lists
     assert "All 300 skipped targets" in skips and "--status skipped" in skips
     # the updated ones in counts: 600 images a key, 5 changes in full

@@ -108,7 +108,7 @@ class JobOptions:
 
 _STATE_DIR = click.option(
     "--state-dir", type=click.Path(file_okay=False, path_type=Path),
-    envvar="BULK_TAGGER_STATE_DIR", default=Path("runs"), show_default=True,
+    envvar="BULK_TAGGER_STATE_DIR", default=Path(defaults.STATE_DIR), show_default=True,
     help="Where run folders live.")
 
 _logs = _group(LogOptions, "logs", [

@@ -24,6 +24,9 @@ GRACE_S = 20.0
 RESUME_WITHIN_HOURS = 24
 #: how old a plan `run --plan` applies may be, in hours (`--plan-max-age`)
 PLAN_MAX_AGE_HOURS = 24
+#: where run folders live (``--state-dir``, env ``BULK_TAGGER_STATE_DIR``), from the working
+#: folder; a report names ``--state-dir`` in the commands it prints only for another one
+STATE_DIR = "runs"
 #: how many demo images ``--simulate`` (and ``bulk-tagger simulate``) serves
 SIMULATE_IMAGES = 60
 #: the first retry's wait cap; caps double from here (``--retry-base-seconds``, for tests)

@@ -23,7 +23,6 @@ Every text from the API, the job or the journal goes through ``html.escape``.
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from html import escape
@@ -37,6 +36,7 @@ from worker.report import (
     PERCENTILES,
     REQUEST_FIELDS,
     REQUEST_KINDS,
+    Seen,
     exit_meaning,
     format_change,
     open_run,
@@ -103,15 +103,16 @@ def _table(rows: Iterable[tuple[Any, ...]], head: tuple[str, ...] = (), *,
     return "".join(out)
 
 
-def _summary(summary: Mapping[str, Any], info: Mapping[str, Any],
+def _summary(summary: Mapping[str, Any], seen: Seen,
              processes: Mapping[str, Any] | None) -> str:
+    info = seen.info
     counts: Mapping[str, Any] = summary.get("counts") or {}
     reqs: Mapping[str, Any] = summary.get("requests") or {}
     lat: Mapping[str, Any] = summary.get("latency_ms") or {}
     options: Mapping[str, Any] = info.get("options") or {}
     code = summary.get("exit_code")
     kind = info.get("kind") or summary.get("kind") or "run"
-    meaning = exit_meaning(code, kind)
+    meaning = exit_meaning(code, kind, seen)
     ceiling = options.get("rate_ceiling")
     run_rows: list[tuple[str, Any]] = [
         ("job", summary.get("job") or info.get("job_name")),
@@ -193,14 +194,15 @@ class Caps:
 CAPS = Caps()
 
 
-def _all_of(run_id: str, status: str, count: int) -> str:
+def _all_of(seen: Seen, status: str, count: int) -> str:
     """The line naming the command that prints every target of ``status``."""
-    command = f"bulk-tagger report {shlex.quote(run_id)} --format csv --status {status}"
+    command = seen.command("report", str(seen.info.get("run_id")), "--format", "csv",
+                           "--status", status)
     return (f'<p class="note">All {count:,} {status} targets, one CSV row each: '
-            f"<code>{_esc(command)}</code> (with this page's --state-dir)</p>")
+            f"<code>{_esc(command)}</code></p>")
 
 
-def _groups(groups: Groups, status: str, run_id: str, caps: Caps) -> str:
+def _groups(groups: Groups, status: str, seen: Seen, caps: Caps) -> str:
     """A status's groups, largest first: each with its first messages and images, up to the
     caps; the rest counted, and the command that prints them all."""
     listed = groups.largest_first()
@@ -212,7 +214,7 @@ def _groups(groups: Groups, status: str, run_id: str, caps: Caps) -> str:
                   ("reason", "HTTP status", "targets") if http else ("reason", "targets"))]
     listable = sum(min(g.count, caps.names) for g in listed)
     if groups.count > min(listable, caps.section):  # said first: past it, a long list
-        out.append(_all_of(run_id, status, groups.count))
+        out.append(_all_of(seen, status, groups.count))
     left = caps.section
     for g in listed:
         code = f", HTTP {g.http_status}" if g.http_status is not None else ""
@@ -269,6 +271,7 @@ def build(state_dir: Path, run_id: str, caps: Caps = CAPS) -> str:
     """The page for ``run_id`` (a run folder of ``state_dir``), listing targets up to
     ``caps``."""
     journal, info, summary = open_run(state_dir, run_id)
+    seen = Seen.of(info, journal.run_dir)
     try:
         processes = journal.earlier_processes()
         ceiling = (info.get("options") or {}).get("rate_ceiling")
@@ -284,17 +287,17 @@ def build(state_dir: Path, run_id: str, caps: Caps = CAPS) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_esc(title)}</title><style>{STYLE}</style></head><body><main>",
         f"<h1>{_esc(title)}</h1>",
-        _summary(summary, info, processes),
+        _summary(summary, seen, processes),
         "<h2>Requests per second</h2>", chart,
     ]
     if tally is None:
         parts.append(f'<h2>Failures and changes</h2><p class="note">The per-target record is '
                      f"not available: {_esc(missing)}</p>")
     else:
-        parts += ["<h2>Failures by reason</h2>", _groups(tally.failed, "failed", run_id, caps)]
+        parts += ["<h2>Failures by reason</h2>", _groups(tally.failed, "failed", seen, caps)]
         if tally.skipped.count:
             parts += ["<h2>Skipped, by reason</h2>",
-                      _groups(tally.skipped, "skipped", run_id, caps)]
+                      _groups(tally.skipped, "skipped", seen, caps)]
         if tally.reasons:
             parts += ["<h2>Not changed, by reason</h2>",
                       _table(sorted(tally.reasons.items(), key=lambda kv: (-kv[1], kv[0])),

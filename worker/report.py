@@ -14,16 +14,18 @@ import collections
 import json
 import math
 import re
+import shlex
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from worker import exports, safety, units
+from worker import defaults, exports, safety, units
 from worker.errors import ExitCode
 from worker.journal import Journal
 from worker.models import RESULT_FIELDS, STATUSES
-from worker.retention import locate_run
+from worker.retention import locate_run, parse_time
 from worker.runlock import RunHeld, held_message, is_held
 
 #: The request counters of summary.json (README, "Read a run's report from the volume"); the
@@ -201,19 +203,96 @@ def _table(pairs: Iterable[tuple[str, Any]], indent: str = "  ") -> list[str]:
     return [f"{indent}{k:<{key_w}}  {v:>{val_w}}" for k, v in rows]
 
 
+def command(*words: str, state_dir: Path | None = None) -> str:
+    """A command a report names for its reader: ``bulk-tagger`` and ``words``, quoted for a
+    shell, with the ``--state-dir`` the report was read from when it is not the default (run
+    as printed, it finds the same run, not "no such run"). Not escaped for a terminal or a
+    page: the caller shows it so (a path may hold anything but NUL)."""
+    if state_dir is not None and Path(state_dir) != Path(defaults.STATE_DIR):
+        words = (*words, "--state-dir", str(state_dir))
+    return shlex.join(["bulk-tagger", *words])
+
+
+def resume_command(info: Mapping[str, Any], state_dir: Path | None) -> str:
+    """What continues a run a process left unfinished (its run row ``info``): ``run JOB
+    --resume`` (with its shard), ``undo RUN --resume``; with ``--resume-within`` when the run
+    began longer ago than the default, so the command finds it instead of starting anew."""
+    kind = info.get("kind") or "run"
+    what = ["undo", str(info.get("parent_run_id"))] if kind == "undo" else [
+        kind, str(info.get("job_path") or "JOB")]
+    if kind == "plan":  # a plan is not resumed: made again, whole
+        return command(*what, state_dir=state_dir)
+    what.append("--resume")
+    if info.get("shard"):
+        what += ["--shard", str(info["shard"])]
+    try:
+        hours = (datetime.now(UTC) - parse_time(str(info.get("started_at")))).total_seconds() / 3600
+    except ValueError:
+        hours = 0.0
+    if hours >= defaults.RESUME_WITHIN_HOURS:
+        what += ["--resume-within", f"{math.ceil(hours) + 1}h"]
+    return command(*what, state_dir=state_dir)
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """A run as its report reads it from its folder (``Seen.of``): its run row, the state
+    folder it is in (the commands the report names carry it) and, for a run without an exit
+    code, what it is (``unfinished``)."""
+
+    info: Mapping[str, Any]
+    state_dir: Path
+    still: str = ""
+
+    @classmethod
+    def of(cls, info: Mapping[str, Any], run_dir: Path) -> Seen:
+        still = unfinished(info, run_dir) if info.get("exit_code") is None else ""
+        return cls(info, run_dir.parent, still)
+
+    def command(self, *words: str) -> str:
+        """``command(*words)`` in this run's state folder, escaped for a terminal."""
+        return safety.printable(command(*words, state_dir=self.state_dir))
+
+
+def unfinished(info: Mapping[str, Any], run_dir: Path) -> str:
+    """What a run without an exit code is, for a person: still running (its lock's live
+    holder, as the lock file names it: escaped) or left so by a process that ended, and the
+    command that continues it (escaped too: its job path and state folder are the user's)."""
+    holder = is_held(run_dir)
+    if holder is not None:
+        return f"still running: {safety.printable(holder.describe())}"
+    goes_on = "makes it anew" if info.get("kind") == "plan" else "continues it"
+    return ("its process ended without finishing it (killed, or the node was lost): "
+            f"`{safety.printable(resume_command(info, run_dir.parent))}` {goes_on}")
+
+
 #: What exit code 0 means for a plan (it changes nothing, so "every target ended" is wrong).
 PLAN_DONE = "the plan is made; nothing was changed (`bulk-tagger run` applies it)"
+#: the command exit code 1's meaning names (``ExitCode.meaning``), this run's in a report
+_LISTING = "`bulk-tagger report RUN_ID --format jsonl`"
 
 
-def exit_meaning(code: object, kind: str = "run") -> str:
+def exit_meaning(code: object, kind: str = "run", seen: Seen | None = None) -> str:
     """What a summary's ``exit_code`` says to a person: ``ExitCode``'s meaning, a plan's own,
-    or why there is none."""
+    or why there is none. ``seen``: the commands it names are this run's, in its state
+    folder, and a run without an exit code is told as ``unfinished`` tells it."""
     if code is None:
-        return "the run is still going, or its process was killed (`--resume` goes on)"
+        return (seen and seen.still) or (
+            "the run is still going, or its process was killed (`--resume` goes on)")
+    run_id = str(seen.info.get("run_id")) if seen else ""
     if kind == "plan" and code == ExitCode.OK:
-        return PLAN_DONE
+        if not seen:
+            return PLAN_DONE
+        job = seen.info.get("job_path")
+        apply = seen.command("run", *([str(job)] if job else []), "--plan", run_id)
+        return PLAN_DONE.replace("`bulk-tagger run`", f"`{apply}`")
     known = [member for member in ExitCode if member == code]
-    return known[0].meaning if known else "unknown exit code"
+    if not known:
+        return "unknown exit code"
+    if not seen:
+        return known[0].meaning
+    listing = seen.command("report", run_id, "--format", "jsonl", "--status", "failed")
+    return known[0].meaning.replace(_LISTING, f"`{listing}`")
 
 
 def _by_reason(summary: Mapping[str, Any]) -> list[str]:
@@ -226,14 +305,18 @@ def _by_reason(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def format_summary(summary: Mapping[str, Any], *, targets: bool = True) -> str:
+def format_summary(
+    summary: Mapping[str, Any], *, targets: bool = True, seen: Seen | None = None
+) -> str:
     """A summary as multi-line text for a terminal (no trailing newline).
 
     It speaks of what the run was (``kind``: a run, a plan, an undo of a run): a plan's
     ``planned`` targets are the ones it would update, and its exit code 0 says nothing was
     changed. Skipped and failed targets are counted by reason (``reasons``), and the images
     each selector matched are listed (``matched``). ``targets=False`` leaves the counts out
-    (``plan`` prints its own above).
+    (``plan`` prints its own above). ``seen``: the run as ``report`` reads it from its folder
+    (the commands named are this run's, in its state folder; a run without an exit code is
+    told as ``unfinished`` tells it).
     """
     counts: Mapping[str, int] = summary.get("counts") or {}
     reqs: Mapping[str, int] = summary.get("requests") or {}
@@ -250,8 +333,11 @@ def format_summary(summary: Mapping[str, Any], *, targets: bool = True) -> str:
     if summary.get("plan_run_id"):
         lines.append(f"  applied the plan {summary['plan_run_id']} (nothing else)")
     if summary.get("preview"):
+        apply = f"bulk-tagger run --plan {summary.get('run_id')}"
+        if seen:
+            apply = seen.command("run", "--plan", str(summary.get("run_id")))
         lines.append(f"  a preview of undoing {summary.get('parent_run_id')}: nothing was sent"
-                     f" (bulk-tagger run --plan {summary.get('run_id')} applies it)")
+                     f" ({apply} applies it)")
     if targets:
         shown = [(status, n) for status, n in counts.items() if n or status in STATUSES[:4]]
         if kind == "plan":
@@ -277,7 +363,8 @@ def format_summary(summary: Mapping[str, Any], *, targets: bool = True) -> str:
         + ", ".join(f"{p} {float(lat.get(p, 0.0)):,.1f} ms" for p in PERCENTILES),
     ]
     code = summary.get("exit_code")
-    lines.append(f"Exit code {'none' if code is None else code}: {exit_meaning(code, kind)}")
+    meaning = exit_meaning(code, kind, seen)
+    lines.append(f"Exit code {'none' if code is None else code}: {meaning}")
     return "\n".join(lines)
 
 
@@ -394,9 +481,12 @@ def open_run(state_dir: Path, run_id: str) -> tuple[Journal, dict[str, Any], dic
     journal = Journal(state_dir / run_id)
     try:
         info = journal.run_info()
-        summary = info.get("summary") or {"run_id": run_id, "job": info.get("job_name"),
-                                          "kind": info.get("kind"),
-                                          "counts": journal.counts(), "exit_code": None}
+        # a summary is the run's once its row has an exit code (finish_run writes both); a
+        # resumed run's earlier process left one its --resume took up again (reopen_run)
+        summary = info.get("summary") if info.get("exit_code") is not None else None
+        summary = summary or {"run_id": run_id, "job": info.get("job_name"),
+                              "kind": info.get("kind"), "counts": journal.counts(),
+                              "exit_code": None}
         if "reasons" not in summary:  # a run recorded before summaries had them
             summary = {**summary, "reasons": journal.reasons()}
     except BaseException:
@@ -417,7 +507,7 @@ def print_report(
     code null. ``statuses``: only the results lines of these statuses are printed (jsonl and
     csv; the exports stay whole).
     """
-    journal, _, summary = open_run(state_dir, run_id)
+    journal, info, summary = open_run(state_dir, run_id)
     run_dir = journal.run_dir
     try:
         holder = is_held(run_dir) if export else None
@@ -427,7 +517,7 @@ def print_report(
             exports.write_exports(run_dir, journal.iter_results(run_id, raw=True), summary,
                                   formats=("jsonl", "csv"))
         if fmt == "summary":
-            out.write(format_summary(summary) + "\n")
+            out.write(format_summary(summary, seen=Seen.of(info, run_dir)) + "\n")
         elif fmt == "json":
             out.write(json.dumps(summary, indent=2) + "\n")
         else:

@@ -17,7 +17,7 @@ from typing import Any
 
 from worker import exports, report, safety
 from worker.errors import ApiError, BulkTaggerError, ExitCode
-from worker.journal import Journal, now_iso
+from worker.journal import Journal, now_iso, read_run_info
 from worker.log import scrub
 from worker.planrun import Recorder
 
@@ -58,8 +58,10 @@ def end_text(
         ))
     if isinstance(fatal, BulkTaggerError) and not isinstance(fatal, ApiError):
         text.append(f"stopped: {scrub(str(fatal))}")
-    text += [report.format_summary(summary, targets=kind != "plan"),
+    # the commands it names are in the run's state dir (report.command)
+    seen = report.Seen.of(read_run_info(journal.run_dir), journal.run_dir)
+    text += [report.format_summary(summary, targets=kind != "plan", seen=seen),
              f"report: {journal.run_dir}",
-             f"  results.jsonl.gz and summary.json there; `bulk-tagger report "
-             f"{run_id} --format jsonl|csv|json` prints them"]
+             "  results.jsonl.gz and summary.json there; "
+             f"`{seen.command('report', run_id)} --format jsonl|csv|json` prints them"]
     return "".join(safety.printable(line, newlines=True) + "\n" for line in text)
