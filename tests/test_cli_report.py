@@ -22,6 +22,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -275,8 +276,19 @@ def test_report_of_a_killed_run(tmp_path: Path) -> None:
         finally:
             lock.release()
 
+        # killed two days ago: past --resume-within's default, the command reaches back to it
+        two_days = datetime.now(UTC) - timedelta(hours=50)
+        with sqlite3.connect(journal) as conn:
+            conn.execute("UPDATE run SET started_at = ?",
+                         (two_days.isoformat(timespec="milliseconds").replace("+00:00", "Z"),))
+        conn.close()
+        code, out, err = output("report", "killed", "--state-dir", state)
+        assert code == 0, err
+        resume = f"bulk-tagger run {job} --resume --resume-within 52h --state-dir {state}"
+        assert f"`{resume}` continues it" in out.splitlines()[-1]
+        print(out.splitlines()[-1])
+
         # the command as printed continues the same run (the missing image fails: exit 1)
-        print(ended)
         words = shlex.split(resume)
         code, out, err = output(*words[1:], env={"GCORE_BASE_URL": sim.url})
         assert code == 1, err[-3000:]

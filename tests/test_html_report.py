@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import re
 import shlex
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -166,6 +169,7 @@ def test_a_resumed_run_counts_both_processes(
     time.sleep(2.5)  # planned, some PATCHes sent: 10 requests a second
     first.send_signal(signal.SIGTERM)
     assert first.wait(30) == 75
+
     proc = run_cli(*args, "--resume")
     assert proc.returncode == 1, proc.stderr
     run = summary(state / "twice")
@@ -174,6 +178,64 @@ def test_a_resumed_run_counts_both_processes(
     assert sum(r[1] for r in seconds) == run["requests"]["total"]  # both processes' requests
     page = run_cli("report", "twice", "--state-dir", state, "--format", "html").stdout
     assert "<td>processes</td><td>2 (resumed 1x;" in page
+
+
+def test_a_resumed_run_says_it_runs_and_then_that_it_was_killed(
+    sim_thread: SimulatorThread, tmp_path: Path
+) -> None:
+    """A run stopped by SIGTERM (exit 75, its summary in its row), then taken up by a
+    --resume: while that process works it, the summary and the page say it is running, by
+    whom (not the earlier process's exit 75); that one SIGKILLed, that its process ended
+    without finishing it, and the command that continues it."""
+    state = tmp_path / "state"
+    job = _job(tmp_path)
+    args = ["run", str(job), "--base-url", sim_thread.url, "--state-dir", str(state),
+            "--run-id", "twice", "--rate", "10"]
+    env = {**os.environ, "GCORE_API_KEY": "k"}
+    first = subprocess.Popen([sys.executable, "-m", "worker", *args, "--grace-seconds", "0.5"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.5)  # planned, some PATCHes sent: 10 requests a second
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(30) == 75
+    assert summary(state / "twice")["exit_code"] == 75
+
+    # a --resume works it: the report says it is running (the exit 75 summary in its row is
+    # the earlier process's); then, that process killed, that it ended without finishing
+    second = subprocess.Popen([sys.executable, "-m", "worker", *args, "--resume"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not _reopened_by(state / "twice", second.pid):
+            assert second.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        for fmt in ("summary", "html"):
+            shown = run_cli("report", "twice", "--state-dir", state, "--format", fmt).stdout
+            assert re.search(rf"Exit code none(</b>)?: still running: pid {second.pid} on "
+                             rf"{re.escape(socket.gethostname())} since \S+Z "
+                             r"\(bulk-tagger run --resume\)", shown), shown[-2000:]
+            assert "Exit code 75" not in shown
+    finally:
+        second.kill()
+        second.wait(30)
+    shown = run_cli("report", "twice", "--state-dir", state).stdout
+    assert shown.splitlines()[-1] == (
+        "Exit code none: its process ended without finishing it (killed, or the node was "
+        f"lost): `bulk-tagger run {job} --resume --state-dir {state}` continues it")
+
+
+def _reopened_by(run_dir: Path, pid: int) -> bool:
+    """Whether process ``pid`` holds the run's lock and has taken the run up again (its row's
+    exit code cleared)."""
+    try:
+        holder = json.loads((run_dir / "run.lock").read_bytes() or b"{}")
+        conn = sqlite3.connect(f"{(run_dir / 'journal.sqlite').as_uri()}?mode=ro", uri=True)
+        try:
+            (code,) = conn.execute("SELECT exit_code FROM run").fetchone()
+        finally:
+            conn.close()
+    except (OSError, ValueError, sqlite3.Error):
+        return False
+    return bool(holder.get("pid") == pid and code is None)
 
 
 def test_a_long_run_is_drawn_in_bins_and_gaps_stay_empty() -> None:
