@@ -15,8 +15,9 @@ from typing import Any
 from .contenders import Run
 from .harness import PY_SPY, SimServer
 
-#: What counts as the record: the journal module, and the exports written at the end.
-RECORD_FILES = ("worker/journal.py",)
+#: What counts as the record: the journal's modules (its writer, its file and reads), and the
+#: exports written at the end.
+RECORD_FILES = ("worker/journal.py", "worker/journalfile.py")
 
 
 def read_raw(path: Path) -> list[tuple[list[str], int]]:
@@ -36,7 +37,7 @@ def _record(frame: str) -> bool:
 def _record_part(frames: list[str]) -> str | None:
     """Which part of the record a stack is in: exports, SQLite writes in the writer thread,
     or the journal's work on the event loop (encoding rows, reading pending ones back)."""
-    if any(f.startswith(("write_exports ", "Journal.iter_results ")) for f in frames):
+    if any(f.startswith(("write_exports ", "JournalFile.iter_results ")) for f in frames):
         return "exports (results.jsonl, results.csv)"
     if not any(_record(f) for f in frames):
         return None
