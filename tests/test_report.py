@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 import math
 import random
 import re
+import shlex
 import stat
 import tracemalloc
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import pytest
 from tests.helpers import T0, sample_summary
 from worker import units
 from worker.exports import write_exports
+from worker.journal import Journal
 from worker.models import RESULT_FIELDS
 from worker.report import (
     LatencyStats,
@@ -27,6 +30,7 @@ from worker.report import (
     format_change,
     format_plan,
     format_summary,
+    print_report,
 )
 
 # --------------------------------------------------------------------------- exports
@@ -318,6 +322,37 @@ def test_format_summary_says_what_happened() -> None:
     assert "Exit code 9: unknown exit code" in format_summary(sample_summary(exit_code=9))
     assert "Exit code none: the run is still going" in format_summary(
         sample_summary(exit_code=None))
+
+
+def test_an_unfinished_run_names_what_continues_it(tmp_path: Path) -> None:
+    """Run folders as killed processes leave them (a run row, no exit code, no lock held):
+    the summary names the command that continues each, quoted for a shell, in the state dir
+    it was read from: a sharded run's --shard, an undo's run, a run older than
+    --resume-within's default 24h reached back to; a plan (or an undo's preview) made anew."""
+    state = tmp_path / "the team's runs"
+    now = datetime.now(UTC)
+
+    def last_line(run_id: str, kind: str, *, job: str | None = None, parent: str | None = None,
+                  shard: str | None = None, hours: float = 1.0) -> str:
+        journal = Journal(state / run_id)
+        journal.create_run(run_id=run_id, kind=kind, job_name="nightly", job_path=job,
+                           job_hash="x", options={}, parent_run_id=parent, shard=shard,
+                           started_at=(now - timedelta(hours=hours)).isoformat())
+        journal.close()
+        out = io.StringIO()
+        print_report(state, run_id, "summary", export=False, out=out)
+        return out.getvalue().splitlines()[-1]
+
+    ended = ("Exit code none: its process ended without finishing it (killed, or the node was "
+             "lost): `bulk-tagger ")
+    where = f"--state-dir {shlex.quote(str(state))}`"
+    assert last_line("a", "run", job="/jobs/night ly.yaml", shard="1/4") == (
+        f"{ended}run '/jobs/night ly.yaml' --resume --shard 1/4 {where} continues it")
+    assert last_line("b", "undo", parent="a", hours=30) == (
+        f"{ended}undo a --resume --resume-within 32h {where} continues it")
+    assert last_line("c", "plan", job="/jobs/n.yaml") == (
+        f"{ended}plan /jobs/n.yaml {where} makes it anew")
+    assert last_line("d", "plan", parent="a") == f"{ended}undo a --plan {where} makes it anew"
 
 
 def test_durations_and_sizes_read_one_way() -> None:

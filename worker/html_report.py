@@ -32,11 +32,11 @@ from typing import Any
 from worker import svgchart, timeline, units
 from worker.errors import JobError
 from worker.journal import Journal
+from worker.nextstep import Seen
 from worker.report import (
     PERCENTILES,
     REQUEST_FIELDS,
     REQUEST_KINDS,
-    Seen,
     exit_meaning,
     format_change,
     open_run,

@@ -14,18 +14,17 @@ import collections
 import json
 import math
 import re
-import shlex
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from worker import defaults, exports, safety, units
+from worker import exports, safety, units
 from worker.errors import ExitCode
 from worker.journal import Journal
 from worker.models import RESULT_FIELDS, STATUSES
-from worker.retention import locate_run, parse_time
+from worker.nextstep import Seen
+from worker.retention import locate_run
 from worker.runlock import RunHeld, held_message, is_held
 
 #: The request counters of summary.json (README, "Read a run's report from the volume"); the
@@ -201,69 +200,6 @@ def _table(pairs: Iterable[tuple[str, Any]], indent: str = "  ") -> list[str]:
     key_w = max(len(k) for k, _ in rows)
     val_w = max(len(v) for _, v in rows)
     return [f"{indent}{k:<{key_w}}  {v:>{val_w}}" for k, v in rows]
-
-
-def command(*words: str, state_dir: Path | None = None) -> str:
-    """A command a report names for its reader: ``bulk-tagger`` and ``words``, quoted for a
-    shell, with the ``--state-dir`` the report was read from when it is not the default (run
-    as printed, it finds the same run, not "no such run"). Not escaped for a terminal or a
-    page: the caller shows it so (a path may hold anything but NUL)."""
-    if state_dir is not None and Path(state_dir) != Path(defaults.STATE_DIR):
-        words = (*words, "--state-dir", str(state_dir))
-    return shlex.join(["bulk-tagger", *words])
-
-
-def resume_command(info: Mapping[str, Any], state_dir: Path | None) -> str:
-    """What continues a run a process left unfinished (its run row ``info``): ``run JOB
-    --resume`` (with its shard), ``undo RUN --resume``; with ``--resume-within`` when the run
-    began longer ago than the default, so the command finds it instead of starting anew."""
-    kind = info.get("kind") or "run"
-    what = ["undo", str(info.get("parent_run_id"))] if kind == "undo" else [
-        kind, str(info.get("job_path") or "JOB")]
-    if kind == "plan":  # a plan is not resumed: made again, whole
-        return command(*what, state_dir=state_dir)
-    what.append("--resume")
-    if info.get("shard"):
-        what += ["--shard", str(info["shard"])]
-    try:
-        hours = (datetime.now(UTC) - parse_time(str(info.get("started_at")))).total_seconds() / 3600
-    except ValueError:
-        hours = 0.0
-    if hours >= defaults.RESUME_WITHIN_HOURS:
-        what += ["--resume-within", f"{math.ceil(hours) + 1}h"]
-    return command(*what, state_dir=state_dir)
-
-
-@dataclass(frozen=True, slots=True)
-class Seen:
-    """A run as its report reads it from its folder (``Seen.of``): its run row, the state
-    folder it is in (the commands the report names carry it) and, for a run without an exit
-    code, what it is (``unfinished``)."""
-
-    info: Mapping[str, Any]
-    state_dir: Path
-    still: str = ""
-
-    @classmethod
-    def of(cls, info: Mapping[str, Any], run_dir: Path) -> Seen:
-        still = unfinished(info, run_dir) if info.get("exit_code") is None else ""
-        return cls(info, run_dir.parent, still)
-
-    def command(self, *words: str) -> str:
-        """``command(*words)`` in this run's state folder, escaped for a terminal."""
-        return safety.printable(command(*words, state_dir=self.state_dir))
-
-
-def unfinished(info: Mapping[str, Any], run_dir: Path) -> str:
-    """What a run without an exit code is, for a person: still running (its lock's live
-    holder, as the lock file names it: escaped) or left so by a process that ended, and the
-    command that continues it (escaped too: its job path and state folder are the user's)."""
-    holder = is_held(run_dir)
-    if holder is not None:
-        return f"still running: {safety.printable(holder.describe())}"
-    goes_on = "makes it anew" if info.get("kind") == "plan" else "continues it"
-    return ("its process ended without finishing it (killed, or the node was lost): "
-            f"`{safety.printable(resume_command(info, run_dir.parent))}` {goes_on}")
 
 
 #: What exit code 0 means for a plan (it changes nothing, so "every target ended" is wrong).

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from worker import exports, report, safety
+from worker import exports, nextstep, report, safety
 from worker.errors import ApiError, BulkTaggerError, ExitCode
 from worker.journal import Journal, now_iso, read_run_info
 from worker.log import scrub
@@ -58,8 +58,8 @@ def end_text(
         ))
     if isinstance(fatal, BulkTaggerError) and not isinstance(fatal, ApiError):
         text.append(f"stopped: {scrub(str(fatal))}")
-    # the commands it names are in the run's state dir (report.command)
-    seen = report.Seen.of(read_run_info(journal.run_dir), journal.run_dir)
+    # the commands it names are in the run's state dir
+    seen = nextstep.Seen.of(read_run_info(journal.run_dir), journal.run_dir)
     text += [report.format_summary(summary, targets=kind != "plan", seen=seen),
              f"report: {journal.run_dir}",
              "  results.jsonl.gz and summary.json there; "
