@@ -198,6 +198,11 @@ def test_a_resumed_run_says_it_runs_and_then_that_it_was_killed(
     first.send_signal(signal.SIGTERM)
     assert first.wait(30) == 75
     assert summary(state / "twice")["exit_code"] == 75
+    shown = run_cli("report", "twice", "--state-dir", state).stdout
+    assert shown.splitlines()[-1].startswith(
+        "Exit code 75: interrupted (SIGTERM/SIGINT), or the API unreachable (no answer to the "
+        "first read, or past the retry budget): "
+        f"`bulk-tagger run {job} --resume --state-dir {state}` goes on; or the run is held")
 
     # a --resume works it: the report says it is running (the exit 75 summary in its row is
     # the earlier process's); then, that process killed, that it ended without finishing

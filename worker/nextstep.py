@@ -75,6 +75,10 @@ class Seen:
         """``command(*words)`` in this run's state folder, escaped for a terminal."""
         return safety.printable(command(*words, state_dir=self.state_dir))
 
+    def resume(self) -> str:
+        """``resume_command`` of this run, escaped for a terminal."""
+        return safety.printable(resume_command(self.info, self.state_dir))
+
 
 def unfinished(info: Mapping[str, Any], run_dir: Path) -> str:
     """What a run without an exit code is, for a person: still running (its lock's live
@@ -85,4 +89,4 @@ def unfinished(info: Mapping[str, Any], run_dir: Path) -> str:
         return f"still running: {safety.printable(holder.describe())}"
     goes_on = "makes it anew" if info.get("kind") == "plan" else "continues it"
     return ("its process ended without finishing it (killed, or the node was lost): "
-            f"`{safety.printable(resume_command(info, run_dir.parent))}` {goes_on}")
+            f"`{Seen(info, run_dir.parent).resume()}` {goes_on}")

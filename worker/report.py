@@ -228,7 +228,10 @@ def exit_meaning(code: object, kind: str = "run", seen: Seen | None = None) -> s
     if not seen:
         return known[0].meaning
     listing = seen.command("report", run_id, "--format", "jsonl", "--status", "failed")
-    return known[0].meaning.replace(_LISTING, f"`{listing}`")
+    meaning = known[0].meaning.replace(_LISTING, f"`{listing}`")
+    if kind != "plan":  # exit 74 and 75 say `--resume` goes on: the whole command, this run's
+        meaning = meaning.replace("`--resume`", f"`{seen.resume()}`")
+    return meaning
 
 
 def _by_reason(summary: Mapping[str, Any]) -> list[str]:
