@@ -6,6 +6,7 @@ or an undo by the folder the command printed.
 from __future__ import annotations
 
 import json
+import shlex
 from collections import Counter
 from pathlib import Path
 
@@ -73,6 +74,9 @@ def test_undo_of_an_undone_run_says_so_and_report_finds_the_undo(
     again = run_cli("undo", run_dir.name, *base)
     assert again.returncode == 2, again.stderr
     assert f"run {run_dir.name} was undone already, by {undo_dir.name}" in again.stderr
+    # the hint's command, copied as it stands, finds the undo in this state folder
+    shows = shlex.join(["bulk-tagger", "report", undo_dir.name, "--state-dir", str(tmp_path)])
+    assert f"`{shows}` shows what it did" in again.stderr
     assert json.dumps(sim_thread.call(sim_thread.sim.counters.as_dict)["requests"]) == sent
     for ref in (undo_dir.name, str(undo_dir)):
         report = run_cli("report", ref, "--state-dir", tmp_path)

@@ -4,6 +4,7 @@ an undo: the real CLI in a subprocess against a simulator (README, "Apply a revi
 from __future__ import annotations
 
 import json
+import shlex
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,9 @@ def test_a_plan_of_another_job_version_age_or_shard_is_refused(
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert words in proc.stderr and plan_id in proc.stderr
         assert "Traceback" not in proc.stderr
+    # the hint names the command as it runs here: with this state folder
+    assert shlex.join(["bulk-tagger", "run", "JOB", "--plan", plan_id, "--state-dir",
+                       str(state)]) in no_job.stderr
     assert sim.call(sim.sim.counters.total) == 0  # nothing sent, not even a read
     assert [p.name for p in state.iterdir()] == [plan_id]  # no run folder made
 

@@ -415,6 +415,7 @@ def undo(
 ) -> None:
     """Revert exactly what RUN_ID (an id, or the run's folder) changed, where nobody changed
     it since."""
+    from worker import nextstep
     from worker.retention import find_undo, locate_run
 
     logs.configure()
@@ -424,8 +425,9 @@ def undo(
                        field="RUN_ID", hint="undo takes the id of a `run`")
     done = find_undo(state_dir, undone)
     if done is not None and done[1] == 0:
+        shows = nextstep.command("report", done[0], state_dir=state_dir)
         raise JobError(f"run {undone} was undone already, by {done[0]}: nothing was sent",
-                       field="RUN_ID", hint=f"`bulk-tagger report {done[0]}` shows what it did")
+                       field="RUN_ID", hint=f"`{shows}` shows what it did")
     if done is not None:  # it ended with failures: this undo takes up what is left
         click.echo(f"note: run {undone} was undone before, by {done[0]}, with failures; "
                    "undoing what is still as the run left it", err=True)

@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from worker import safety, units
+from worker import nextstep, safety, units
 from worker.errors import ExitCode, JobError
 from worker.journal import Journal, read_run_info
 from worker.models import Changes, Image, RunContext, Target
@@ -96,10 +96,12 @@ def check_plan(
         if job_hash is not None:
             raise JobError(f"plan {plan_run_id} is a preview of undoing {undone}: "
                            "it takes no job file", field="JOB",
-                           hint=f"bulk-tagger run --plan {plan_run_id}")
+                           hint=nextstep.command("run", "--plan", plan_run_id,
+                                                 state_dir=state_dir))
     elif job_hash is None:
         raise JobError(f"plan {plan_run_id} was made from a job file: give it", field="JOB",
-                       hint=f"bulk-tagger run JOB --plan {plan_run_id}")
+                       hint=nextstep.command("run", "JOB", "--plan", plan_run_id,
+                                             state_dir=state_dir))
     elif info.get("job_hash") != job_hash:
         raise JobError(
             f"plan {plan_run_id} was made from another version of {job_path}", field=field,

@@ -21,7 +21,7 @@ import shutil
 from datetime import datetime
 from typing import Any
 
-from worker import retention, safety, spec, statevol
+from worker import nextstep, retention, safety, spec, statevol
 from worker.errors import JobError
 from worker.journal import Journal, now_iso, read_run_info
 from worker.log import get_logger
@@ -123,8 +123,9 @@ class RunFolder:
         journal = Journal(settings.state_dir / run_id)
         if self.resumed and journal.compacted:
             journal.close()
+            record = nextstep.command("report", run_id, state_dir=settings.state_dir)
             raise JobError(f"run {run_id} has finished: there is nothing to resume",
-                           field="--resume", hint="`bulk-tagger report` shows its record")
+                           field="--resume", hint=f"`{record}` shows its record")
         if self.resumed:
             self.check_space(journal)
             info = journal.run_info()
