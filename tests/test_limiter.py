@@ -121,11 +121,14 @@ def test_a_second_look_soon_after_the_first_cut_measures_the_limit() -> None:
     cut_at = clock.now
     assert c.on_throttled(sent_at=cut_at)
     assert c.rate == pytest.approx(0.95 * 800, rel=0.05)
-    # since the cut the API accepts 200/s and refuses the rest: it has shown its limit
+    # since the cut the API accepts 200/s and refuses the rest: it has shown its limit (to a
+    # run that presses on the rate: its requests wait for slots)
+    c.on_wait()
     answer(c, clock, 12, 0.06)
     assert c.on_throttled(sent_at=cut_at + 0.01)  # 60 ms later, not an epoch: a second look
     assert c.rate == pytest.approx(0.95 * 200, rel=0.01)
     # ...and only one: the next cut waits an epoch, and is a plain one
+    c.on_wait()
     answer(c, clock, 10, 0.05)
     assert not c.on_throttled(sent_at=clock.now)
     for _ in range(45):  # the rest of the 190/s refused: a limit near 33/s
@@ -135,6 +138,32 @@ def test_a_second_look_soon_after_the_first_cut_measures_the_limit() -> None:
     assert c.on_throttled(sent_at=clock.now)  # 10 accepted in the 0.3 s since: 95% of that
     assert c.rate == pytest.approx(0.95 * 10 / 0.3, rel=0.01)
     assert c.rate < before
+
+
+def test_answers_to_a_run_that_did_not_press_cut_by_half_at_most() -> None:
+    """Few answers came back because the run's own requests were away (waiting out their
+    Retry-After, a slow spell), not because the API accepts so few: with no request waiting
+    for a slot, a cut halves at most, in slow start's last cut as after it (chaos seed 45
+    once cut to 9.5/s this way and took seconds to climb back)."""
+    clock = FakeClock()
+    c = RateController(start=20.0, step_s=0.05, noise_count=1, noise_share=0.0, clock=clock)
+    run_slow_start(c, clock, 800.0)
+    clock.advance(0.3)  # the run's requests wait out a Retry-After: nobody waits for a slot
+    answer(c, clock, 2, 0.1)  # 20/s came back meanwhile
+    rate = c.rate
+    assert c.on_throttled(sent_at=clock.now)
+    assert c.rate == pytest.approx(rate / 2)
+    clock.advance(0.06)
+    answer(c, clock, 3, 0.05)
+    assert c.on_throttled(sent_at=clock.now)  # the second look: still nobody pressed
+    assert c.rate == pytest.approx(rate / 4)
+    # pressed, the same answers are the API's word: land at 95% of them
+    c.on_wait()
+    clock.advance(0.3)
+    answer(c, clock, 30, 0.1)
+    before = c.rate
+    assert c.on_throttled(sent_at=clock.now)
+    assert c.rate < before / 2
 
 
 def settled(rate: float, clock: FakeClock, **kw: Any) -> RateController:

@@ -55,6 +55,7 @@ arrivals; the last 1% keeps every one-second window the server sees at or below 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Mapping
 
@@ -144,6 +145,7 @@ class RateController:
         self._last_step = now
         self._last_decrease: float | None = None
         self._saturated = False
+        self._pressed_at = -math.inf  # when a request last waited for a slot
         # answers in the last second, in 100 ms bins: accepted (not 429) and throttled (429)
         self._ok = [0] * _BINS
         self._no = [0] * _BINS
@@ -212,6 +214,7 @@ class RateController:
     def on_wait(self) -> None:
         """Demand exceeded the rate: an acquisition had to wait."""
         self._saturated = True
+        self._pressed_at = self.clock()
 
     def on_success(self) -> None:
         """The API answered, other than with a 429 (it accepted the request's rate)."""
@@ -259,6 +262,11 @@ class RateController:
             # accepting, then a second look soon: its own burst may have hidden the limit
             accepted = min(rate, self._recent_accepted_rate(now))
             target = _LAND * accepted if accepted else rate / 2
+            if self._pressed_at < now - _BIN_S:
+                # no request waited for a slot just now: the answers measure how much the
+                # run asked (its requests waiting out a Retry-After, a slow spell), not what
+                # the API accepts; halve at most, as a later cut does
+                target = max(target, rate * _CUT_MOST)
             self._remember(max(target, accepted), now, force=True)
             self._pre = accepted
             self.slow_start = False
@@ -295,8 +303,9 @@ class RateController:
             if self._shares and not storm:
                 target = accepted = rate  # hold, and aim back at what it accepted before
                 self._remember(self._pre, now, force=True)
-            elif storm or answers < _FEW_ANSWERS:
-                # a storm says nothing of the limit, nor do two answers (the requests may be
+            elif storm or answers < _FEW_ANSWERS or self._pressed_at < last:
+                # a storm says nothing of the limit, nor do two answers, nor the answers to a
+                # run none of whose requests waited for a slot since the cut (they may be
                 # waiting out their Retry-After): halve at most; in a storm, every 50 ms down
                 # to a tenth of what the API accepted before it, then once an epoch
                 target = max(target, rate * _CUT_MOST)
