@@ -169,6 +169,15 @@ def test_a_spent_window_still_lets_a_probe_through_every_tenth_of_a_second() -> 
     assert 25 <= probes <= 31  # 10 a second (each asked at 10 ms ticks), not 8 waiters' worth
 
 
+def test_without_a_reserve_no_probe_is_promised() -> None:
+    """min_per_s=0: no probe ever goes, and retry_delay says so (it once read 0.0 before the
+    first retry: -inf + inf is NaN, and max(0.0, NaN) is 0.0)."""
+    clock = FakeClock(0.0)
+    budget = _budget(clock, ratio=0.0, window_s=10, min_per_s=0)
+    assert not budget.try_retry()
+    assert budget.retry_delay() == budget.window_delay() == pytest.approx(10.0)
+
+
 def test_a_failing_api_is_not_taken_for_a_healthy_one() -> None:
     """At 80% bad answers a run of five good ones is rare: over 10,000 answers the budget
     holds retries to its share (the bypass lets through at most a few waiters)."""

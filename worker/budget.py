@@ -121,9 +121,8 @@ class RetryBudget:
             raise ValueError(f"healthy_after must be >= 1, got {healthy_after!r}")
         self.ratio = ratio
         self.healthy_after = healthy_after
-        #: good answers in a row (any request's), and when the last probe went
+        #: good answers in a row (any request's), and when the last retry went
         self._good = 0
-        self._probe_gap = 1.0 / min_per_s if min_per_s > 0 else math.inf
         self._last_retry = -math.inf
         self.window_s = window_s
         self.min_per_s = min_per_s
@@ -171,14 +170,18 @@ class RetryBudget:
     def try_retry(self) -> bool:
         """Take one retry if it fits, the API answers well again, or a probe is due (True);
         else count a refusal (False)."""
-        if self.can_retry() or self.healthy or self._probe_due():
+        if self.can_retry() or self.healthy or self._probe_in() == 0.0:
             self.on_retry()
             return True
         self.refused_total += 1
         return False
 
-    def _probe_due(self) -> bool:
-        return self.min_per_s > 0 and self.clock() - self._last_retry >= self._probe_gap
+    def _probe_in(self) -> float:
+        """Seconds until a probe may go: ``1 / min_per_s`` after the last retry (0.0: now;
+        never without a reserve)."""
+        if self.min_per_s <= 0:
+            return math.inf
+        return max(0.0, self._last_retry + 1.0 / self.min_per_s - self.clock())
 
     def retry_delay(self) -> float:
         """Seconds until a retry may go: as old slots leave the window, or the next probe
@@ -186,8 +189,7 @@ class RetryBudget:
         it closer."""
         if self.can_retry() or self.healthy:
             return 0.0
-        probe = max(0.0, self._last_retry + self._probe_gap - self.clock())
-        return min(self.window_delay(), probe)
+        return min(self.window_delay(), self._probe_in())
 
     def window_delay(self) -> float:
         """Seconds until the window alone has room for a retry, as old slots leave it."""
