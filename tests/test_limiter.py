@@ -227,10 +227,15 @@ class Server:
     burst one second of it, answering at once. ``drive`` sends at the controller's rate."""
 
     def __init__(
-        self, schedule: list[tuple[float, float]], proxy: tuple[float, float] | None = None
+        self, schedule: list[tuple[float, float]], proxy: tuple[float, float] | None = None,
+        away: tuple[float, float] | None = None, accept_one_in: int = 3,
     ) -> None:
         self.schedule = schedule
-        self.proxy = proxy  # (from, to) seconds: a proxy refuses two requests in three
+        self.proxy = proxy  # (from, to) seconds: a proxy refuses all but one in accept_one_in
+        self.accept_one_in = accept_one_in
+        # (from, to) seconds: the run's requests are away (waiting out their Retry-After):
+        # it sends a twentieth of its rate and nobody waits for a slot
+        self.away = away
         self.sent = 0
         self.tokens = schedule[0][1]
         self.limit = schedule[0][1]
@@ -253,12 +258,13 @@ class Server:
             while len(self.ok) <= bin_:
                 self.ok.append(0)
                 self.refused.append(0)
-            due += c.rate * dt
+            away = self.away is not None and self.away[0] <= t < self.away[1]
+            due += c.rate * dt * (0.05 if away else 1.0)
             while due >= 1.0:
                 due -= 1.0
                 self.sent += 1
                 proxy = self.proxy is not None and self.proxy[0] <= t < self.proxy[1]
-                if proxy and self.sent % 3:
+                if proxy and self.sent % self.accept_one_in:
                     self.refused[bin_] += 1
                     c.on_throttled(sent_at=clock.now)
                 elif limit > 0 and self.tokens >= 1.0:
@@ -268,7 +274,8 @@ class Server:
                 else:
                     self.refused[bin_] += 1
                     c.on_throttled(sent_at=clock.now)
-            c.on_wait()  # demand always exceeds the rate
+            if not away:
+                c.on_wait()  # demand exceeds the rate
             c.tick()
             clock.advance(dt)
 
@@ -328,6 +335,53 @@ def test_a_proxy_refusing_a_share_at_random_is_not_a_limit() -> None:
     # cutting cannot help: the rate holds above a fifth of the limit, not near the floor...
     assert server.accepted(4.3, 4.9) >= 0.2 * 200 / 3
     assert server.back_after(4.9) <= 2.0  # ...and is back within 2 s of the storm's end
+
+
+def test_a_share_refused_after_a_spell_away_does_not_make_the_run_forget_its_rate() -> None:
+    """Chaos seed 45: the run's requests wait out a Retry-After (it asks little), then a
+    proxy refuses one in two whatever the rate. The episode began as the run came back, so
+    what the API accepted "as it began" was the run's own trickle; once the cuts show a
+    share refused, the climb back must aim at what the API accepted before (1,000/s), not at
+    that trickle (it did, and the run spent seconds at a fifth of the limit)."""
+    clock = FakeClock()
+    c = RateController(clock=clock)
+    server = Server([(0.0, 1000.0)], away=(4.0, 4.9), proxy=(4.9, 6.0), accept_one_in=2)
+    server.drive(c, clock, 9.0)
+    assert server.accepted(3.0, 4.0) >= 0.95 * 1000
+    assert server.back_after(6.0) <= 1.5
+
+
+def test_a_first_cut_that_measured_a_slow_spell_climbs_back_to_what_slow_start_saw() -> None:
+    """Chaos seed 45 again: slow start reached 1,200/s with every request accepted; then
+    the answers slowed (a latency storm) and the first 429 came from a proxy's storm, so both
+    of the first episode's looks measured a trickle. After a calm second the run climbs back
+    to the busiest rate the API accepted before its first 429 (once), within seconds, not
+    along the slow probe above a limit."""
+    clock = FakeClock()
+    c = RateController(start=20.0, step_s=0.05, noise_count=1, noise_share=0.0, clock=clock)
+    run_slow_start(c, clock, 1200.0)
+    answer(c, clock, 240, 0.2)  # 200 ms at 1,200/s, all accepted
+    for _ in range(6):  # 300 ms of slow answers: 60/s come back while the run presses
+        c.on_wait()
+        answer(c, clock, 3, 0.05)
+    for _ in range(5):
+        c.on_throttled(sent_at=clock.now)
+    assert c.rate < 100  # the first cut measured the slow spell
+    c.on_wait()
+    answer(c, clock, 1, 0.06)
+    for _ in range(10):  # the second look: a storm still refusing nearly everything
+        c.on_throttled(sent_at=clock.now)
+    low = c.rate
+    assert low < 200
+    server = Server([(0.0, 5000.0)])  # calm: the API accepts whatever is sent
+    server.drive(c, clock, 3.0)
+    assert server.back_after(0.0, share=900 / 5000) <= 2.5
+    assert sum(server.refused) == 0
+    # once: a real limit met on the way ends it, and the run stays near that limit
+    server = Server([(0.0, 600.0)])
+    server.drive(c, clock, 3.0)
+    assert server.accepted(1.5, 3.0) >= 0.9 * 600
+    assert sum(server.refused) <= 40
 
 
 def test_without_memory_the_probe_above_a_steady_limit_is_slow() -> None:

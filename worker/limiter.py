@@ -27,7 +27,8 @@ Three parts, so the arithmetic is tested without sleeping:
     limit and does not drop the rate to its floor. When the API refuses the same share of
     answers after a cut as before it, it refuses a share, not a rate (a proxy's storm of
     429s): the rate holds, and afterwards climbs back to what the API accepted as the episode
-    began. A 429 to a request sent before the last cut says nothing new.
+    began, or before it (within ``memory_s``) if that was more. A 429 to a request sent
+    before the last cut says nothing new.
   * Recovery (CUBIC's shape, with memory): after a cut the rate climbs back, concave, in
     ``climb_s`` to 98% of what the API accepted at the cut; if it had accepted more than
     that before the episode (within ``memory_s``), it climbs on to that rate along an
@@ -35,6 +36,10 @@ Three parts, so the arithmetic is tested without sleeping:
     between; three times slower when that rate is less than 1.5 times the present one: more
     likely a server's burst than a limit that came back); then it probes above, convex and
     slowly (+1% after a second, +8% after two).
+    One rate is remembered apart: the busiest 200 ms the API accepted before the run's first
+    429. That episode's cuts may have measured a storm, a slow spell or the run's own requests
+    waiting out a Retry-After, not a limit; after a calm second (no cut) at less than half of
+    it, the rate climbs back to it along the S-curve, once.
     Where the rate is above what the API last accepted, the first 429 is the answer to that
     probe and cuts at once; elsewhere a 429 counts only when the last second holds at least
     ``noise_count`` and they are more than ``noise_share`` of its answers (a stray 429 among
@@ -93,6 +98,7 @@ _FAR = 1.1  # what the API accepted before counts as a goal of its own this far 
 _NEAR = 1.5  # a remembered rate less than this far above is climbed to over 3 x probe_s
 _GROW = 0.01  # the probe above the top: +_GROW * t**3 of it, t in seconds
 _CATCHUP_S = 0.02  # slots missed by a wake-up this late are given at once (no --rate)
+_KNOWN_FAR = 2.0  # a rate the API accepted this far above the present one is climbed to
 _STATED_WINDOW_S = 2.0  # a stated window this long or longer is paced by what is left of it
 
 
@@ -165,6 +171,10 @@ class RateController:
         self._t = 0.0
         self._prev = 0.0  # what the API accepted before the last episode...
         self._prev_at = now  # ... and when it was seen
+        # the busiest rate the API accepted before the run's first 429, and when: climbed
+        # back to once, after a calm second far below it
+        self._known = 0.0
+        self._known_at = now
         #: a limit the API states, in requests/s (None: none stated)
         self.stated: float | None = None
         self._window_guess = 1.0  # the longest Reset seen (headers that name no window)
@@ -198,6 +208,13 @@ class RateController:
         # the current bin is only partly over: count the time it has run, not all of it
         covered = (bins - 1) * _BIN_S + (now - self._bin_at * _BIN_S)
         return total / max(_BIN_S, min(covered, now - self._started))
+
+    def _peak_accepted_rate(self, now: float) -> float:
+        """The busiest 200 ms of accepted answers in the last second (whole bins), per second."""
+        current = self._roll(now)
+        ok = self._ok
+        return max(ok[(current - i) % _BINS] + ok[(current - i - 1) % _BINS]
+                   for i in range(1, _BINS - 1)) / (2 * _BIN_S)
 
     def _recent_accepted_rate(self, now: float) -> float:
         """The API's acceptance rate just now: the busier of the last whole 100 ms bin and the
@@ -269,6 +286,8 @@ class RateController:
                 target = max(target, rate * _CUT_MOST)
             self._remember(max(target, accepted), now, force=True)
             self._pre = accepted
+            self._known = self._peak_accepted_rate(now)
+            self._known_at = now
             self.slow_start = False
             self._second_look = True
         elif now - last > _EPISODE_GAP_S or self._t >= self.climb_s:
@@ -302,7 +321,7 @@ class RateController:
                 self._shares = self._shares or (rate <= 0.8 * earlier[1] and low <= share <= high)
             if self._shares and not storm:
                 target = accepted = rate  # hold, and aim back at what it accepted before
-                self._remember(self._pre, now, force=True)
+                self._remember(self._pre, now)
             elif storm or answers < _FEW_ANSWERS or self._pressed_at < last:
                 # a storm says nothing of the limit, nor do two answers, nor the answers to a
                 # run none of whose requests waited for a slot since the cut (they may be
@@ -370,6 +389,16 @@ class RateController:
             answered = self._accepted_rate(now, _SLOW_START_WINDOW_S)
             grown = min(self.rate * 2, self.maximum, 2 * answered)
         else:
+            known, last = self._known, self._last_decrease
+            if (known > _KNOWN_FAR * self.rate and last is not None
+                    and now - last > _EPISODE_GAP_S and now - self._known_at <= self.memory_s):
+                # a calm second, far below a rate the API accepted before the run's first
+                # 429 (that episode's cuts may have measured a storm or the run's own
+                # Retry-After waits, not a limit): climb back to it, once
+                self._from = self._w = self.rate
+                self._top = min(self.maximum, known)
+                self._t = 0.0
+                self._known = 0.0
             self._t += elapsed
             grown = min(self.maximum, self._curve(self._t))
         if grown <= self.rate:
