@@ -239,6 +239,9 @@ def test_report_of_a_killed_run(tmp_path: Path) -> None:
         assert code == 0, err
         assert f"<b>Exit code none</b>: {html.escape(ended)}</div>" in page
         assert "still running" not in out + page
+        code, out, err = output("report", "killed", "--state-dir", state, "--format", "json")
+        assert code == 0, err
+        assert json.loads(out)["unfinished"] == {"state": "ended", "continue_with": resume}
         code, out, _ = output("report", "killed", "--state-dir", state, "--format", "jsonl")
         rows = [json.loads(line) for line in out.splitlines()]
         statuses = {r["status"] for r in rows}
@@ -273,6 +276,12 @@ def test_report_of_a_killed_run(tmp_path: Path) -> None:
             assert code == 0, err
             assert f"<b>Exit code none</b>: {html.escape(running)}</div>" in page
             assert "\x1b" not in page
+            code, out, err = output("report", "killed", "--state-dir", state, "--format", "json")
+            assert code == 0, err
+            assert "\x1b" not in out  # JSON escapes it: \u001b
+            assert json.loads(out)["unfinished"] == {"state": "running", "holder": {
+                "pid": os.getpid(), "host": "node-1\x1b[2J", "since": holder["since"],
+                "command": "bulk-tagger run nightly.yaml"}}
         finally:
             lock.release()
 

@@ -80,6 +80,17 @@ class Seen:
         return safety.printable(resume_command(self.info, self.state_dir))
 
 
+def unfinished_fields(info: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
+    """``unfinished`` for a machine (``report --format json``): ``{"state": "running",
+    "holder": {pid, host, since, command}}`` as the lock file names it, or ``{"state":
+    "ended", "continue_with": COMMAND}``. Raw text: JSON escapes what a terminal would run."""
+    holder = is_held(run_dir)
+    if holder is not None:
+        return {"state": "running", "holder": {"pid": holder.pid, "host": holder.host,
+                                               "since": holder.since, "command": holder.command}}
+    return {"state": "ended", "continue_with": resume_command(info, run_dir.parent)}
+
+
 def unfinished(info: Mapping[str, Any], run_dir: Path) -> str:
     """What a run without an exit code is, for a person: still running (its lock's live
     holder, as the lock file names it: escaped) or left so by a process that ended, and the

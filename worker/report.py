@@ -23,7 +23,7 @@ from worker import exports, safety, units
 from worker.errors import ExitCode
 from worker.journal import Journal
 from worker.models import RESULT_FIELDS, STATUSES
-from worker.nextstep import Seen
+from worker.nextstep import Seen, unfinished_fields
 from worker.retention import locate_run
 from worker.runlock import RunHeld, held_message, is_held
 
@@ -458,6 +458,8 @@ def print_report(
         if fmt == "summary":
             out.write(format_summary(summary, seen=Seen.of(info, run_dir)) + "\n")
         elif fmt == "json":
+            if summary.get("exit_code") is None:  # who works it now, or what continues it
+                summary = {**summary, "unfinished": unfinished_fields(info, run_dir)}
             out.write(json.dumps(summary, indent=2) + "\n")
         else:
             # what a person may read on a terminal: no control character goes out raw
