@@ -32,7 +32,8 @@ from worker.errors import (
     Rejected,
     Transient,
 )
-from worker.limiter import CEILING_SHARE, AdaptiveLimiter, RateController
+from worker.limiter import CEILING_SHARE, RateController
+from worker.pacer import AdaptiveLimiter
 from worker.retry import RetryPolicy
 from worker.selectors import Expander
 from worker.simulator import Faults, SimConfig, Simulator

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from tests.helpers import FakeClock
-from worker.limiter import CEILING_SHARE, STATED_SHARE, AdaptiveLimiter, RateController
-from worker.pacer import Pacer
+from worker.limiter import CEILING_SHARE, STATED_SHARE, RateController
+from worker.pacer import AdaptiveLimiter, Pacer
 from worker.rate_headers import Stated
 
 

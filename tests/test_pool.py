@@ -16,8 +16,9 @@ from aiohttp import web
 from worker.api import Client, Settings
 from worker.errors import AuthFailed, Transient
 from worker.journal import Pending
-from worker.limiter import AdaptiveLimiter, RateController
+from worker.limiter import RateController
 from worker.models import Changes, Image, Outcome, RunContext
+from worker.pacer import AdaptiveLimiter
 from worker.plan import apply_patch, plan_changes
 from worker.pool import Pool, PoolSettings
 from worker.retry import RetryPolicy

@@ -12,7 +12,8 @@ from multidict import CIMultiDict
 
 from tests.conftest import SimFactory
 from worker.api import Client, Settings
-from worker.limiter import STATED_SHARE, AdaptiveLimiter, RateController
+from worker.limiter import STATED_SHARE, RateController
+from worker.pacer import AdaptiveLimiter
 from worker.rate_headers import Stated, stated
 from worker.simulator import Faults, SimConfig
 from worker.simulator.limits import Limits

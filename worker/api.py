@@ -136,7 +136,7 @@ def _loads(raw: bytes | bytearray, max_items: int = MAX_ITEMS) -> Any:
 
 
 class Limiter(Protocol):
-    """What the client needs of a rate limiter (``worker.limiter.AdaptiveLimiter``)."""
+    """What the client needs of a rate limiter (``worker.pacer.AdaptiveLimiter``)."""
 
     async def acquire(self) -> None: ...
     def success(self) -> None: ...

@@ -1,9 +1,9 @@
-"""The pool's rate limit: requests evenly spaced at a rate that follows the API.
+"""The pool's rate: where it should be, from what the API answered (429s, everything else,
+and any limit its headers state), in pure arithmetic over an injectable clock, so it is tested
+without sleeping. ``worker.pacer.AdaptiveLimiter`` hands out the slots at this rate: every HTTP
+attempt, retries and task polls included, takes one.
 
-Three parts, so the arithmetic is tested without sleeping:
-
-- ``RateController``: pure arithmetic over an injectable clock. Where the rate should be,
-  from what the API answered (429s, everything else, and any limit its headers state).
+- ``RateController``:
 
   * A known ceiling (``--rate``) is run at 98% of itself and never exceeded. A limit the
     API states (``RateLimit-Policy``/``RateLimit``, ``X-RateLimit-*``: ``worker.rate_headers``)
@@ -47,11 +47,6 @@ Three parts, so the arithmetic is tested without sleeping:
     demand exceeds the rate (an idle spell earns nothing).
   * Retry-After is not applied here: it delays only its own request's retry (``worker.retry``).
 
-- ``worker.pacer.Pacer``: the bucket, whose rate changes in place.
-
-- ``AdaptiveLimiter``: a ``Pacer`` driven by a ``RateController``; every HTTP attempt,
-  retries and task polls included, takes one slot.
-
 Why a known ceiling is run at 98% of itself, with a bucket of at most 1% of it: a bucket
 admits its capacity on top of its rate in any window (98% + 1%), and jitter on the way bunches
 arrivals; the last 1% keeps every one-second window the server sees at or below the ceiling.
@@ -59,19 +54,13 @@ arrivals; the last 1% keeps every one-second window the server sees at or below 
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
-from worker import rate_headers
-from worker.log import get_logger
-from worker.pacer import Pacer
 from worker.rate_headers import Stated
 
 Clock = Callable[[], float]
-
-log = get_logger("bulk_tagger.limiter")
 
 #: A known ceiling is run at this share of itself (see the module docstring).
 CEILING_SHARE = 0.98
@@ -97,7 +86,6 @@ _SHARE_ROSE = 1.25  # shares within this factor of each other are about the same
 _FAR = 1.1  # what the API accepted before counts as a goal of its own this far above
 _NEAR = 1.5  # a remembered rate less than this far above is climbed to over 3 x probe_s
 _GROW = 0.01  # the probe above the top: +_GROW * t**3 of it, t in seconds
-_CATCHUP_S = 0.02  # slots missed by a wake-up this late are given at once (no --rate)
 _KNOWN_FAR = 2.0  # a rate the API accepted this far above the present one is climbed to
 _STATED_WINDOW_S = 2.0  # a stated window this long or longer is paced by what is left of it
 
@@ -441,80 +429,3 @@ class RateController:
             self._top = min(self._top, cap)
         return self.rate != before
 
-
-class AdaptiveLimiter:
-    """One slot per HTTP attempt, at the controller's rate. Safe for many concurrent tasks."""
-
-    def __init__(self, controller: RateController, *, burst_s: float = 0.015) -> None:
-        if burst_s <= 0:
-            raise ValueError(f"burst_s must be > 0 seconds, got {burst_s!r}")
-        self.controller = controller
-        self.burst_s = burst_s
-        # a known ceiling: no catching up of slots a late wake-up missed (see worker.pacer)
-        catchup = 0.0 if controller.ceiling is not None else _CATCHUP_S
-        self._pacer = Pacer(controller.rate, self._capacity(controller.rate), catchup)
-        self._waiting: set[asyncio.Task[object]] = set()
-
-    def _capacity(self, rate: float) -> float:
-        """Slots at once after an idle spell: ``burst_s`` of the rate, at least one."""
-        capacity = rate * self.burst_s
-        ceiling = self.controller.ceiling
-        if ceiling is not None:
-            capacity = min(capacity, ceiling * CEILING_BURST_SHARE)
-        return max(1.0, capacity)
-
-    @property
-    def rate(self) -> float:
-        return self.controller.rate
-
-    @property
-    def shape(self) -> tuple[float, float]:
-        """The bucket now: its capacity and its rate."""
-        return self._pacer.capacity, self._pacer.rate
-
-    def _retune(self) -> None:
-        rate = self.controller.rate
-        self._pacer.set(rate, self._capacity(rate))
-
-    async def acquire(self) -> None:
-        controller = self.controller
-        if self._pacer.free():
-            if controller.tick():
-                self._retune()
-            await self._pacer.acquire()
-            return
-        controller.on_wait()
-        if controller.tick():
-            self._retune()
-        task = asyncio.current_task()
-        if task is None:  # not in a task: nothing to cancel it by
-            await self._pacer.acquire()
-            return
-        waiting = self._waiting
-        waiting.add(task)
-        try:
-            await self._pacer.acquire()
-        finally:
-            waiting.discard(task)
-
-    def cancel_waiting(self) -> None:
-        """Cancel every task waiting for a slot now (a stopping pool: unsent is not sent)."""
-        for task in list(self._waiting):
-            task.cancel()
-
-    def success(self) -> None:
-        self.controller.on_success()
-
-    def throttled(self, sent_at: float | None = None) -> None:
-        """A 429 came back; ``sent_at``: when its request was sent (``time.monotonic``)."""
-        controller = self.controller
-        if controller.on_throttled(sent_at):
-            self._retune()
-            log.debug("limiter.rate_cut", rate=round(controller.rate, 1),
-                      throttled=controller.throttled, cuts=controller.decreases)
-
-    def stated(self, headers: Mapping[str, str]) -> None:
-        """An answer carried rate-limit headers: follow the limit they state."""
-        said = rate_headers.stated(headers)
-        if said is not None and self.controller.on_stated(said):
-            self._retune()

@@ -1,4 +1,5 @@
-"""The bucket the rate limiter drives: slots evenly spaced at a rate that changes in place.
+"""The pool's slots: evenly spaced at a rate that changes in place (``Pacer``), driven by the
+rate the API's answers call for (``AdaptiveLimiter``, over a ``worker.limiter.RateController``).
 
 It hands out slots evenly spaced at its rate (GCRA: one theoretical time of the next slot),
 first come first served, waking the waiters a slot at a time from a single timer; after an
@@ -17,9 +18,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Mapping
+
+from worker import rate_headers
+from worker.limiter import CEILING_BURST_SHARE, RateController
+from worker.log import get_logger
+
+log = get_logger("bulk_tagger.limiter")
 
 #: the shortest wait a timer is armed for where missed slots are caught up (see ``_arm``)
 _TICK_S = 0.001
+#: slots missed by a wake-up this late are given at once (a found rate; none under --rate)
+_CATCHUP_S = 0.02
 
 
 class Pacer:
@@ -103,3 +113,81 @@ class Pacer:
             self._next = max(self._next, now - self._catchup) + self._interval
         if waiters:
             self._arm()
+
+
+class AdaptiveLimiter:
+    """One slot per HTTP attempt, at the controller's rate. Safe for many concurrent tasks."""
+
+    def __init__(self, controller: RateController, *, burst_s: float = 0.015) -> None:
+        if burst_s <= 0:
+            raise ValueError(f"burst_s must be > 0 seconds, got {burst_s!r}")
+        self.controller = controller
+        self.burst_s = burst_s
+        # a known ceiling: no catching up of slots a late wake-up missed (see Pacer)
+        catchup = 0.0 if controller.ceiling is not None else _CATCHUP_S
+        self._pacer = Pacer(controller.rate, self._capacity(controller.rate), catchup)
+        self._waiting: set[asyncio.Task[object]] = set()
+
+    def _capacity(self, rate: float) -> float:
+        """Slots at once after an idle spell: ``burst_s`` of the rate, at least one."""
+        capacity = rate * self.burst_s
+        ceiling = self.controller.ceiling
+        if ceiling is not None:
+            capacity = min(capacity, ceiling * CEILING_BURST_SHARE)
+        return max(1.0, capacity)
+
+    @property
+    def rate(self) -> float:
+        return self.controller.rate
+
+    @property
+    def shape(self) -> tuple[float, float]:
+        """The bucket now: its capacity and its rate."""
+        return self._pacer.capacity, self._pacer.rate
+
+    def _retune(self) -> None:
+        rate = self.controller.rate
+        self._pacer.set(rate, self._capacity(rate))
+
+    async def acquire(self) -> None:
+        controller = self.controller
+        if self._pacer.free():
+            if controller.tick():
+                self._retune()
+            await self._pacer.acquire()
+            return
+        controller.on_wait()
+        if controller.tick():
+            self._retune()
+        task = asyncio.current_task()
+        if task is None:  # not in a task: nothing to cancel it by
+            await self._pacer.acquire()
+            return
+        waiting = self._waiting
+        waiting.add(task)
+        try:
+            await self._pacer.acquire()
+        finally:
+            waiting.discard(task)
+
+    def cancel_waiting(self) -> None:
+        """Cancel every task waiting for a slot now (a stopping pool: unsent is not sent)."""
+        for task in list(self._waiting):
+            task.cancel()
+
+    def success(self) -> None:
+        self.controller.on_success()
+
+    def throttled(self, sent_at: float | None = None) -> None:
+        """A 429 came back; ``sent_at``: when its request was sent (``time.monotonic``)."""
+        controller = self.controller
+        if controller.on_throttled(sent_at):
+            self._retune()
+            log.debug("limiter.rate_cut", rate=round(controller.rate, 1),
+                      throttled=controller.throttled, cuts=controller.decreases)
+
+    def stated(self, headers: Mapping[str, str]) -> None:
+        """An answer carried rate-limit headers: follow the limit they state."""
+        said = rate_headers.stated(headers)
+        if said is not None and self.controller.on_stated(said):
+            self._retune()

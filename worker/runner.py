@@ -36,10 +36,11 @@ from worker.errors import (
     SafetyLimit,
 )
 from worker.journal import Journal, read_run_info
-from worker.limiter import AdaptiveLimiter, RateController
+from worker.limiter import RateController
 from worker.log import get_logger, scrub
 from worker.metrics import push_metrics
 from worker.models import RunContext
+from worker.pacer import AdaptiveLimiter
 from worker.planrun import Recorder, plan_targets, undo_targets
 from worker.pool import Pool, PoolSettings
 from worker.preflight import check_limits, check_names
