@@ -138,7 +138,6 @@ class RateController:
         self._started = now
         self._last_step = now
         self._last_decrease: float | None = None
-        self._saturated = False
         self._pressed_at = -math.inf  # when a request last waited for a slot
         # answers in the last second, in 100 ms bins: accepted (not 429) and throttled (429)
         self._ok = [0] * _BINS
@@ -218,7 +217,6 @@ class RateController:
     # -- signals ------------------------------------------------------------------------------
     def on_wait(self) -> None:
         """Demand exceeded the rate: an acquisition had to wait."""
-        self._saturated = True
         self._pressed_at = self.clock()
 
     def on_success(self) -> None:
@@ -364,8 +362,9 @@ class RateController:
         elapsed = now - self._last_step
         if elapsed < self.step_s:
             return False
+        # demand exceeded the rate since the last step: a request waited for a slot
+        saturated = self._pressed_at >= self._last_step
         self._last_step = now
-        saturated, self._saturated = self._saturated, False
         if not saturated or self.rate >= self.maximum:
             return False
         # an idle spell earns nothing: credit at most a few steps of climbing
