@@ -188,6 +188,27 @@ def test_export_writes_the_files_anew_byte_for_byte(
     assert len(rows) == len(originals["results.jsonl"].splitlines()) > 0
 
 
+def wait_planned(journal: Path, proc: subprocess.Popen[str]) -> None:
+    """Until the run's plan is committed (its own outcomes too: the missing image's)."""
+
+    def planned() -> bool:
+        if not journal.exists():
+            return False
+        try:
+            conn = sqlite3.connect(f"{journal.as_uri()}?mode=ro", uri=True)
+            try:
+                return bool(conn.execute("SELECT plan_done FROM run").fetchone()[0])
+            finally:
+                conn.close()
+        except (sqlite3.OperationalError, TypeError):  # no table, or no row, yet
+            return False
+
+    deadline = time.monotonic() + 60
+    while not planned():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+
+
 def test_report_of_a_killed_run(tmp_path: Path) -> None:
     """A run SIGKILLed after its plan: its report (summary, jsonl, --export) is made of its
     journal. The summary and the page say whether a live process still works it (its lock's
@@ -201,23 +222,7 @@ def test_report_of_a_killed_run(tmp_path: Path) -> None:
         proc = bulk_tagger("run", job, "--base-url", sim.url, "--state-dir",
                            state, "--run-id", "killed", wait=False)
         journal = state / "killed" / "journal.sqlite"
-
-        def planned() -> bool:
-            if not journal.exists():
-                return False
-            try:
-                conn = sqlite3.connect(f"{journal.as_uri()}?mode=ro", uri=True)
-                try:
-                    return bool(conn.execute("SELECT plan_done FROM run").fetchone()[0])
-                finally:
-                    conn.close()
-            except (sqlite3.OperationalError, TypeError):  # no table, or no row, yet
-                return False
-
-        deadline = time.monotonic() + 60
-        while not planned():  # the plan's own outcomes (the missing image) are committed
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_planned(journal, proc)
         # a live run can be looked at: the report reads the journal its writer is filling
         code, out, err = output("report", "killed", "--state-dir", state, "--format", "jsonl")
         assert code == 0, err
@@ -312,3 +317,35 @@ def test_report_of_an_unknown_run_is_a_usage_error(tmp_path: Path) -> None:
     code, out, err = output("report", "no-such-run", "--state-dir", tmp_path / "state")
     assert code == 2
     assert "no-such-run" in err and out == ""
+
+
+def test_a_killed_shard_is_continued_by_the_command_its_report_names(tmp_path: Path) -> None:
+    """A sharded run's resume command carries its ``--shard``: run as printed, it continues
+    that shard's run, and its targets stay that shard's (the other shard's images are not
+    touched)."""
+    with SimulatorThread(SimConfig(images=120)) as sim:
+        sim.call(sim.sim.set_faults, latency_ms=100.0)
+        state = tmp_path / "state"
+        job = write_job(tmp_path)
+        proc = bulk_tagger("run", job, "--base-url", sim.url, "--state-dir", state,
+                           "--run-id", "half", "--shard", "1/2", wait=False)
+        wait_planned(state / "half" / "journal.sqlite", proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        sim.call(sim.sim.set_faults, latency_ms=0.0)
+        code, out, err = output("report", "half", "--state-dir", state)
+        assert code == 0, err
+        resume = f"bulk-tagger run {job} --resume --shard 1/2 --state-dir {state}"
+        assert out.splitlines()[-1].endswith(f"`{resume}` continues it"), out
+        code, out, err = output(*shlex.split(resume)[1:], env={"GCORE_BASE_URL": sim.url})
+        assert code == 1, err[-3000:]  # the file's missing image fails, as in the first try
+        assert '"run.resumed"' in err, err[-3000:]
+        assert [p.name for p in state.iterdir()] == ["half"]
+        summary = json.loads((state / "half" / "summary.json").read_text())
+        assert summary["exit_code"] == 1 and summary["counts"]["planned"] == 0
+        targets = sum(summary["counts"].values())
+        # about half the estate's images, each changed once: the shard's own (a PATCH the
+        # killed process had in flight was never applied, and is sent again)
+        applied = sim.call(lambda: dict(sim.sim.counters.applied_per_image))
+        assert 0 < len(applied) < targets < 120
+        assert set(applied.values()) == {1}
