@@ -3,7 +3,7 @@ and any limit its headers state), in pure arithmetic over an injectable clock, s
 without sleeping. ``worker.pacer.AdaptiveLimiter`` hands out the slots at this rate: every HTTP
 attempt, retries and task polls included, takes one.
 
-- ``RateController``:
+``RateController``, in short:
 
   * A known ceiling (``--rate``) is run at 98% of itself and never exceeded. A limit the
     API states (``RateLimit-Policy``/``RateLimit``, ``X-RateLimit-*``: ``worker.rate_headers``)

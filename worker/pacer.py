@@ -1,7 +1,7 @@
 """The pool's slots: evenly spaced at a rate that changes in place (``Pacer``), driven by the
 rate the API's answers call for (``AdaptiveLimiter``, over a ``worker.limiter.RateController``).
 
-It hands out slots evenly spaced at its rate (GCRA: one theoretical time of the next slot),
+``Pacer`` hands out slots evenly spaced at its rate (GCRA: one theoretical time of the next slot),
 first come first served, waking the waiters a slot at a time from a single timer; after an
 idle spell it lets ``capacity`` slots through at once, no more (no start-up burst). Its rate
 changes in place: the next slot keeps the new spacing from the last one given, and a waiter
