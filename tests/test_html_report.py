@@ -193,16 +193,20 @@ def test_a_resumed_run_says_it_runs_and_then_that_it_was_killed(
             "--run-id", "twice", "--rate", "10"]
     env = {**os.environ, "GCORE_API_KEY": "k"}
     first = subprocess.Popen([sys.executable, "-m", "worker", *args, "--grace-seconds", "0.5"],
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True)
     time.sleep(1.5)  # planned, some PATCHes sent: 10 requests a second
     first.send_signal(signal.SIGTERM)
-    assert first.wait(30) == 75
+    ended, _ = first.communicate(timeout=30)
+    assert first.returncode == 75
     assert summary(state / "twice")["exit_code"] == 75
+    said = ("Exit code 75: interrupted (SIGTERM/SIGINT), or the API unreachable (no answer to the "
+            "first read, or past the retry budget): "
+            f"`bulk-tagger run {job} --resume --state-dir {state}` goes on; or the run is held")
     shown = run_cli("report", "twice", "--state-dir", state).stdout
-    assert shown.splitlines()[-1].startswith(
-        "Exit code 75: interrupted (SIGTERM/SIGINT), or the API unreachable (no answer to the "
-        "first read, or past the retry budget): "
-        f"`bulk-tagger run {job} --resume --state-dir {state}` goes on; or the run is held")
+    assert shown.splitlines()[-1].startswith(said)
+    # the process's own last words say the same: the job it was given, not JOB
+    assert said in ended, ended
 
     # a --resume works it: the report says it is running (the exit 75 summary in its row is
     # the earlier process's); then, that process killed, that it ended without finishing

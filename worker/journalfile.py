@@ -30,6 +30,11 @@ from worker.statevol import volume_error
 
 SCHEMA_VERSION = 1
 
+#: the run row as ``run_info`` and ``read_run_info`` return it
+_RUN_KEYS = ("run_id", "kind", "job_name", "job_path", "job_hash", "options", "parent_run_id",
+             "shard", "started_at", "plan_done", "finished_at", "exit_code", "summary")
+_SELECT_RUN = f"SELECT {', '.join(_RUN_KEYS)} FROM run"
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -104,20 +109,8 @@ class JournalFile:
             return self._conn.execute(sql, params).fetchall()
 
     def run_info(self) -> dict[str, Any]:
-        rows = self._execute(
-            "SELECT run_id, kind, job_name, job_path, job_hash, options, parent_run_id, shard,"
-            " started_at, plan_done, finished_at, exit_code, summary FROM run"
-        )
-        if not rows:
-            return {}
-        row = rows[0]
-        keys = ("run_id", "kind", "job_name", "job_path", "job_hash", "options",
-                "parent_run_id", "shard", "started_at", "plan_done", "finished_at",
-                "exit_code", "summary")
-        info = dict(zip(keys, row, strict=True))
-        info["options"] = load_json(info["options"])
-        info["summary"] = load_json(info["summary"])
-        return info
+        rows = self._execute(_SELECT_RUN)
+        return _run_row(rows[0], strict=True) if rows else {}
 
     # -- reads --------------------------------------------------------------------------------
     def _reader(self) -> sqlite3.Connection:
@@ -226,21 +219,23 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
     except sqlite3.Error:
         return {}
     try:
-        row = conn.execute(
-            "SELECT run_id, kind, job_name, job_hash, started_at, finished_at, exit_code, shard,"
-            " parent_run_id, summary FROM run"
-        ).fetchone()
+        row = conn.execute(_SELECT_RUN).fetchone()
     except sqlite3.Error:
         return {}
     finally:
         conn.close()
-    if row is None:
-        return {}
-    keys = ("run_id", "kind", "job_name", "job_hash", "started_at", "finished_at", "exit_code",
-            "shard", "parent_run_id", "summary")
-    info = dict(zip(keys, row, strict=True))
-    try:
-        info["summary"] = load_json(info["summary"])
-    except orjson.JSONDecodeError:
-        info["summary"] = None
+    return {} if row is None else _run_row(row, strict=False)
+
+
+def _run_row(row: tuple[Any, ...], *, strict: bool) -> dict[str, Any]:
+    """A run row as a dict, its JSON columns decoded; ``strict=False`` (another run's
+    folder, read-only): one that does not decode reads as None instead of raising."""
+    info = dict(zip(_RUN_KEYS, row, strict=True))
+    for key in ("options", "summary"):
+        try:
+            info[key] = load_json(info[key])
+        except orjson.JSONDecodeError:
+            if strict:
+                raise
+            info[key] = None
     return info
