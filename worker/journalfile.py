@@ -64,6 +64,16 @@ def load_json(text: str | None) -> Any:
     return None if text is None else orjson.loads(text)
 
 
+def open_read_only(path: Path) -> sqlite3.Connection | None:
+    """A journal file opened read-only (``read_run_info``, the timeline's readers), or None
+    where SQLite cannot open it."""
+    try:
+        # as_uri() quotes what a URI would misread (?, #, %, spaces) in the path
+        return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -213,10 +223,8 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "journal.sqlite"
     if not safety.ours(run_dir, directory=True) or not safety.ours(path, directory=False):
         return {}  # another user's, a symlink, or none
-    try:
-        # as_uri() quotes what a URI would misread (?, #, %, spaces) in the path
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-    except sqlite3.Error:
+    conn = open_read_only(path)
+    if conn is None:
         return {}
     try:
         row = conn.execute(_SELECT_RUN).fetchone()

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from worker.journalfile import open_read_only
+
 #: the running totals a process reports, in this order (requests sent, 429 answers, other
 #: transient failures: 5xx, timeouts, lost connections; retried attempts; lock waits)
 FIELDS: tuple[str, ...] = ("sent", "limited", "errors", "retries", "lock_waits")
@@ -85,9 +87,8 @@ def write(conn: sqlite3.Connection, rows: list[Row] | None) -> None:
 
 def span(journal_path: Path) -> tuple[int, int] | None:
     """The run's first and last second; None without a row (or the table)."""
-    try:
-        conn = sqlite3.connect(f"{journal_path.resolve().as_uri()}?mode=ro", uri=True)
-    except sqlite3.Error:
+    conn = open_read_only(journal_path)
+    if conn is None:
         return None
     try:
         first, last = conn.execute("SELECT MIN(t), MAX(t) FROM seconds").fetchone()
@@ -100,9 +101,8 @@ def span(journal_path: Path) -> tuple[int, int] | None:
 
 def read(journal_path: Path) -> Iterator[Row]:
     """The run's seconds in order, read-only; none from a journal without the table."""
-    try:
-        conn = sqlite3.connect(f"{journal_path.resolve().as_uri()}?mode=ro", uri=True)
-    except sqlite3.Error:
+    conn = open_read_only(journal_path)
+    if conn is None:
         return
     try:
         yield from conn.execute(
